@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""Print new Bitrix24 Open Lines (WhatsApp) messages as they arrive -- receive only.
+
+Usage examples::
+
+    python3 b24_openlines_reader.py                   # customer messages from now on
+    python3 b24_openlines_reader.py --all             # also operators, bots, system notes
+    python3 b24_openlines_reader.py --since-minutes 30
+    python3 b24_openlines_reader.py --json | jq .text
+    python3 b24_openlines_reader.py --state --once    # for cron: resume, one cycle, exit
+    python3 b24_openlines_reader.py --demo            # no portal needed
+
+Settings come from the environment or ``.env``: ``B24_WEBHOOK_BASE``
+(required, secret) and ``B24_POLL_SEC`` (default 2).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Any, TextIO
+
+import b24common as bc
+
+log = logging.getLogger("b24_openlines_reader")
+
+BACKOFF_MAX_SEC = 60.0
+
+
+def _parse_args(argv: list | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="b24_openlines_reader.py",
+        description="Print new Bitrix24 Open Lines messages as they arrive (receive only). "
+                    "By default only customer messages, starting from now.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  b24_openlines_reader.py                      customer messages from now on\n"
+               "  b24_openlines_reader.py --all --since-minutes 60\n"
+               "  b24_openlines_reader.py --json | jq -r .text\n"
+               "  b24_openlines_reader.py --state --once       (cron: resume, one cycle)\n"
+               "  b24_openlines_reader.py --demo               (built-in emulator, no portal)\n"
+               "\nsettings: B24_WEBHOOK_BASE (required), B24_POLL_SEC (default 2), B24_STATE_DIR")
+    parser.add_argument("--all", action="store_true",
+                        help="also print operator, own, bot and system messages (marked as such)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per message per line")
+    parser.add_argument("--once", action="store_true", help="one poll cycle, then exit")
+    parser.add_argument("--since-minutes", type=float, metavar="N",
+                        help="first print what arrived in the last N minutes")
+    parser.add_argument("--replay", type=int, metavar="N",
+                        help="first print the last N messages of each dialog")
+    parser.add_argument("--state", nargs="?", const="", metavar="FILE",
+                        help="resume after the last printed message across restarts; FILE defaults "
+                             "to reader.json in $B24_STATE_DIR (or the XDG state folder)")
+    parser.add_argument("--interval", type=float, metavar="SEC",
+                        help="poll interval in seconds (default: B24_POLL_SEC or 2)")
+    parser.add_argument("--demo", action="store_true",
+                        help="run against a built-in emulator with simulated customers")
+    bc.add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.since_minutes is not None and not (0 < args.since_minutes <= 7 * 24 * 60):
+        parser.error("--since-minutes: expected a number of minutes from 0 to 10080")
+    if args.replay is not None and not (0 < args.replay <= 1000):
+        parser.error("--replay: expected a count from 1 to 1000")
+    if args.interval is not None and not (0.1 <= args.interval <= 3600):
+        parser.error("--interval: expected seconds from 0.1 to 3600")
+    return args
+
+
+def _when(msg: bc.Message) -> str:
+    ts = msg.timestamp
+    if ts is None:
+        return msg.date
+    return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _who(msg: bc.Message) -> str:
+    kind = msg.author_kind
+    if kind == "customer":
+        return " ".join(x for x in (msg.author_name, msg.customer_phone) if x)
+    if kind == "system":
+        return "system"
+    if kind == "self":
+        return "you (%s)" % msg.author_name
+    return "%s %s" % (kind, msg.author_name)
+
+
+def format_message(msg: bc.Message) -> str:
+    """``[chatN] text -- who, when``; continuation lines indented under the text."""
+    tag = "[NEW DIALOG %s]" % bc.display_dialog_id(msg.dialog_id) if msg.new_dialog else \
+        "[%s]" % bc.display_dialog_id(msg.dialog_id)
+    lines = (msg.text or "").replace("\r\n", "\n").split("\n") or [""]
+    pad = " " * (len(tag) + 1)
+    head = "%s %s  -- %s, %s" % (tag, lines[0], _who(msg), _when(msg))
+    return "\n".join([head] + [pad + line for line in lines[1:]])
+
+
+class Reader:
+    """The reader's loop: poll, print, remember; transient failures back off."""
+
+    def __init__(self, client: bc.Client, args: argparse.Namespace, out: TextIO, interval: float,
+                 state: bc.StateFile | None = None):
+        self.client, self.args, self.out, self.interval = client, args, out, interval
+        self.state = state
+        self.stop = threading.Event()
+        self.poller: bc.Poller | None = None
+
+    def banner(self) -> None:
+        me = self.client.whoami()
+        log.info("signed in as %s (id %s) on %s; polling every %g s",
+                 me["name"], me["id"], self.client.host, self.interval)
+        scopes = self.client.scopes()
+        if "im" not in scopes:
+            raise bc.ConfigError("the webhook lacks the 'im' scope: create an incoming webhook with "
+                                 "scopes im and imopenlines, and put it in B24_WEBHOOK_BASE")
+        if "imopenlines" not in scopes:
+            log.warning("the webhook lacks the 'imopenlines' scope: line and queue details are "
+                        "not shown (add imopenlines to the webhook)")
+            return
+        self.report_queues(me["id"])
+
+    def report_queues(self, me: int) -> None:
+        try:
+            lines = self.client.call("imopenlines.config.list.get",
+                                     {"PARAMS": {"select": ["ID", "LINE_NAME", "ACTIVE"]},
+                                      "OPTIONS": {"QUEUE": "Y"}})
+        except bc.APIError as exc:
+            log.warning("cannot read the Open Lines queues: %s", exc)
+            return
+        rows = lines if isinstance(lines, list) else list(bc.as_map(lines).values())
+        member_of = 0
+        for row in rows:
+            if not isinstance(row, dict):
+                continue
+            queue = [bc._int(x) for x in (row.get("QUEUE") or [])]
+            inside = me in queue
+            member_of += inside
+            log.info("line %s %r: %s", row.get("ID"), row.get("LINE_NAME"),
+                     "you are in its queue" if inside else "not in its queue")
+        if not member_of:
+            log.warning("you are in no Open Lines queue: only dialogs you joined are visible -- add "
+                        "this user to the line's queue, or Join the chat in Bitrix24")
+
+    def make_poller(self, me: int) -> bc.Poller:
+        poller = bc.Poller(self.client, self_id=me)
+        if self.state is not None:
+            poller.load_state(self.state.load())
+        if not poller.started:
+            poller.start()
+        if self.args.since_minutes or self.args.replay:
+            since = None
+            if self.args.since_minutes:
+                since = _dt.datetime.now().timestamp() - self.args.since_minutes * 60
+            poller.rewind(since=since, count=self.args.replay)
+        return poller
+
+    def emit(self, msg: bc.Message) -> None:
+        if self.args.all or msg.author_kind == "customer":
+            if self.args.json:
+                line = json.dumps(msg.to_json(), ensure_ascii=False)
+            else:
+                line = format_message(msg)
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def cycle(self) -> int:
+        assert self.poller is not None
+        msgs = self.poller.poll(auto_ack=self.state is None)
+        for msg in msgs:
+            self.emit(msg)
+            if self.state is not None:
+                self.poller.ack(msg)
+                self.state.save(self.poller.to_state())
+        if self.state is not None and not msgs:
+            self.state.save(self.poller.to_state())
+        return len(msgs)
+
+    def run(self) -> int:
+        me = self.client.whoami()["id"]
+        self.banner()
+        self.poller = self.make_poller(me)
+        if self.state is not None:
+            self.state.save(self.poller.to_state())
+        if not self.args.once:
+            log.info("watching %d Open Lines dialog(s); new messages appear below",
+                     sum(1 for d in self.poller.dialogs.values() if d.is_lines))
+        delay = 0.0
+        failures = 0
+        while not self.stop.is_set():
+            try:
+                self.cycle()
+                failures = 0
+                delay = self.interval
+            except (bc.AuthError, bc.ConfigError):
+                raise
+            except (bc.RateLimitError, bc.ServerError, bc.TransportError) as exc:
+                if self.args.once:
+                    raise
+                failures += 1
+                delay = min(BACKOFF_MAX_SEC, self.interval * (2 ** min(failures, 6)))
+                log.warning("%s -- trying again in %.0f s", exc, delay)
+            if self.args.once:
+                break
+            self.stop.wait(delay)
+        return bc.EXIT_OK
+
+
+def _demo_server(interval: float):
+    import mock_b24_portal
+    server = mock_b24_portal.serve(simulate=True, interval=interval)
+    log.info("demo: a built-in emulator stands in for the portal; simulated customers write "
+             "every few seconds (Ctrl-C to stop)")
+    return server
+
+
+def main(argv: list | None = None, out: TextIO | None = None) -> int:
+    args = _parse_args(argv)
+    out = out or sys.stdout
+    bc.setup_logging(-1 if args.quiet else args.verbose)
+
+    def body() -> int:
+        server = None
+        environ: Any = dict(os.environ)
+        demo = args.demo
+        if not demo:
+            path = bc.find_env_file(args.env_file)
+            if path:
+                bc.load_dotenv(path, strict=True, environ=environ)
+            if not environ.get("B24_WEBHOOK_BASE") and not args.env_file:
+                log.warning("B24_WEBHOOK_BASE is not set: running the built-in demo instead "
+                            "(see README: Configure)")
+                demo = True
+        if demo:
+            server = _demo_server(3.0)
+            environ["B24_WEBHOOK_BASE"] = server.webhook_base
+            environ.setdefault("B24_POLL_SEC", "1")
+        try:
+            cfg = bc.Config.from_env(environ)
+            interval = args.interval or cfg.poll_sec
+            state = None
+            if args.state is not None:
+                path = args.state or os.path.join(bc.default_state_dir(environ), "reader.json")
+                state = bc.StateFile(path)
+                state.load()   # a broken state file is reported before anything else
+            reader = Reader(bc.Client(cfg), args, out, interval, state)
+            signal.signal(signal.SIGTERM, lambda *_: reader.stop.set())
+            return reader.run()
+        finally:
+            if server is not None:
+                server.stop()
+
+    return bc.run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Send one message into a Bitrix24 dialog -- for shell scripts.
+
+Usage examples::
+
+    python3 b24_send_message.py chat1771 "Your order has shipped"
+    python3 b24_send_message.py 1771 Hello there          # words are joined by spaces
+    echo "multi\\nline" | python3 b24_send_message.py chat1771 -
+    python3 b24_send_message.py user9 "private note" --json
+
+Prints the new message id (one per line when a long text was split).
+Exit codes: 0 sent, 1 the portal or network refused, 2 usage or configuration
+mistake, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, TextIO
+
+import b24common as bc
+
+
+def _parse_args(argv: list | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="b24_send_message.py",
+        description="Send a message into a Bitrix24 dialog (im.message.add) and print its id.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="dialogs: chatN (or just N) for a chat such as an Open Lines dialog, userN for a "
+               "private dialog\n\nexamples:\n"
+               "  b24_send_message.py chat1771 \"Your order has shipped\"\n"
+               "  printf 'line 1\\nline 2\\n' | b24_send_message.py chat1771 -\n"
+               "  b24_send_message.py --take chat1795 \"Hello, I'm looking into it\"\n"
+               "\nTexts over %d characters are sent as several messages, split at paragraph, "
+               "line or word boundaries." % bc.MESSAGE_MAX_CHARS)
+    parser.add_argument("dialog", metavar="DIALOG", help="chatN, N or userN")
+    parser.add_argument("text", metavar="TEXT", nargs="*",
+                        help="the message; '-' or nothing (with piped input) reads stdin")
+    parser.add_argument("--json", action="store_true",
+                        help="print {\"dialog_id\", \"message_id\", \"message_ids\"} as JSON")
+    parser.add_argument("--take", action="store_true",
+                        help="if the dialog waits in your Open Lines queue, take it first "
+                             "(imopenlines.operator.answer), then send")
+    bc.add_common_arguments(parser)   # -q/--quiet: print no message id, only errors
+    args = parser.parse_args(argv)
+    if args.json and args.quiet:
+        parser.error("--json and --quiet contradict each other")
+    return args
+
+
+def read_text(args: argparse.Namespace, stdin: TextIO) -> str:
+    if args.text == ["-"] or not args.text:
+        if not args.text and (stdin is None or stdin.isatty()):
+            raise bc.UsageError("no text given: pass TEXT, or pipe it on stdin with '-'")
+        try:
+            data = stdin.read()
+        except UnicodeDecodeError:
+            raise bc.UsageError("stdin is not UTF-8 text") from None
+    else:
+        data = " ".join(args.text)
+    if "\x00" in data:
+        raise bc.UsageError("the text contains a NUL byte; nothing sent")
+    if not data.strip():
+        raise bc.UsageError("the text is empty; nothing sent")
+    return data
+
+
+def send_all(client: bc.Client, dialog_id: str, parts: list, take: bool) -> list:
+    """Send *parts* in order; on failure say what failed and which parts went out."""
+    ids: list = []
+    for part in parts:
+        try:
+            try:
+                ids.append(bc.send_text(client, dialog_id, part))
+            except bc.NotMemberError:
+                if not take or ids:
+                    raise
+                # CANCELED means nothing was posted: take the dialog, then send once more
+                client.call("imopenlines.operator.answer", {"CHAT_ID": int(dialog_id[4:])}, write=True)
+                take = False
+                ids.append(bc.send_text(client, dialog_id, part))
+        except bc.B24Error as exc:
+            text = describe(exc, dialog_id)
+            if ids:
+                text += " (parts 1-%d of %d were sent as %s; the rest was not)" % (
+                    len(ids), len(parts), ", ".join(map(str, ids)))
+            raise bc.B24Error(text) from None
+    return ids
+
+
+def describe(exc: BaseException, dialog_id: str) -> str:
+    """One line for each failure a script user can meet."""
+    shown = bc.display_dialog_id(dialog_id)
+    if isinstance(exc, bc.NotMemberError):
+        return ("%s: you are not a member of this chat (CANCELED) -- if it waits in your queue, take "
+                "it (--take), or join the session, or have it assigned to you; a closed session "
+                "needs the customer to write again" % shown)
+    if isinstance(exc, bc.ScopeError):
+        return "the webhook lacks the 'im' scope: add it to the incoming webhook in Bitrix24"
+    if isinstance(exc, bc.AuthError):
+        return ("the portal rejected the webhook (%s): it was revoked, or B24_WEBHOOK_BASE is wrong"
+                % exc.code)
+    if isinstance(exc, bc.NotFoundError) or (isinstance(exc, bc.APIError) and exc.code in (
+            "CHAT_ID", "USER_NOT_FOUND", "DIALOG_ID_EMPTY")):
+        return "%s: no such dialog (%s)" % (shown, exc.code)
+    if isinstance(exc, bc.AccessDeniedError):
+        return ("%s: no access (%s) -- ask to be assigned to this dialog or added to the line's "
+                "queue" % (shown, exc.code))
+    if isinstance(exc, bc.UnknownOutcomeError):
+        return str(exc)
+    return bc.format_error(exc)
+
+
+def main(argv: list | None = None, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
+    args = _parse_args(argv)
+    stdin = sys.stdin if stdin is None else stdin
+    out = out or sys.stdout
+    bc.setup_logging(-1 if args.quiet else args.verbose)
+
+    def body() -> int:
+        dialog_id = bc.parse_dialog_id(args.dialog)
+        if args.take and not dialog_id.startswith("chat"):
+            raise bc.UsageError("--take works for Open Lines chats (chatN) only, not %s" % args.dialog)
+        text = read_text(args, stdin)
+        cfg = bc.load_config_from_args(args)
+        client = bc.Client(cfg)
+        parts = bc.split_text(text)
+        ids = send_all(client, dialog_id, parts, args.take)
+        if args.json:
+            out.write(json.dumps({"dialog_id": bc.display_dialog_id(dialog_id),
+                                  "message_ids": ids, "message_id": ids[0]}) + "\n")
+        elif not args.quiet:
+            out.write("".join("%d\n" % i for i in ids))
+        out.flush()
+        return bc.EXIT_OK
+
+    return bc.run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

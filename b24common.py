@@ -1,0 +1,1905 @@
+"""Shared machinery of the Bitrix24 Open Lines toolkit (stdlib only, Python 3.9+).
+
+Every script in this repository is a thin workflow around this module:
+
+* ``.env`` loading that reads files the way python-dotenv does
+  (:func:`dotenv_values`, :func:`load_dotenv`);
+* :class:`Config` -- the environment, validated once, secrets redacted;
+* :class:`Client` -- the urllib REST client: a proactive limiter for both
+  portal limits, bounded retries with backoff, ``batch``, typed errors;
+* :class:`Poller` -- new Open Lines messages, strictly after per-dialog
+  cursors (``FIRST_ID``), found cheaply through the recent list;
+* :func:`classify` / :class:`Message` -- who wrote what (customer, operator,
+  self, bot, system), with the customer's name and phone;
+* :func:`normalize_reply` -- whatever a bot answered, as a list of texts;
+* :class:`StateFile` -- small durable JSON state, written atomically.
+
+A short session::
+
+    >>> cfg = Config.from_env(os.environ)
+    >>> client = Client(cfg)
+    >>> poller = Poller(client, self_id=client.whoami()["id"])
+    >>> poller.start()                # from "now"
+    >>> for msg in poller.poll():     # oldest first, each message once
+    ...     print(msg.dialog_id, msg.author_kind, msg.text)
+
+The webhook code and the bot's auth header are secrets: every message, log
+line, exception and repr produced here shows ``***`` in their place.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "VERSION", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED",
+    "B24Error", "ConfigError", "UsageError", "TransportError", "UnknownOutcomeError",
+    "APIError", "AuthError", "ScopeError", "AccessDeniedError", "NotMemberError",
+    "NotFoundError", "RateLimitError", "ServerError", "BadRequestError", "PortalMovedError",
+    "redact", "register_secret", "dotenv_values", "load_dotenv", "parse_dotenv",
+    "Config", "Client", "BatchResult", "RateLimiter", "php_query",
+    "parse_dialog_id", "display_dialog_id", "Message", "classify", "bbcode_to_text",
+    "normalize_phone", "Poller", "DialogReader", "normalize_reply", "ReplyShapeError",
+    "StateFile", "default_state_dir", "send_text", "split_text", "new_template_id",
+    "add_common_arguments", "load_config_from_args", "run_main", "setup_logging",
+    "format_error",
+]
+
+import argparse
+import datetime as _dt
+import http.client
+import json
+import logging
+import os
+import random
+import re
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+VERSION = "0.3.0"
+
+# Exit codes shared by every script.
+EXIT_OK = 0
+EXIT_FAILURE = 1        # an API or network failure that persisted
+EXIT_USAGE = 2          # a usage or configuration mistake
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+# Tuning numbers (each can be overridden through Config / the environment).
+DEFAULT_POLL_SEC = 2.0
+DEFAULT_HTTP_TIMEOUT_SEC = 30.0      # the cloud cuts requests at 60 s
+DEFAULT_BOT_TIMEOUT_SEC = 120.0
+DEFAULT_RATE_PER_SEC = 2.0           # leaky bucket drain, non-Enterprise plans
+DEFAULT_RATE_BURST = 50              # leaky bucket size, non-Enterprise plans
+BUCKET_HEADROOM = 0.9                # we fill at most 90 % of the bucket ourselves
+DEFAULT_OPERATING_LIMIT_SEC = 420.0  # per-method budget per 10 minutes (box default)
+OPERATING_HEADROOM = 0.9
+OPERATING_WAIT_MAX_SEC = 600.0       # the budget window is 10 minutes
+MAX_RETRIES = 5
+BACKOFF_BASE_SEC = 0.5
+BACKOFF_CAP_SEC = 30.0
+BATCH_MAX = 50                       # commands per batch request
+MESSAGES_PAGE = 50                   # im.dialog.messages.get caps LIMIT at 50
+RECENT_PAGE_MIN = 8                  # recent items read on an idle cycle
+RECENT_PAGE_MAX = 200
+SYNC_MAX_AGE_SEC = 6 * 86400         # im.recent.get LAST_SYNC_DATE looks back 7 days at most
+MESSAGE_MAX_CHARS = 20000            # longer texts are cut by im.message.add
+
+log = logging.getLogger("b24common")
+
+
+# ===========================================================================
+# Secrets
+# ===========================================================================
+
+_secrets: set = set()
+_secrets_lock = threading.Lock()
+
+
+def register_secret(value: str | None) -> None:
+    """Remember *value* so that :func:`redact` hides it everywhere."""
+    if value and len(value) >= 4:
+        with _secrets_lock:
+            _secrets.add(value)
+            _secrets.add(urllib.parse.quote(value, safe=""))
+
+
+def redact(text: Any) -> str:
+    """Return ``str(text)`` with every registered secret replaced by ``***``."""
+    s = str(text)
+    with _secrets_lock:
+        secrets = sorted(_secrets, key=len, reverse=True)
+    for secret in secrets:
+        if secret in s:
+            s = s.replace(secret, "***")
+    return s
+
+
+class _RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+def setup_logging(verbose: int = 0, stream=None, timestamps: bool | None = None) -> None:
+    """Configure the root logger once, for a script's ``main()``: stderr, redacted."""
+    level = logging.WARNING if verbose < 0 else logging.INFO if verbose == 0 else logging.DEBUG
+    if timestamps is None:
+        timestamps = not os.environ.get("JOURNAL_STREAM")  # journald stamps lines itself
+    fmt = "%(asctime)s %(levelname)s %(message)s" if timestamps else "%(levelname)s %(message)s"
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(_RedactingFormatter(fmt, "%H:%M:%S"))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+# ===========================================================================
+# Exceptions
+# ===========================================================================
+
+class B24Error(Exception):
+    """Base of every error this toolkit raises on purpose."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
+
+    def __repr__(self) -> str:
+        return "%s(%r)" % (type(self).__name__, str(self))
+
+
+class ConfigError(B24Error):
+    """A bad setting: environment variable, .env line, option value."""
+
+    exit_code = EXIT_USAGE
+
+
+class UsageError(B24Error):
+    """A bad command line."""
+
+    exit_code = EXIT_USAGE
+
+
+class TransportError(B24Error):
+    """The portal could not be reached or answered with something unusable."""
+
+    def __init__(self, message: str, *, retryable: bool = True, maybe_executed: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+        self.maybe_executed = maybe_executed
+
+
+class UnknownOutcomeError(TransportError):
+    """A write went out but no usable answer came back: it may or may not have happened."""
+
+    def __init__(self, message: str):
+        super().__init__(message, retryable=False, maybe_executed=True)
+
+
+class APIError(B24Error):
+    """The portal answered with an error: keeps Bitrix's ``error`` code and description."""
+
+    retryable = False
+    maybe_executed = False
+
+    def __init__(self, code: str, description: str = "", status: int = 0, method: str = ""):
+        self.code = code or ""
+        self.description = redact(description or "")
+        self.status = status
+        self.method = method
+        where = "%s: " % method if method else ""
+        http = " (HTTP %d)" % status if status else ""
+        text = "%s%s%s" % (where, self.code or "error", http)
+        if self.description:
+            text += ": " + self.description
+        super().__init__(text)
+
+
+class AuthError(APIError):
+    """The webhook is wrong, revoked, or its owner is deactivated."""
+
+
+class ScopeError(AuthError):
+    """The webhook lacks the scope the method needs."""
+
+
+class AccessDeniedError(APIError):
+    """The webhook user may not do this (dialog access, method forbidden for webhooks)."""
+
+
+class NotMemberError(AccessDeniedError):
+    """``CANCELED``: the user is not a real member of the chat, so it cannot post."""
+
+
+class NotFoundError(APIError):
+    """Unknown method, chat or user."""
+
+
+class RateLimitError(APIError):
+    """``QUERY_LIMIT_EXCEEDED``, ``OPERATION_TIME_LIMIT`` or ``OVERLOAD_LIMIT``."""
+
+    retryable = True
+
+
+class ServerError(APIError):
+    """A 5xx answer, an HTML error page, ``INTERNAL_SERVER_ERROR``."""
+
+    retryable = True
+    maybe_executed = True
+
+
+class BadRequestError(APIError):
+    """Any other 4xx: the request itself was wrong."""
+
+
+class PortalMovedError(APIError):
+    """The portal answered with a redirect (e.g. its domain was renamed)."""
+
+
+_AUTH_CODES = {"INVALID_CREDENTIALS", "NO_AUTH_FOUND", "AUTHORIZATION_ERROR", "EXPIRED_TOKEN",
+               "INVALID_TOKEN", "PORTAL_DELETED", "INVALID_REQUEST"}
+_ACCESS_CODES = {"ACCESS_DENIED", "ACCESS_ERROR", "WRONG_AUTH_TYPE", "REPLY_ACCESS_ERROR"}
+_NOT_FOUND_CODES = {"ERROR_METHOD_NOT_FOUND", "CHAT_ID", "USER_NOT_FOUND", "USER_ID", "NOT_FOUND"}
+_RATE_CODES = {"QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERLOAD_LIMIT"}
+_SERVER_CODES = {"INTERNAL_SERVER_ERROR", "ERROR_UNEXPECTED_ANSWER"}
+
+
+def api_error(code: Any, description: Any = "", status: int = 0, method: str = "") -> APIError:
+    """Build the typed error for a Bitrix ``error`` code (and HTTP status)."""
+    code = "" if code is None else str(code)
+    key = code.upper()
+    if key == "INSUFFICIENT_SCOPE":
+        cls = ScopeError
+    elif key == "CANCELED":
+        cls = NotMemberError
+    elif key in _RATE_CODES:
+        cls = RateLimitError
+    elif key in _AUTH_CODES:
+        cls = AuthError
+    elif key in _ACCESS_CODES:
+        cls = AccessDeniedError
+    elif key in _NOT_FOUND_CODES:
+        cls = NotFoundError
+    elif key in _SERVER_CODES or status >= 500:
+        cls = ServerError
+    elif status == 401:
+        cls = AuthError
+    elif status == 403:
+        cls = AccessDeniedError
+    elif status == 404:
+        cls = NotFoundError
+    elif status == 429:
+        cls = RateLimitError
+    else:
+        cls = BadRequestError
+    return cls(code, "" if description is None else str(description), status, method)
+
+
+def format_error(exc: BaseException) -> str:
+    """One line for a person: what went wrong and, where we know it, what to do."""
+    text = redact(exc)
+    if isinstance(exc, ScopeError):
+        return text + " -- give the webhook the scope this needs (im, imopenlines) in Bitrix24"
+    if isinstance(exc, AuthError):
+        return text + " -- the webhook was rejected: check B24_WEBHOOK_BASE, or create a new incoming webhook"
+    if isinstance(exc, NotMemberError):
+        return text + (" -- the webhook user is not a member of this chat: take the dialog "
+                       "(imopenlines.operator.answer), join the session, or have it assigned")
+    return text
+
+
+# ===========================================================================
+# .env files (python-dotenv compatible reading)
+# ===========================================================================
+
+_WS = r"[^\S\r\n]*"
+_RE_EXPORT = re.compile(r"export[^\S\r\n]+")
+_RE_KEY = re.compile(r"'([^']+)'|([^=#\s]+)")
+_RE_SQ = re.compile(r"'((?:\\'|[^'])*)'")
+_RE_DQ = re.compile(r'"((?:\\"|[^"])*)"')
+_RE_AFTER = re.compile(_WS + r"(?:#[^\r\n]*)?(?:\r\n|\n|\r|$)")
+_RE_REST = re.compile(r"[^\r\n]*(?:\r\n|\n|\r)?")
+_RE_WS = re.compile(_WS)
+_RE_DQ_ESC = re.compile(r"\\[\\'\"abfnrtv]")
+_RE_SQ_ESC = re.compile(r"\\[\\']")
+_RE_VAR = re.compile(r"\$\{(?P<name>[^}:]*)(?::-(?P<default>[^}]*))?\}")
+_DQ_MAP = {"\\\\": "\\", "\\'": "'", '\\"': '"', "\\a": "\a", "\\b": "\b", "\\f": "\f",
+           "\\n": "\n", "\\r": "\r", "\\t": "\t", "\\v": "\v"}
+
+
+@dataclass
+class _Binding:
+    key: str | None
+    value: str | None
+    line: int
+    error: str | None = None
+
+
+def parse_dotenv(text: str) -> list:
+    """Split .env text into bindings (key, value, line, error); comments are dropped."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    out: list = []
+    pos, n = 0, len(text)
+
+    def line_of(p: int) -> int:
+        return text.count("\n", 0, p) + 1
+
+    while pos < n:
+        # blank lines and leading whitespace
+        m = re.compile(r"\s*").match(text, pos)
+        pos = m.end()
+        if pos >= n:
+            break
+        start = pos
+        if text[pos] == "#":
+            pos = _RE_REST.match(text, pos).end()
+            continue
+        err = None
+        m = _RE_EXPORT.match(text, pos)
+        if m:
+            pos = m.end()
+        m = _RE_KEY.match(text, pos)
+        if not m:
+            err = "expected KEY=VALUE, found %r" % text[pos:pos + 20].splitlines()[0]
+        else:
+            key = m.group(1) if m.group(1) is not None else m.group(2)
+            pos = _RE_WS.match(text, m.end()).end()
+            value: str | None
+            if pos < n and text[pos] == "=":
+                pos = _RE_WS.match(text, pos + 1).end()
+                c = text[pos] if pos < n else ""
+                if c == "'":
+                    mv = _RE_SQ.match(text, pos)
+                    if not mv:
+                        err = "unterminated single-quoted value for %s" % key
+                    else:
+                        value = _RE_SQ_ESC.sub(lambda x: x.group(0)[1], mv.group(1))
+                        pos = mv.end()
+                elif c == '"':
+                    mv = _RE_DQ.match(text, pos)
+                    if not mv:
+                        err = "unterminated double-quoted value for %s" % key
+                    else:
+                        value = _RE_DQ_ESC.sub(lambda x: _DQ_MAP[x.group(0)], mv.group(1))
+                        pos = mv.end()
+                else:
+                    mv = re.compile(r"[^\r\n]*").match(text, pos)
+                    value = re.sub(r"\s+#.*", "", mv.group(0)).rstrip()
+                    pos = mv.end()
+            else:
+                value = None
+            if err is None:
+                ma = _RE_AFTER.match(text, pos)
+                if not ma:
+                    err = "unexpected text after the value of %s" % key
+                else:
+                    pos = ma.end()
+                    out.append(_Binding(key, value, line_of(start)))
+                    continue
+        out.append(_Binding(None, None, line_of(start), err))
+        pos = _RE_REST.match(text, start).end()
+    return out
+
+
+def _interpolate(value: str, lookup: Callable[[str], str | None]) -> str:
+    def repl(m: re.Match) -> str:
+        got = lookup(m.group("name"))
+        if got is None:
+            return m.group("default") or ""
+        return got
+    return _RE_VAR.sub(repl, value)
+
+
+def _read_env_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise ConfigError("%s: env file not found" % path) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("%s: not UTF-8 text (%s)" % (path, exc.reason)) from None
+    except OSError as exc:
+        raise ConfigError("%s: cannot read env file (%s)" % (path, exc.strerror or exc)) from None
+
+
+def _resolve(path: str, strict: bool, env_wins: bool,
+             environ: Mapping[str, str] | None = None) -> dict:
+    environ = os.environ if environ is None else environ
+    values: dict = {}
+    for b in parse_dotenv(_read_env_file(path)):
+        if b.error:
+            msg = "%s:%d: %s" % (path, b.line, b.error)
+            if strict:
+                raise ConfigError(msg)
+            log.warning("%s", msg)
+            continue
+        if b.value is None:
+            values[b.key] = None
+            continue
+
+        def lookup(name: str) -> str | None:
+            if env_wins and name in environ:
+                return environ[name]
+            if values.get(name) is not None:
+                return values[name]
+            return environ.get(name)
+        values[b.key] = _interpolate(b.value, lookup)
+    return values
+
+
+def dotenv_values(path: str, *, strict: bool = False) -> dict:
+    """Parse *path* like python-dotenv's ``dotenv_values``; ``os.environ`` is not touched.
+
+    Keys without ``=`` map to ``None``.  A malformed line is logged as
+    ``FILE:LINE: what is wrong`` and skipped -- or raised as :class:`ConfigError`
+    with ``strict=True``.
+    """
+    return _resolve(path, strict, env_wins=False)
+
+
+def load_dotenv(path: str, *, override: bool = False, strict: bool = False,
+                environ: Any = None) -> bool:
+    """Apply *path* to ``os.environ`` (or *environ*); existing variables win unless *override*."""
+    environ = os.environ if environ is None else environ
+    values = _resolve(path, strict, env_wins=not override, environ=environ)
+    for key, value in values.items():
+        if value is None:
+            continue
+        if override or key not in environ:
+            environ[key] = value
+    return bool(values)
+
+
+# ===========================================================================
+# Configuration
+# ===========================================================================
+
+_LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
+_RE_REST_PATH = re.compile(r"^(?P<prefix>.*?/rest/)(?P<uid>[^/]+)/(?P<code>[^/]+)(?:/(?P<rest>.*))?$")
+
+
+def _is_loopback(host: str) -> bool:
+    host = (host or "").lower()
+    return host in _LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def normalize_webhook(raw: str, name: str = "B24_WEBHOOK_BASE") -> tuple:
+    """Check and normalise a webhook URL; return ``(base, host, user_id, code)``.
+
+    ``base`` always ends with ``/``; a pasted method suffix (``profile.json``)
+    is dropped.  Errors never quote the code.
+    """
+    value = (raw or "").strip().strip('"').strip("'")
+    if not value:
+        raise ConfigError("%s is not set: put your incoming webhook URL "
+                          "(https://<portal>/rest/<user_id>/<code>/) in .env" % name)
+    parts = urllib.parse.urlsplit(value)
+    scheme = parts.scheme.lower()
+    host = parts.hostname or ""
+    if scheme not in ("http", "https") or not host:
+        raise ConfigError("%s: expected https://<portal>/rest/<user_id>/<code>/, "
+                          "got something that is not an http(s) URL" % name)
+    if parts.query or parts.fragment:
+        raise ConfigError("%s: the webhook URL must not contain '?' or '#' (host %s)" % (name, host))
+    m = _RE_REST_PATH.match(parts.path)
+    if not m:
+        raise ConfigError("%s: expected https://%s/rest/<user_id>/<code>/ -- the path has no "
+                          "/rest/<user_id>/<code>/ part" % (name, host))
+    uid, code = m.group("uid"), m.group("code")
+    register_secret(code)
+    if not uid.isdigit() or int(uid) <= 0:
+        raise ConfigError("%s: the user id in /rest/<user_id>/<code>/ must be a positive number "
+                          "(host %s)" % (name, host))
+    if not re.fullmatch(r"[A-Za-z0-9_]{4,64}", code):
+        raise ConfigError("%s: the webhook code in /rest/%s/<code>/ looks wrong: expected "
+                          "letters and digits (host %s)" % (name, uid, host))
+    if scheme == "http" and not _is_loopback(host):
+        raise ConfigError("%s: Bitrix24 accepts webhooks over https:// only "
+                          "(plain http:// is allowed for a local emulator on 127.0.0.1)" % name)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    base = "%s://%s%s%s/%s/" % (scheme, netloc, m.group("prefix"), uid, code)
+    return base, host, int(uid), code
+
+
+def _number(env: Mapping[str, str], name: str, default: float, lo: float, hi: float,
+            integer: bool = False) -> float:
+    raw = env.get(name)
+    if raw is None or str(raw).strip() == "":
+        return default
+    text = str(raw).strip()
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        kind = "a whole number" if integer else "a number"
+        raise ConfigError("%s=%r: expected %s between %g and %g" % (name, text, kind, lo, hi)) from None
+    if not (lo <= value <= hi) or value != value:
+        raise ConfigError("%s=%s: out of range, expected %g to %g" % (name, text, lo, hi))
+    return value
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings from the environment, validated once.  ``repr`` hides the secrets."""
+
+    webhook_base: str = field(repr=False)
+    portal_host: str = ""
+    user_id: int = 0
+    poll_sec: float = DEFAULT_POLL_SEC
+    http_timeout: float = DEFAULT_HTTP_TIMEOUT_SEC
+    rate_per_sec: float = DEFAULT_RATE_PER_SEC
+    rate_burst: int = DEFAULT_RATE_BURST
+    operating_limit: float = DEFAULT_OPERATING_LIMIT_SEC
+    max_retries: int = MAX_RETRIES
+    bot_url: str = ""
+    bot_auth: str = field(default="", repr=False)
+    bot_timeout: float = DEFAULT_BOT_TIMEOUT_SEC
+    business_phone: str = ""
+    state_dir: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, *, require_bot: bool = False) -> Config:
+        env = os.environ if env is None else env
+        base, host, uid, _code = normalize_webhook(env.get("B24_WEBHOOK_BASE", ""))
+        bot_auth = (env.get("BOT_HTTP_AUTH") or "").strip()
+        register_secret(bot_auth)
+        bot_url = (env.get("BOT_HTTP_URL") or "").strip()
+        if bot_url:
+            p = urllib.parse.urlsplit(bot_url)
+            if p.scheme not in ("http", "https") or not p.hostname:
+                raise ConfigError("BOT_HTTP_URL: expected an http:// or https:// URL of your bot")
+        elif require_bot:
+            raise ConfigError("BOT_HTTP_URL is not set: the URL your bot listens on "
+                              "(try mock_bot_server.py for a local one)")
+        phone = (env.get("B24_BUSINESS_PHONE") or "").strip()
+        if phone and not re.fullmatch(r"\+?[0-9 ()-]{5,20}", phone):
+            raise ConfigError("B24_BUSINESS_PHONE=%r: expected a phone number such as +10000000001" % phone)
+        return cls(
+            webhook_base=base, portal_host=host, user_id=uid,
+            poll_sec=_number(env, "B24_POLL_SEC", DEFAULT_POLL_SEC, 0.1, 3600),
+            http_timeout=_number(env, "B24_HTTP_TIMEOUT_SEC", DEFAULT_HTTP_TIMEOUT_SEC, 1, 600),
+            rate_per_sec=_number(env, "B24_RATE_PER_SEC", DEFAULT_RATE_PER_SEC, 0.1, 100),
+            rate_burst=int(_number(env, "B24_RATE_BURST", DEFAULT_RATE_BURST, 1, 10000, integer=True)),
+            operating_limit=_number(env, "B24_OPERATING_LIMIT_SEC", DEFAULT_OPERATING_LIMIT_SEC, 1, 100000),
+            max_retries=int(_number(env, "B24_MAX_RETRIES", MAX_RETRIES, 0, 50, integer=True)),
+            bot_url=bot_url, bot_auth=bot_auth,
+            bot_timeout=_number(env, "BOT_HTTP_TIMEOUT_SEC", DEFAULT_BOT_TIMEOUT_SEC, 1, 3600),
+            business_phone=phone,
+            state_dir=(env.get("B24_STATE_DIR") or "").strip(),
+        )
+
+    @property
+    def redacted_base(self) -> str:
+        return redact(self.webhook_base)
+
+
+# ===========================================================================
+# REST client
+# ===========================================================================
+
+def php_query(params: Mapping[str, Any] | None) -> str:
+    """URL-encode *params* with PHP bracket notation (``A[]=1``, ``F[NAME]=x``)."""
+    pairs: list = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if value is None:
+            return
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk("%s[%s]" % (prefix, k), v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk("%s[%d]" % (prefix, i), v)
+        elif isinstance(value, bool):
+            pairs.append((prefix, "Y" if value else "N"))
+        else:
+            pairs.append((prefix, str(value)))
+
+    for key, value in (params or {}).items():
+        walk(str(key), value)
+    return urllib.parse.urlencode(pairs)
+
+
+_READ_METHODS = {"scope", "profile", "user.current", "methods", "server.time", "app.info"}
+
+
+def is_read_method(method: str) -> bool:
+    """True for methods that change nothing (safe to repeat)."""
+    m = method.lower()
+    return m in _READ_METHODS or m.rsplit(".", 1)[-1] in ("get", "list")
+
+
+class RateLimiter:
+    """Keeps one process under both portal limits before the portal has to say no.
+
+    * the request bucket: each request adds 1, the bucket drains ``rate`` per
+      second, the portal refuses above ``burst``; we fill at most 90 % of it;
+    * the per-method operating time: the portal reports ``time.operating`` and
+      ``operating_reset_at``; a method close to the budget waits for the reset.
+    """
+
+    def __init__(self, rate: float = DEFAULT_RATE_PER_SEC, burst: int = DEFAULT_RATE_BURST,
+                 operating_limit: float = DEFAULT_OPERATING_LIMIT_SEC,
+                 clock: Callable[[], float] = time.monotonic,
+                 wallclock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.rate = float(rate)
+        self.capacity = max(1.0, float(int(burst * BUCKET_HEADROOM)))
+        self.operating_limit = float(operating_limit)
+        self._clock, self._wall, self._sleep = clock, wallclock, sleep
+        self._level = 0.0
+        self._last = clock()
+        self._blocked_until: dict = {}   # method -> unix time
+        self._reset_at: dict = {}        # method -> last operating_reset_at seen
+        self._lock = threading.Lock()
+        self.waited = 0.0
+
+    def _drain(self) -> None:
+        now = self._clock()
+        self._level = max(0.0, self._level - (now - self._last) * self.rate)
+        self._last = now
+
+    def acquire(self, methods: Iterable[str] = ()) -> None:
+        with self._lock:
+            wall = self._wall()
+            until = max([self._blocked_until.get(m.lower(), 0.0) for m in methods] + [0.0])
+            if until > wall:
+                wait = until - wall
+                log.info("waiting %.1f s for the portal's operating-time budget to reset", wait)
+                self._sleep(wait)
+                self.waited += wait
+            self._drain()
+            if self._level + 1 > self.capacity:
+                wait = (self._level + 1 - self.capacity) / self.rate
+                self._sleep(wait)
+                self.waited += wait
+                self._drain()
+            self._level += 1
+
+    def note_time(self, method: str, block: Any) -> None:
+        """Read a ``time`` block: block a method that used up most of its budget."""
+        if not isinstance(block, Mapping):
+            return
+        try:
+            operating = float(block.get("operating") or 0)
+            reset_at = float(block.get("operating_reset_at") or 0)
+        except (TypeError, ValueError):
+            return
+        with self._lock:
+            if reset_at:
+                self._reset_at[method.lower()] = reset_at
+            if operating >= self.operating_limit * OPERATING_HEADROOM and reset_at:
+                self._blocked_until[method.lower()] = reset_at
+
+    def reset_wait(self, methods: Sequence[str]) -> float:
+        """Seconds until the last reported ``operating_reset_at`` of *methods* (capped)."""
+        with self._lock:
+            until = max([self._reset_at.get(m.lower(), 0.0) for m in methods] + [0.0])
+        return min(max(0.0, until - self._wall()), OPERATING_WAIT_MAX_SEC)
+
+    def note_refused(self, error: APIError, methods: Sequence[str], delay: float) -> None:
+        """The portal refused: make the next call wait at least *delay*."""
+        with self._lock:
+            if error.code.upper() == "QUERY_LIMIT_EXCEEDED":
+                self._drain()
+                self._level = max(self._level, self.capacity)
+            else:
+                wall = self._wall()
+                for m in methods:
+                    key = m.lower()
+                    self._blocked_until[key] = max(self._blocked_until.get(key, 0.0), wall + delay)
+
+
+@dataclass
+class BatchResult:
+    """Per-command outcome of :meth:`Client.batch`: results and errors kept apart."""
+
+    results: dict = field(default_factory=dict)
+    errors: dict = field(default_factory=dict)
+    total: dict = field(default_factory=dict)
+    next: dict = field(default_factory=dict)
+    time: dict = field(default_factory=dict)     # the first request's ``time`` block
+
+
+def as_map(value: Any) -> dict:
+    """PHP encodes an empty map as ``[]`` and a 0..n-1 map as a list: accept all three."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, list):
+        return {str(i): v for i, v in enumerate(value)}
+    return {}
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D401
+        return None
+
+
+class Client:
+    """Bitrix24 REST over an incoming webhook (urllib, JSON bodies).
+
+    ``call(method, params)`` returns ``result`` or raises a typed
+    :class:`APIError` / :class:`TransportError`.  Reads are retried with
+    exponential backoff and jitter on rate limits, 5xx and network errors;
+    writes are retried only when the portal certainly did not run them,
+    otherwise :class:`UnknownOutcomeError` is raised for the caller to
+    reconcile.
+    """
+
+    def __init__(self, config: Config, *, limiter: RateLimiter | None = None,
+                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None):
+        self.config = config
+        self.base = config.webhook_base
+        self.host = config.portal_host
+        self.limiter = limiter or RateLimiter(config.rate_per_sec, config.rate_burst,
+                                              config.operating_limit, sleep=sleep)
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        handlers: list = [_NoRedirect()]
+        if _is_loopback(self.host):
+            handlers.append(urllib.request.ProxyHandler({}))
+        self._opener = urllib.request.build_opener(*handlers)
+        self.requests = 0
+        self.bytes_in = 0
+        self._me: dict | None = None
+
+    def __repr__(self) -> str:
+        return "Client(%s)" % self.config.redacted_base
+
+    # -- one HTTP exchange ------------------------------------------------
+    def _exchange(self, method: str, body: dict) -> dict:
+        url = self.base + method
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        req = urllib.request.Request(url, data=data, method="POST", headers={
+            "Content-Type": "application/json", "Accept": "application/json",
+            "User-Agent": "b24-openlines-toolkit/" + VERSION})
+        self.requests += 1
+        where = "%s on %s" % (method, self.host)
+        try:
+            resp = self._opener.open(req, timeout=self.config.http_timeout)
+        except urllib.error.HTTPError as exc:
+            with exc:
+                try:
+                    raw = exc.read()
+                except (OSError, http.client.HTTPException):
+                    raw = b""
+                status, headers = exc.code, exc.headers
+        except urllib.error.URLError as exc:
+            # connect/send failed inside urllib: the portal has not run the method
+            reason = getattr(exc, "reason", exc)
+            raise TransportError("%s: cannot connect: %s" % (where, reason)) from None
+        except (TimeoutError, socket.timeout) as exc:
+            raise TransportError("%s: no answer within %g s (%s)" % (
+                where, self.config.http_timeout, type(exc).__name__), maybe_executed=True) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise TransportError("%s: connection dropped before an answer (%s)" % (
+                where, type(exc).__name__), maybe_executed=True) from None
+        else:
+            status, headers = resp.status, resp.headers
+            try:
+                with resp:
+                    raw = resp.read()
+            except (OSError, http.client.HTTPException) as exc:
+                raise TransportError("%s: answer cut off (%s)" % (where, type(exc).__name__),
+                                     maybe_executed=True) from None
+        self.bytes_in += len(raw)
+        return self._decode(method, status, headers, raw)
+
+    def _decode(self, method: str, status: int, headers: Any, raw: bytes) -> dict:
+        where = "%s on %s" % (method, self.host)
+        if 300 <= status < 400:
+            loc = urllib.parse.urlsplit(headers.get("Location", "") or "").hostname or "?"
+            raise PortalMovedError("REDIRECT", "the portal redirects to host %s: update "
+                                   "B24_WEBHOOK_BASE" % loc, status, method)
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            ctype = (headers.get("Content-Type", "") if headers else "") or ""
+            what = "an HTML page" if "html" in ctype.lower() or raw.lstrip()[:1] == b"<" else \
+                "a malformed body"
+            if status >= 400:
+                raise ServerError("HTTP_%d" % status, "the portal answered with %s" % what,
+                                  status, method) from None
+            raise TransportError("%s: the portal answered HTTP %d with %s" % (where, status, what),
+                                 maybe_executed=True) from None
+        if isinstance(data, dict) and "error" in data and "result" not in data:
+            raise api_error(data.get("error"), data.get("error_description"), status, method)
+        if status >= 400:
+            raise api_error("", "unexpected answer", status, method)
+        if not isinstance(data, dict) or "result" not in data:
+            raise TransportError("%s: the answer has no 'result'" % where, maybe_executed=True)
+        return data
+
+    # -- retries ------------------------------------------------------------
+    def _backoff(self, attempt: int) -> float:
+        return self._rng.uniform(0, min(BACKOFF_CAP_SEC, BACKOFF_BASE_SEC * (2 ** attempt)))
+
+    def _request(self, method: str, body: dict, *, write: bool,
+                 sub_methods: Sequence[str] = ()) -> dict:
+        limited = [method] + list(sub_methods)
+        attempt = 0
+        while True:
+            self.limiter.acquire(limited)
+            try:
+                envelope = self._exchange(method, body)
+                self.limiter.note_time(method, envelope.get("time"))
+                return envelope
+            except (APIError, TransportError) as exc:
+                retryable = getattr(exc, "retryable", False)
+                if not retryable:
+                    raise
+                if write and exc.maybe_executed:
+                    raise UnknownOutcomeError(
+                        "%s: the request went out but no usable answer came back (%s); it may "
+                        "or may not have been carried out -- not retried" % (method, exc)) from None
+                if attempt >= self.config.max_retries:
+                    raise
+                attempt += 1
+                delay = self._backoff(attempt)
+                if isinstance(exc, RateLimitError):
+                    delay = max(delay, 1.0 / max(self.limiter.rate, 0.1))
+                    if exc.code.upper() == "OPERATION_TIME_LIMIT":
+                        delay = max(delay, 5.0, self.limiter.reset_wait(limited))
+                    self.limiter.note_refused(exc, limited, delay)
+                log.warning("%s; retry %d/%d in %.1f s", exc, attempt, self.config.max_retries, delay)
+                self._sleep(delay)
+
+    # -- public API -----------------------------------------------------------
+    def call_full(self, method: str, params: Mapping[str, Any] | None = None, *,
+                  write: bool | None = None) -> dict:
+        """Call *method*; return the whole envelope (``result``, ``next``, ``total``, ``time``)."""
+        if write is None:
+            write = not is_read_method(method)
+        return self._request(method, dict(params or {}), write=write)
+
+    def call(self, method: str, params: Mapping[str, Any] | None = None, *,
+             write: bool | None = None) -> Any:
+        """Call *method* and return its ``result``."""
+        return self.call_full(method, params, write=write)["result"]
+
+    def batch(self, commands: Mapping[str, tuple], *, halt: bool = False) -> BatchResult:
+        """Run ``{name: (method, params)}`` through ``batch``, 50 commands per request."""
+        out = BatchResult()
+        names = list(commands)
+        for i in range(0, len(names), BATCH_MAX):
+            chunk = names[i:i + BATCH_MAX]
+            cmd = {}
+            methods = []
+            for name in chunk:
+                method, params = commands[name]
+                methods.append(method)
+                query = php_query(params)
+                cmd[name] = method + ("?" + query if query else "")
+            write = not all(is_read_method(m) for m in methods)
+            env = self._request("batch", {"halt": 1 if halt else 0, "cmd": cmd},
+                                write=write, sub_methods=methods)
+            if not out.time:
+                out.time = as_map(env.get("time"))
+            res = as_map(env.get("result"))
+            results = as_map(res.get("result"))
+            errors = as_map(res.get("result_error"))
+            times = as_map(res.get("result_time"))
+            for name, method in zip(chunk, methods):
+                if name in results:
+                    out.results[name] = results[name]
+                if name in errors:
+                    e = errors[name]
+                    if isinstance(e, Mapping):
+                        out.errors[name] = api_error(e.get("error"), e.get("error_description"),
+                                                     0, method)
+                    else:
+                        out.errors[name] = api_error("ERROR", str(e), 0, method)
+                self.limiter.note_time(method, times.get(name))
+            out.total.update(as_map(res.get("result_total")))
+            out.next.update(as_map(res.get("result_next")))
+            if halt and out.errors:
+                break
+        return out
+
+    def whoami(self) -> dict:
+        """The webhook user via ``profile`` (no scope needed): ``{"id", "name", "admin"}``."""
+        if self._me is None:
+            prof = as_map(self.call("profile"))
+            if not prof:
+                raise AuthError("authorization_error", "the webhook user is inactive", 0, "profile")
+            name = " ".join(x for x in (prof.get("NAME"), prof.get("LAST_NAME")) if x).strip()
+            self._me = {"id": _int(prof.get("ID")), "name": name or "user %s" % prof.get("ID"),
+                        "admin": bool(prof.get("ADMIN"))}
+        return self._me
+
+    def scopes(self) -> list:
+        res = self.call("scope")
+        return [str(s) for s in res] if isinstance(res, list) else list(as_map(res).values())
+
+
+def _int(value: Any, default: int = 0) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+# ===========================================================================
+# Dialogs, messages and who wrote them
+# ===========================================================================
+
+_RE_DIALOG = re.compile(r"^\s*(?:(chat)(\d+)|(user)(\d+)|(\d+))\s*$", re.IGNORECASE)
+
+
+def parse_dialog_id(text: str) -> str:
+    """``chatN`` or bare ``N`` -> ``chatN``; ``userN`` -> ``N`` (the API's private dialog id)."""
+    m = _RE_DIALOG.match(text or "")
+    if not m or int(next(g for g in (m.group(2), m.group(4), m.group(5)) if g)) <= 0:
+        raise UsageError("dialog %r: expected chatN (or just N) for a chat, userN for a "
+                         "private dialog" % (text,))
+    if m.group(1):
+        return "chat%d" % int(m.group(2))
+    if m.group(3):
+        return str(int(m.group(4)))
+    return "chat%d" % int(m.group(5))
+
+
+def display_dialog_id(dialog_id: str) -> str:
+    """The API's dialog id as people write it (``chatN`` or ``userN``)."""
+    return "user%s" % dialog_id if str(dialog_id).isdigit() else str(dialog_id)
+
+
+def normalize_phone(value: Any) -> str:
+    """``79161234567`` / ``+7 916 ...`` / ``7916...@c.us`` -> ``+7916...``; else ``""``."""
+    if not value or not isinstance(value, (str, int)):
+        return ""
+    text = str(value).split("@", 1)[0].strip()
+    digits = re.sub(r"[\s()\-.]", "", text)
+    if re.fullmatch(r"\+?\d{6,15}", digits):
+        return "+" + digits.lstrip("+")
+    return ""
+
+
+def _user_phone(user: Mapping | None) -> str:
+    phones = user.get("phones") if isinstance(user, Mapping) else None
+    if isinstance(phones, Mapping):
+        for key in ("personal_mobile", "work_phone", "personal_phone", "inner_phone"):
+            p = normalize_phone(phones.get(key))
+            if p:
+                return p
+    return ""
+
+
+def _user_name(user: Mapping | None, uid: int) -> str:
+    if isinstance(user, Mapping):
+        name = user.get("name") or " ".join(
+            x for x in (user.get("first_name"), user.get("last_name")) if x)
+        if name:
+            return str(name)
+    return "user %d" % uid if uid else "system"
+
+
+_BB_SIMPLE = re.compile(r"\[/?(?:b|i|u|s|quote|code|color(?:=[^\]]*)?|size(?:=[^\]]*)?|"
+                        r"font(?:=[^\]]*)?|left|right|center|justify|list|\*)\]", re.IGNORECASE)
+_BB_URL = re.compile(r"\[url=([^\]]+)\](.*?)\[/url\]", re.IGNORECASE | re.DOTALL)
+_BB_URL_BARE = re.compile(r"\[url\](.*?)\[/url\]", re.IGNORECASE | re.DOTALL)
+_BB_TAGGED = re.compile(r"\[(user|chat|dialog|call|pch|context|send|put)(?:=[^\]]*)?\](.*?)\[/\1\]",
+                        re.IGNORECASE | re.DOTALL)
+
+
+def bbcode_to_text(text: Any) -> str:
+    """Bitrix BB-codes as plain text: ``[b]x[/b]`` -> ``x``, ``[URL=u]t[/URL]`` -> ``t (u)``."""
+    s = "" if text is None else str(text)
+    s = re.sub(r"\[br\]|#BR#", "\n", s, flags=re.IGNORECASE)
+
+    def url(m: re.Match) -> str:
+        target, label = m.group(1).strip(), m.group(2).strip()
+        return label if label == target or not label else "%s (%s)" % (label, target)
+    s = _BB_URL.sub(url, s)
+    s = _BB_URL_BARE.sub(lambda m: m.group(1), s)
+    s = _BB_TAGGED.sub(lambda m: m.group(2), s)
+    s = re.sub(r"\[icon=[^\]]*\]|\[img[^\]]*\].*?\[/img\]", "", s, flags=re.IGNORECASE)
+    s = _BB_SIMPLE.sub("", s)
+    return s
+
+
+def _parse_date(value: Any) -> float | None:
+    if not value or not isinstance(value, str):
+        return None
+    try:
+        return _dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+@dataclass
+class DialogInfo:
+    """What the recent list tells about one Open Lines dialog."""
+
+    dialog_id: str
+    chat_id: int = 0
+    title: str = ""
+    entity_id: str = ""
+    line_id: int | None = None
+    customer_id: int = 0
+    customer_name: str = ""
+    customer_phone: str = ""
+    is_lines: bool = True
+
+    @classmethod
+    def from_chat(cls, dialog_id: str, chat: Mapping | None, title: str = "") -> DialogInfo:
+        chat = chat if isinstance(chat, Mapping) else {}
+        entity_type = str(chat.get("entity_type") or "").upper()
+        is_lines = entity_type == "LINES" or str(chat.get("type") or "").lower() == "lines" \
+            or str(chat.get("message_type") or "") == "L"
+        entity_id = str(chat.get("entity_id") or "")
+        info = cls(dialog_id, _int(chat.get("id")), str(title or chat.get("name") or ""),
+                   entity_id, None, 0, is_lines=is_lines)
+        parts = entity_id.split("|")
+        if is_lines and len(parts) >= 4:
+            info.line_id = _int(parts[1], 0) or None
+            info.customer_id = _int(parts[3])
+            info.customer_phone = normalize_phone(parts[2])
+        return info
+
+    def learn_customer(self, user: Mapping | None) -> None:
+        if not isinstance(user, Mapping):
+            return
+        self.customer_name = _user_name(user, self.customer_id)
+        self.customer_phone = _user_phone(user) or self.customer_phone
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in ("chat_id", "title", "entity_id", "line_id",
+                                              "customer_id", "customer_name", "customer_phone",
+                                              "is_lines")}
+
+
+@dataclass
+class Message:
+    """One message, classified.  ``author_kind``: customer, operator, self, bot or system."""
+
+    dialog_id: str
+    chat_id: int
+    id: int
+    date: str
+    author_id: int
+    author_kind: str
+    author_name: str
+    text: str
+    customer_name: str = ""
+    customer_phone: str = ""
+    line_id: int | None = None
+    new_dialog: bool = False
+    params: dict = field(default_factory=dict)
+    uuid: str | None = None
+
+    @property
+    def timestamp(self) -> float | None:
+        return _parse_date(self.date)
+
+    def to_json(self) -> dict:
+        return {"dialog_id": display_dialog_id(self.dialog_id), "chat_id": self.chat_id,
+                "message_id": self.id, "date": self.date, "author_id": self.author_id,
+                "author_kind": self.author_kind, "author_name": self.author_name,
+                "customer_name": self.customer_name or None,
+                "customer_phone": self.customer_phone or None, "line_id": self.line_id,
+                "text": self.text, "new_dialog": self.new_dialog}
+
+
+def classify(raw: Mapping, users: Mapping[int, Mapping], *, self_id: int,
+             customer_id: int = 0) -> str:
+    """Who wrote *raw*: ``system``, ``self``, ``customer``, ``bot`` or ``operator``."""
+    author = _int(raw.get("author_id"))
+    if author == 0:
+        return "system"
+    if author == self_id:
+        return "self"
+    user = users.get(author) or {}
+    if user.get("connector") is True or (customer_id and author == customer_id) \
+            or user.get("external_auth_id") == "imconnector":
+        return "customer"
+    if user.get("bot") is True or user.get("type") == "bot":
+        return "bot"
+    return "operator"
+
+
+def _users_map(users: Any) -> dict:
+    out = {}
+    items = users.values() if isinstance(users, Mapping) else users if isinstance(users, list) else []
+    for u in items:
+        if isinstance(u, Mapping) and _int(u.get("id")):
+            out[_int(u.get("id"))] = u
+    return out
+
+
+def _messages_list(result: Any) -> tuple:
+    res = as_map(result)
+    msgs = res.get("messages")
+    msgs = list(msgs.values()) if isinstance(msgs, Mapping) else msgs if isinstance(msgs, list) else []
+    msgs = [m for m in msgs if isinstance(m, Mapping) and _int(m.get("id"))]
+    return msgs, _users_map(res.get("users"))
+
+
+class _MessageFactory:
+    """Turns raw ``im.dialog.messages.get`` rows into :class:`Message` objects."""
+
+    def __init__(self, self_id: int):
+        self.self_id = self_id
+        self.users: dict = {}
+
+    def learn(self, users: Mapping[int, Mapping], info: DialogInfo | None) -> None:
+        self.users.update(users)
+        if len(self.users) > 5000:
+            for k in list(self.users)[:1000]:
+                del self.users[k]
+        if info and info.customer_id and info.customer_id in users:
+            info.learn_customer(users[info.customer_id])
+
+    def make(self, raw: Mapping, dialog_id: str, info: DialogInfo | None) -> Message:
+        author = _int(raw.get("author_id"))
+        cid = info.customer_id if info else 0
+        kind = classify(raw, self.users, self_id=self.self_id, customer_id=cid)
+        if info and kind == "customer" and not info.customer_id:
+            info.customer_id = author
+            info.learn_customer(self.users.get(author))
+        params = raw.get("params")
+        return Message(
+            dialog_id=dialog_id, chat_id=_int(raw.get("chat_id")) or (info.chat_id if info else 0),
+            id=_int(raw.get("id")), date=str(raw.get("date") or ""), author_id=author,
+            author_kind=kind, author_name=_user_name(self.users.get(author), author),
+            text=bbcode_to_text(raw.get("text")),
+            customer_name=info.customer_name if info else "",
+            customer_phone=info.customer_phone if info else "",
+            line_id=info.line_id if info else None,
+            params=params if isinstance(params, dict) else {},
+            uuid=raw.get("uuid") if isinstance(raw.get("uuid"), str) else None)
+
+
+def _dialog_of(item: Mapping) -> str:
+    did = str(item.get("id") or "")
+    if not did:
+        chat_id = _int(item.get("chat_id"))
+        did = "chat%d" % chat_id if chat_id else ""
+    return did
+
+
+class DialogReader:
+    """Reads one dialog: newest N, older pages (``LAST_ID``), new ones (``FIRST_ID``)."""
+
+    def __init__(self, client: Client, dialog_id: str, *, self_id: int):
+        self.client = client
+        self.dialog_id = dialog_id
+        self.factory = _MessageFactory(self_id)
+        self.info = DialogInfo(dialog_id, is_lines=dialog_id.startswith("chat"))
+        self.cursor = 0
+
+    def load_info(self) -> DialogInfo:
+        """``im.dialog.get`` (chats) -> title, line, customer."""
+        if self.dialog_id.startswith("chat"):
+            chat = as_map(self.client.call("im.dialog.get", {"DIALOG_ID": self.dialog_id}))
+            self.info = DialogInfo.from_chat(self.dialog_id, chat)
+        return self.info
+
+    def _get(self, params: dict) -> list:
+        params = dict(params, DIALOG_ID=self.dialog_id)
+        msgs, users = _messages_list(self.client.call("im.dialog.messages.get", params))
+        self.factory.learn(users, self.info)
+        msgs.sort(key=lambda m: _int(m.get("id")))
+        return [self.factory.make(m, self.dialog_id, self.info) for m in msgs]
+
+    def newest(self, count: int) -> list:
+        """The newest *count* messages, oldest first; moves the cursor to the newest."""
+        out: list = []
+        last = 0
+        while len(out) < count:
+            page = self._get({"LAST_ID": last, "LIMIT": min(MESSAGES_PAGE, count - len(out))})
+            if not page:
+                break
+            out = page + out
+            last = page[0].id
+            if len(page) < min(MESSAGES_PAGE, count):
+                break
+        out = out[-count:] if count else []
+        if out:
+            self.cursor = max(self.cursor, out[-1].id)
+        elif not self.cursor:
+            latest = self._get({"LAST_ID": 0, "LIMIT": 1})
+            self.cursor = latest[-1].id if latest else 0
+        return out
+
+    def older(self, before_id: int, count: int) -> list:
+        """Up to *count* messages older than *before_id*, oldest first."""
+        out: list = []
+        while len(out) < count and before_id > 0:
+            page = self._get({"LAST_ID": before_id, "LIMIT": min(MESSAGES_PAGE, count - len(out))})
+            if not page:
+                break
+            out = page + out
+            before_id = page[0].id
+        return out[-count:]
+
+    def new(self) -> list:
+        """Messages after the cursor, oldest first, all of them (pages of 50)."""
+        out: list = []
+        while True:
+            page = [m for m in self._get({"FIRST_ID": self.cursor, "LIMIT": MESSAGES_PAGE})
+                    if m.id > self.cursor]
+            if not page:
+                return out
+            out.extend(page)
+            self.cursor = page[-1].id
+            if len(page) < MESSAGES_PAGE:
+                return out
+
+
+# ===========================================================================
+# The poller
+# ===========================================================================
+
+class Poller:
+    """New messages of every Open Lines dialog the webhook user can read.
+
+    Each cycle reads ``im.recent.list`` in activity order only as far down as
+    something changed since the previous cycle (an idle cycle is one small
+    request whatever the number of dialogs), then fetches every changed
+    dialog strictly after its cursor with ``FIRST_ID`` -- one ``batch`` for up
+    to 50 dialogs -- looping until caught up.  Messages come back oldest first.
+
+    Cursors advance when the caller :meth:`ack`-s a message (``poll()`` acks
+    by itself unless ``auto_ack=False``), so a state file saved after each
+    ack never skips a message it did not deliver.
+    """
+
+    def __init__(self, client: Client, *, self_id: int, lines_only: bool = True,
+                 page_min: int = RECENT_PAGE_MIN):
+        self.client = client
+        self.self_id = self_id
+        self.lines_only = lines_only
+        self.page_min = page_min
+        self.factory = _MessageFactory(self_id)
+        self.cursors: dict = {}       # dialog_id -> last delivered (acked) message id
+        self.fetched: dict = {}       # dialog_id -> last fetched message id (in memory)
+        self.last_seen: dict = {}     # dialog_id -> last message id the recent list showed
+        self.dialogs: dict = {}       # dialog_id -> DialogInfo
+        self.watermark: float | None = None   # activity date of the last completed scan
+        self.floor_id = 0             # new dialogs start after this id
+        self._committed_watermark: float | None = None
+        self._unacked: set = set()
+        self._pending_watermark: float | None = None
+        self._page = page_min
+        self._unreadable: dict = {}  # dialog -> target we could not read
+        self._use_sync = True        # until the portal shows it ignores LAST_SYNC_DATE
+        self._newest: float | None = None
+        self._read_time: float | None = None
+        self.started = False
+
+    # -- state ----------------------------------------------------------------
+    def to_state(self) -> dict:
+        return {"version": 1, "cursors": dict(self.cursors), "floor_id": self.floor_id,
+                "watermark": self._committed_watermark,
+                "dialogs": {d: i.to_json() for d, i in self.dialogs.items() if d in self.cursors}}
+
+    def load_state(self, state: Mapping | None) -> None:
+        if not state:
+            return
+        self.cursors = {str(k): _int(v) for k, v in as_map(state.get("cursors")).items()}
+        self.fetched = dict(self.cursors)
+        self.last_seen = dict(self.cursors)
+        self.floor_id = _int(state.get("floor_id"))
+        wm = state.get("watermark")
+        self.watermark = self._committed_watermark = float(wm) if isinstance(wm, (int, float)) else None
+        for d, raw in as_map(state.get("dialogs")).items():
+            if isinstance(raw, Mapping):
+                info = DialogInfo(str(d))
+                for k in raw:
+                    if hasattr(info, k):
+                        setattr(info, k, raw[k])
+                self.dialogs[str(d)] = info
+        self.started = self.watermark is not None
+
+    # -- recent list ------------------------------------------------------------
+    def _note_read_time(self, block: Any) -> None:
+        """Remember the portal's clock when a scan began: later changes are dated after it."""
+        try:
+            start = float(as_map(block).get("start"))
+        except (TypeError, ValueError):
+            return
+        if self._read_time is None:
+            self._read_time = float(int(start))
+
+    def _recent_page(self, offset: int, limit: int) -> tuple:
+        env = self.client.call_full("im.recent.list", {"OFFSET": offset, "LIMIT": limit})
+        self._note_read_time(env.get("time"))
+        res = env.get("result")
+        if isinstance(res, list):          # tolerate a bare list
+            return res, False, None
+        res = as_map(res)
+        items = res.get("items")
+        items = list(items.values()) if isinstance(items, Mapping) else items or []
+        more = bool(res.get("hasMore", res.get("hasMorePages", False)))
+        nxt = env.get("next")
+        return [i for i in items if isinstance(i, Mapping)], more, _int(nxt, 0) or None
+
+    def _consider(self, item: Mapping, changed: dict, seen: set, *, full: bool = False) -> tuple:
+        """Look at one recent item; return ``(unchanged, activity date, in-queue)``."""
+        did = _dialog_of(item)
+        date = _parse_date(item.get("date_last_activity"))
+        updated = _parse_date(item.get("date_update"))
+        queued = date is None and "last_id" not in item     # an in-queue chat, appended to pages
+        if not did or did in seen:
+            return True, date, queued
+        seen.add(did)
+        for d in (date, updated):
+            if d is not None:
+                self._newest = d if self._newest is None else max(self._newest, d)
+        info = self._learn_dialog(did, item)
+        relevant = info.is_lines or not self.lines_only
+        mid = _int(as_map(item.get("message")).get("id"))
+        if full:
+            changed[did] = item
+            return False, date, queued
+        was = self.last_seen.get(did)
+        if not mid or (was is not None and mid <= was):
+            return True, date, queued
+        if was is None and date is not None and self.watermark is not None and date < self.watermark:
+            # a dialog we had not met, quiet since before our last scan: nothing new in it
+            self.last_seen[did] = mid
+            if relevant:
+                self.cursors.setdefault(did, mid)
+                self.fetched.setdefault(did, mid)
+            return True, date, queued
+        if relevant:
+            changed[did] = item
+        else:
+            self.last_seen[did] = mid
+        return False, date, queued
+
+    def _scan(self, full: bool) -> tuple:
+        """Find changed dialogs; return ``({dialog: recent item}, newest date seen)``.
+
+        Normally one ``batch``: ``im.recent.list LIMIT=1`` (it carries every
+        in-queue chat) and ``im.recent.get LAST_SYNC_DATE=<newest date of the
+        last scan>`` (what changed since).  A portal that ignores
+        ``LAST_SYNC_DATE`` is read the other way from then on: ``im.recent.list``
+        in activity order, only down to the first item that has not changed
+        and is older than the last scan -- everything below it is older still.
+        ``full`` reads every page and returns every dialog.
+        """
+        self._newest = None
+        self._read_time = None
+        changed: dict = {}
+        if not full and self._use_sync and self.watermark is not None \
+                and time.time() - self.watermark < SYNC_MAX_AGE_SEC:
+            if self._scan_sync(changed):
+                return changed, self._scan_time()
+            changed.clear()
+            self._read_time = None
+        seen: set = set()
+        offset = 0
+        limit = RECENT_PAGE_MAX if full else self._page
+        while True:
+            items, more, nxt = self._recent_page(offset, limit)
+            paged = 0
+            boundary = False
+            for item in items:
+                unchanged, date, queued = self._consider(item, changed, seen, full=full)
+                if not queued:
+                    paged += 1
+                if unchanged and not full and not queued and not item.get("pinned") \
+                        and date is not None and self.watermark is not None and date < self.watermark:
+                    boundary = True
+                    break
+            if boundary or not more or not items:
+                break
+            offset = nxt if nxt and nxt > offset else offset + max(paged, 1)
+            limit = RECENT_PAGE_MAX
+        return changed, self._scan_time()
+
+    def _scan_time(self) -> float | None:
+        """The watermark a completed scan earns: the portal's clock at its start."""
+        if self._read_time is not None:
+            return max(self._read_time, self.watermark or 0.0)
+        return self._newest
+    def _scan_sync(self, changed: dict) -> bool:
+        """The one-request scan; False if the portal did not honour ``LAST_SYNC_DATE``."""
+        since = _dt.datetime.fromtimestamp(self.watermark, _dt.timezone.utc).isoformat(timespec="seconds")
+        br = self.client.batch({
+            "head": ("im.recent.list", {"LIMIT": 1}),
+            "sync": ("im.recent.get", {"LAST_SYNC_DATE": since, "SKIP_DIALOG": "N" if not self.lines_only else "Y"}),
+        })
+        self._note_read_time(br.time)
+        for name in ("head", "sync"):
+            err = br.errors.get(name)
+            if isinstance(err, (RateLimitError, ServerError, AuthError)):
+                raise err
+        head, sync = br.results.get("head"), br.results.get("sync")
+        if "head" not in br.results or not isinstance(sync, list):
+            self._use_sync = False
+        else:
+            for item in sync:
+                updated = _parse_date(item.get("date_update")) if isinstance(item, Mapping) else None
+                if updated is not None and updated < self.watermark - 1:
+                    self._use_sync = False      # the filter was ignored: older items came back
+                    break
+        if not self._use_sync:
+            log.info("this portal ignores im.recent.get LAST_SYNC_DATE: scanning im.recent.list instead")
+            return False
+        items = as_map(head).get("items")
+        items = list(items.values()) if isinstance(items, Mapping) else items or []
+        seen: set = set()
+        for item in list(sync) + list(items):
+            if isinstance(item, Mapping):
+                self._consider(item, changed, seen)
+        return True
+
+    def _learn_dialog(self, did: str, item: Mapping) -> DialogInfo:
+        info = self.dialogs.get(did)
+        if info is None or not info.chat_id:
+            fresh = DialogInfo.from_chat(did, item.get("chat"), item.get("title") or "")
+            if info is not None:
+                fresh.customer_name = fresh.customer_name or info.customer_name
+                fresh.customer_phone = fresh.customer_phone or info.customer_phone
+            info = self.dialogs[did] = fresh
+        user = item.get("user")
+        if isinstance(user, Mapping) and info.customer_id and _int(user.get("id")) == info.customer_id:
+            info.learn_customer(user)
+        return info
+
+    # -- fetching -----------------------------------------------------------------
+    def _fetch(self, wants: dict) -> tuple:
+        """``{dialog: (first_id, target_id)}`` -> ``({dialog: [raw...]}, {failed dialogs})``.
+
+        A dialog is read until a short page comes back and its target (the
+        newest id the recent list showed) is reached.  Dialogs we may not read
+        are reported as failed; rate limits and server errors propagate.
+        """
+        out: dict = {d: [] for d in wants}
+        pending = {d: v[0] for d, v in wants.items()}
+        failed: set = set()
+        while pending:
+            names = list(pending)[:BATCH_MAX]
+            if len(names) == 1:
+                d = names[0]
+                try:
+                    results = {d: self.client.call("im.dialog.messages.get", {
+                        "DIALOG_ID": d, "FIRST_ID": pending[d], "LIMIT": MESSAGES_PAGE})}
+                    errors: dict = {}
+                except (AccessDeniedError, NotFoundError, BadRequestError) as exc:
+                    results, errors = {}, {d: exc}
+            else:
+                br = self.client.batch({d: ("im.dialog.messages.get", {
+                    "DIALOG_ID": d, "FIRST_ID": pending[d], "LIMIT": MESSAGES_PAGE}) for d in names})
+                results, errors = br.results, br.errors
+            for d in names:
+                if d in errors or d not in results:
+                    err = errors.get(d) or ServerError("", "no result for this command", 0, "batch")
+                    if isinstance(err, (RateLimitError, ServerError, AuthError)):
+                        raise err
+                    log.info("%s: cannot read it now: %s", display_dialog_id(d), err)
+                    pending.pop(d)
+                    failed.add(d)
+                    continue
+                msgs, users = _messages_list(results[d])
+                self.factory.learn(users, self.dialogs.get(d))
+                first = pending[d]
+                page_size = len(msgs)
+                msgs = sorted((m for m in msgs if _int(m.get("id")) > first),
+                              key=lambda m: _int(m.get("id")))
+                out[d].extend(msgs)
+                if msgs and (page_size >= MESSAGES_PAGE or _int(msgs[-1].get("id")) < wants[d][1]):
+                    pending[d] = _int(msgs[-1].get("id"))
+                else:
+                    pending.pop(d)
+        return out, failed
+
+    # -- cycle ----------------------------------------------------------------------
+    def start(self) -> list:
+        """Begin from "now": remember where every dialog stands, deliver nothing.
+
+        With state loaded (:meth:`load_state`) this is a normal :meth:`poll`
+        that catches up on what arrived while we were away.
+        """
+        if self.started:
+            return self.poll()
+        changed, newest = self._scan(full=True)
+        for did, item in changed.items():
+            mid = _int(as_map(item.get("message")).get("id"))
+            self.last_seen[did] = mid
+            self.floor_id = max(self.floor_id, mid)
+            if self.dialogs.get(did) and (self.dialogs[did].is_lines or not self.lines_only):
+                self.cursors.setdefault(did, mid)
+                self.fetched[did] = max(self.fetched.get(did, 0), self.cursors[did])
+        self.watermark = self._committed_watermark = newest if newest is not None else time.time() - 60
+        self.started = True
+        return []
+
+    def rewind(self, *, since: float | None = None, count: int | None = None) -> None:
+        """Move known cursors back so the next poll replays recent history.
+
+        *since*: messages newer than this Unix time; *count*: the last N of each dialog.
+        """
+        for did in list(self.cursors):
+            info = self.dialogs.get(did)
+            if info is not None and not info.is_lines and self.lines_only:
+                continue
+            try:
+                page = self.client.call("im.dialog.messages.get", {
+                    "DIALOG_ID": did, "LAST_ID": 0, "LIMIT": min(MESSAGES_PAGE, count or MESSAGES_PAGE)})
+            except (AccessDeniedError, NotFoundError, BadRequestError):
+                continue
+            msgs, _users = _messages_list(page)
+            ids = sorted(((_int(m.get("id")), _parse_date(m.get("date"))) for m in msgs), reverse=True)
+            new_cursor = self.cursors[did]
+            if count:
+                keep = ids[:count]
+                if keep:
+                    new_cursor = min(new_cursor, keep[-1][0] - 1)
+            if since is not None:
+                recent = [i for i, d in ids if d is not None and d >= since]
+                if recent:
+                    new_cursor = min(new_cursor, min(recent) - 1)
+            self.cursors[did] = self.fetched[did] = max(new_cursor, 0)
+            self._unreadable.pop(did, None)
+
+    def poll(self, *, auto_ack: bool = True) -> list:
+        """One cycle: new messages since the cursors, oldest first (each once)."""
+        if not self.started:
+            raise RuntimeError("call start() first")
+        changed, newest = self._scan(full=False)
+        wants: dict = {}
+        new_dialogs = set()
+        for did, item in changed.items():
+            target = _int(as_map(item.get("message")).get("id"))
+            if did in self.cursors:
+                first = max(self.cursors[did], self.fetched.get(did, 0))
+            else:
+                first = self.floor_id
+                new_dialogs.add(did)
+            wants[did] = (first, target)
+        # dialogs rewound, or not caught up last time, are read even if the list is quiet
+        for did, cur in self.cursors.items():
+            done = max(cur, self.fetched.get(did, cur))
+            target = self.last_seen.get(did, done)
+            if did not in wants and done < target and self._unreadable.get(did) != target:
+                wants[did] = (done, target)
+        raw, failed = self._fetch(wants) if wants else ({}, set())
+        out: list = []
+        for did, (first, target) in wants.items():
+            if did in failed:
+                self._unreadable[did] = target
+                self.last_seen[did] = max(self.last_seen.get(did, 0), target)
+                continue
+            self._unreadable.pop(did, None)
+            msgs = raw.get(did) or []
+            info = self.dialogs.get(did)
+            is_new = did in new_dialogs
+            for m in msgs:
+                msg = self.factory.make(m, did, info)
+                msg.new_dialog, is_new = is_new, False
+                out.append(msg)
+            last = _int(msgs[-1].get("id")) if msgs else 0
+            self.fetched[did] = max(self.fetched.get(did, 0), first, target, last)
+            self.last_seen[did] = max(self.last_seen.get(did, 0), self.fetched[did])
+            if did not in self.cursors:
+                self.cursors[did] = first
+        out.sort(key=lambda m: m.id)
+        if newest is not None:
+            self.watermark = max(self.watermark or newest, newest)
+        self._pending_watermark = self.watermark
+        self._unacked = {(m.dialog_id, m.id) for m in out}
+        if auto_ack or not out:
+            for m in out:
+                self.ack(m)
+            self._committed_watermark = self._pending_watermark
+        # the page read next time follows the traffic: idle cycles read a small page
+        self._page = max(self.page_min, min(RECENT_PAGE_MAX, 2 * len(changed) + self.page_min))
+        return out
+
+    def ack(self, message: Message) -> None:
+        """Mark *message* delivered: its dialog's cursor moves up to it."""
+        if message.id > self.cursors.get(message.dialog_id, 0):
+            self.cursors[message.dialog_id] = message.id
+        self._unacked.discard((message.dialog_id, message.id))
+        if not self._unacked:
+            self._committed_watermark = self._pending_watermark
+
+
+# ===========================================================================
+# Sending
+# ===========================================================================
+
+def new_template_id() -> str:
+    """A lower-case UUID v4 for ``TEMPLATE_ID`` (makes a resend recognisable)."""
+    return str(uuid.uuid4())
+
+
+def split_text(text: str, limit: int = MESSAGE_MAX_CHARS) -> list:
+    """Split *text* into pieces of at most *limit* characters.
+
+    Cuts at a paragraph break if one is in the second half of the window,
+    else at a line break, else at a space, else hard.
+    """
+    text = text.strip()
+    out: list = []
+    while len(text) > limit:
+        window = text[:limit + 1]
+        cut = -1
+        for sep in ("\n\n", "\n", " "):
+            pos = window.rfind(sep, 0, limit + 1)
+            if pos >= limit // 2:
+                cut = pos
+                break
+        if cut <= 0:
+            cut = limit
+        out.append(text[:cut].rstrip())
+        text = text[cut:].strip()
+    if text:
+        out.append(text)
+    return out
+
+
+def send_text(client: Client, dialog_id: str, text: str, *, template_id: str | None = None) -> int:
+    """Post one message (``im.message.add``); return its id.
+
+    If the outcome is unknown (the request went out, the answer did not come
+    back), the dialog's newest messages are searched for our ``TEMPLATE_ID``:
+    found -> its id; not found -> :class:`UnknownOutcomeError` (never resent blindly).
+    """
+    template_id = template_id or new_template_id()
+    params = {"DIALOG_ID": dialog_id, "MESSAGE": text, "TEMPLATE_ID": template_id}
+    try:
+        return _int(client.call("im.message.add", params, write=True))
+    except UnknownOutcomeError as exc:
+        try:
+            res = client.call("im.dialog.messages.get", {"DIALOG_ID": dialog_id, "LAST_ID": 0,
+                                                         "LIMIT": MESSAGES_PAGE})
+        except B24Error:
+            raise exc from None
+        msgs, _users = _messages_list(res)
+        for m in msgs:
+            if m.get("uuid") == template_id:
+                log.info("%s: the message did arrive (id %s)", display_dialog_id(dialog_id), m.get("id"))
+                return _int(m.get("id"))
+        raise UnknownOutcomeError("%s: sending to %s: no answer came back and the message is "
+                                  "not in the chat yet; check the chat before sending again"
+                                  % ("im.message.add", display_dialog_id(dialog_id))) from None
+
+
+# ===========================================================================
+# Bot replies
+# ===========================================================================
+
+class ReplyShapeError(B24Error):
+    """The bot's answer has a shape we cannot turn into texts."""
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Mapping):
+        keys = ", ".join(sorted(str(k) for k in value)[:6])
+        return "an object with keys {%s}" % keys if keys else "an empty object"
+    if isinstance(value, list):
+        return "a list of %d item(s)" % len(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a %s" % type(value).__name__
+
+
+_REPLY_KEYS = ("response", "reply_text", "reply", "text", "message", "answer", "output")
+_REPLY_LIST_KEYS = ("replies", "messages", "responses")
+
+
+def normalize_reply(body: Any) -> list:
+    """Turn a bot's answer into a list of non-empty texts.
+
+    Accepts ``{"response"|"reply_text"|"text"|"message": str}``,
+    ``{"replies"|"messages": [...]}``, a bare string, a list of strings, and
+    lists of ``{"text": ...}`` objects (Rasa).  Raises :class:`ReplyShapeError`
+    naming the shape otherwise.  An empty list means "the bot chose not to answer".
+    """
+    if isinstance(body, (bytes, bytearray)):
+        body = body.decode("utf-8", "replace")
+    if isinstance(body, str):
+        return [body.strip()] if body.strip() else []
+    if isinstance(body, list):
+        out: list = []
+        for item in body:
+            if isinstance(item, str):
+                if item.strip():
+                    out.append(item.strip())
+            elif isinstance(item, Mapping):
+                text = next((item[k] for k in _REPLY_KEYS if isinstance(item.get(k), str)), None)
+                if text is None:
+                    if any(k in item for k in ("image", "buttons", "custom", "attachment")):
+                        continue    # non-text Rasa items: nothing to say in text
+                    raise ReplyShapeError("bot reply: list item is %s, expected a string or "
+                                          "{\"text\": ...}" % _describe(item))
+                if text.strip():
+                    out.append(text.strip())
+            elif item is not None:
+                raise ReplyShapeError("bot reply: list item is %s, expected a string" % _describe(item))
+        return out
+    if isinstance(body, Mapping):
+        for key in _REPLY_LIST_KEYS:
+            if key in body and isinstance(body[key], (list, str)):
+                return normalize_reply(body[key])
+        for key in _REPLY_KEYS:
+            if key in body:
+                value = body[key]
+                if isinstance(value, (str, list)):
+                    return normalize_reply(value)
+                if value is None:
+                    return []
+                if isinstance(value, Mapping):
+                    return normalize_reply(value)
+                raise ReplyShapeError("bot reply: %r is %s, expected a string" % (key, _describe(value)))
+        raise ReplyShapeError("bot reply: got %s; expected one of response, reply_text, text, "
+                              "message, replies, messages" % _describe(body))
+    if body is None:
+        return []
+    raise ReplyShapeError("bot reply: got %s; expected an object, a string or a list" % _describe(body))
+
+
+# ===========================================================================
+# Durable state
+# ===========================================================================
+
+def default_state_dir(env: Mapping[str, str] | None = None) -> str:
+    """``$B24_STATE_DIR``, else systemd's ``$STATE_DIRECTORY``, else XDG state home."""
+    env = os.environ if env is None else env
+    if env.get("B24_STATE_DIR"):
+        return env["B24_STATE_DIR"]
+    if env.get("STATE_DIRECTORY"):
+        return env["STATE_DIRECTORY"].split(":")[0]
+    xdg = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(xdg, "b24-openlines")
+
+
+class StateFile:
+    """A small JSON document that survives ``kill -9`` at any instant.
+
+    Each :meth:`save` writes a temp file in the same folder, fsyncs it,
+    renames it over the old one and fsyncs the folder; the file is 0600.
+    """
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+
+    def load(self) -> dict:
+        """The saved document (``{}`` if none); removes temp files a killed writer left."""
+        folder, prefix = os.path.dirname(self.path), ".%s." % os.path.basename(self.path)
+        try:
+            for name in os.listdir(folder):
+                if name.startswith(prefix):
+                    os.unlink(os.path.join(folder, name))
+        except OSError:
+            pass
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            return {}
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError("%s: state file is not valid JSON (%s); move it away to start "
+                              "fresh" % (self.path, exc)) from None
+        except OSError as exc:
+            raise ConfigError("%s: cannot read state file (%s)" % (self.path, exc.strerror)) from None
+        if not isinstance(data, dict):
+            raise ConfigError("%s: state file holds %s, expected an object" % (self.path, _describe(data)))
+        return data
+
+    def save(self, data: Mapping) -> None:
+        folder = os.path.dirname(self.path)
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(self.path), dir=folder)
+        except OSError as exc:
+            raise ConfigError("%s: cannot write state (%s)" % (self.path, exc.strerror)) from None
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                os.fchmod(fh.fileno(), 0o600)
+                json.dump(data, fh, ensure_ascii=False, sort_keys=True)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        try:
+            dfd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+
+
+# ===========================================================================
+# Command-line plumbing shared by the scripts
+# ===========================================================================
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--env-file", metavar="PATH",
+                        help="read settings from PATH (default: ./.env, then .env beside the scripts)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log lines (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
+
+
+def find_env_file(explicit: str | None) -> str | None:
+    if explicit:
+        if not os.path.isfile(explicit):
+            raise ConfigError("--env-file %s: no such file" % explicit)
+        return explicit
+    if os.environ.get("PYTHON_DOTENV_DISABLED", "").strip().lower() in ("1", "true", "yes", "y", "on"):
+        return None
+    for folder in (os.getcwd(), os.path.dirname(os.path.abspath(__file__))):
+        candidate = os.path.join(folder, ".env")
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def load_config_from_args(args: argparse.Namespace, *, require_bot: bool = False,
+                          environ: Any = None) -> Config:
+    """Apply the .env file (real environment wins) and build the :class:`Config`."""
+    environ = os.environ if environ is None else environ
+    path = find_env_file(getattr(args, "env_file", None))
+    if path:
+        load_dotenv(path, strict=True, environ=environ)
+    return Config.from_env(environ, require_bot=require_bot)
+
+
+def run_main(main: Callable[[], int]) -> int:
+    """Run a script's main body; map errors to one stderr line and an exit code."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "b24"
+    try:
+        return main()
+    except KeyboardInterrupt:
+        try:
+            sys.stderr.write("\n%s: interrupted\n" % prog)
+        except OSError:
+            pass
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return EXIT_OK
+    except B24Error as exc:
+        sys.stderr.write("%s: error: %s\n" % (prog, format_error(exc)))
+        return exc.exit_code
+    except Exception:  # noqa: BLE001 - the last net: never leak a secret in a traceback
+        sys.stderr.write(redact("%s: internal error (please report):\n%s" % (prog, traceback.format_exc())))
+        return EXIT_FAILURE
+
+
+def _redacting_excepthook(exc_type, exc, tb) -> None:
+    sys.stderr.write(redact("".join(traceback.format_exception(exc_type, exc, tb))))
+
+
+def _redacting_thread_hook(args) -> None:
+    if args.exc_type is SystemExit:
+        return
+    sys.stderr.write(redact("Exception in thread %s:\n%s" % (
+        getattr(args.thread, "name", "?"),
+        "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)))))
+
+
+sys.excepthook = _redacting_excepthook
+threading.excepthook = _redacting_thread_hook

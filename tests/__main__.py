@@ -1,0 +1,44 @@
+"""Run every test: ``python3 -m tests`` (from the repository root).
+
+Options are passed to unittest's discovery, e.g. ``python3 -m tests -k poller``.
+Ends with one summary line: ``N passed, N failed, N skipped``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(argv: list | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m tests", description=__doc__)
+    parser.add_argument("-k", dest="patterns", action="append", default=[],
+                        help="only tests whose name contains this substring")
+    parser.add_argument("-q", "--quiet", action="store_true", help="dots instead of test names")
+    parser.add_argument("-f", "--failfast", action="store_true", help="stop at the first failure")
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    loader = unittest.TestLoader()
+    if args.patterns:
+        loader.testNamePatterns = ["*%s*" % p for p in args.patterns]
+    suite = loader.discover(os.path.join(ROOT, "tests"), top_level_dir=ROOT)
+    runner = unittest.TextTestRunner(verbosity=1 if args.quiet else 2, failfast=args.failfast)
+    started = time.monotonic()
+    result = runner.run(suite)
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    skipped = len(result.skipped)
+    passed = result.testsRun - failed - skipped
+    print("%d passed, %d failed, %d skipped in %.0f s" % (passed, failed, skipped,
+                                                          time.monotonic() - started))
+    if result.testsRun == 0:
+        print("no test ran", file=sys.stderr)
+        return 1
+    return 0 if result.wasSuccessful() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Shared helpers: an emulator on 127.0.0.1, scripts run as real subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import b24common as bc  # noqa: E402
+import mock_b24_portal as mp  # noqa: E402
+
+import logging  # noqa: E402
+
+# retries log warnings; in-process tests check behaviour, not those lines
+logging.getLogger("b24common").addHandler(logging.NullHandler())
+logging.getLogger("b24common").propagate = False
+
+PY = sys.executable
+
+
+def script(name: str) -> str:
+    return os.path.join(ROOT, name)
+
+
+class PortalCase(unittest.TestCase):
+    """A fresh emulator per test (cheap: it is a thread on a free port)."""
+
+    poll_sec = "0.3"
+
+    def setUp(self) -> None:
+        self.server = mp.serve()
+        self.portal: mp.Portal = self.server.portal
+        self.ids = self.portal.world_ids
+        self.tmp = tempfile.mkdtemp(prefix="b24test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(self.server.stop)
+        self.procs: list = []
+        self.addCleanup(self._kill_procs)
+
+    # -- in-process client ------------------------------------------------
+    def config(self, **extra) -> bc.Config:
+        env = {"B24_WEBHOOK_BASE": self.server.webhook_base}
+        env.update({k: str(v) for k, v in extra.items()})
+        return bc.Config.from_env(env)
+
+    def client(self, **extra) -> bc.Client:
+        return bc.Client(self.config(**extra))
+
+    # -- subprocesses ----------------------------------------------------------
+    def env(self, **extra) -> dict:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.tmp,
+               "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1",
+               "PYTHON_DOTENV_DISABLED": "1", "B24_WEBHOOK_BASE": self.server.webhook_base,
+               "B24_POLL_SEC": self.poll_sec, "B24_STATE_DIR": os.path.join(self.tmp, "state")}
+        for key in ("PYENV_VERSION", "PYENV_ROOT"):
+            if key in os.environ:
+                env[key] = os.environ[key]
+        for k, v in extra.items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = str(v)
+        return env
+
+    def run_script(self, name: str, *args: str, env: dict | None = None, input: str | None = None,
+                   timeout: float = 60, cwd: str | None = None) -> subprocess.CompletedProcess:
+        proc = subprocess.run([PY, script(name)] + list(args), input=input, capture_output=True,
+                              text=True, env=env or self.env(), timeout=timeout, cwd=cwd or self.tmp)
+        self.assertNoSecret(proc.stdout + proc.stderr)
+        return proc
+
+    def start_script(self, name: str, *args: str, env: dict | None = None) -> "Proc":
+        p = Proc([PY, script(name)] + list(args), env or self.env(), self.tmp)
+        self.procs.append(p)
+        return p
+
+    def _kill_procs(self) -> None:
+        for p in self.procs:
+            p.kill()
+            self.assertNoSecret(p.all_output())
+
+    # -- assertions ---------------------------------------------------------------
+    def assertNoSecret(self, text: str) -> None:
+        self.assertNotIn(self.portal.code, text, "the webhook code leaked into output")
+
+    def assertOneLineError(self, proc: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+        self.assertEqual(proc.returncode, code, proc.stderr)
+        lines = [l for l in proc.stderr.strip().splitlines() if "error" in l.lower()]
+        self.assertEqual(len(lines), 1, proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+        for needle in needles:
+            self.assertIn(needle, proc.stderr)
+
+
+class Proc:
+    """A running script whose stdout and stderr lines are collected by threads."""
+
+    def __init__(self, argv: list, env: dict, cwd: str, stdin=subprocess.DEVNULL):
+        self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      stdin=stdin, text=True, env=env, cwd=cwd)
+        self.out: queue.Queue = queue.Queue()
+        self.stdout_lines: list = []
+        self.stderr_lines: list = []
+        self._threads = [threading.Thread(target=self._pump, args=(self.popen.stdout, self.stdout_lines, True),
+                                          daemon=True),
+                         threading.Thread(target=self._pump, args=(self.popen.stderr, self.stderr_lines, False),
+                                          daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _pump(self, stream, sink: list, to_queue: bool) -> None:
+        for line in stream:
+            sink.append(line.rstrip("\n"))
+            if to_queue:
+                self.out.put(line.rstrip("\n"))
+
+    def read_lines(self, count: int, timeout: float = 20) -> list:
+        got: list = []
+        deadline = time.monotonic() + timeout
+        while len(got) < count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                got.append(self.out.get(timeout=left))
+            except queue.Empty:
+                break
+        return got
+
+    def wait_stderr(self, needle: str, timeout: float = 20) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(needle in l for l in list(self.stderr_lines)):
+                return True
+            if self.popen.poll() is not None:
+                time.sleep(0.1)
+                return any(needle in l for l in list(self.stderr_lines))
+            time.sleep(0.05)
+        return False
+
+    def stop(self, timeout: float = 10) -> int:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+        try:
+            rc = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            rc = self.popen.wait()
+        for t in self._threads:
+            t.join(2)
+        return rc
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+        for t in self._threads:
+            t.join(2)
+
+    def all_output(self) -> str:
+        return "\n".join(self.stdout_lines + self.stderr_lines)
+
+
+def control(server, endpoint: str, **body) -> dict:
+    """Call the emulator's control API over HTTP."""
+    req = urllib.request.Request("%s/_control/%s" % (server.url, endpoint),
+                                 data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(req, timeout=10) as resp:
+        return json.loads(resp.read())["result"]

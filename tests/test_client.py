@@ -1,0 +1,215 @@
+"""The REST client against the emulator over real HTTP: errors, limits, faults, batch."""
+from __future__ import annotations
+
+import time
+import unittest
+
+from tests.support import PortalCase, bc, mp
+
+
+class FakeTime:
+    """Wall clock and sleep for the operating-time budget (10-minute windows)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self.slept: list = []
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.offset += max(0.0, seconds)
+
+
+class Basics(PortalCase):
+    def test_call_returns_result_and_envelope(self) -> None:
+        c = self.client()
+        self.assertEqual(c.whoami(), {"id": 7, "name": "Olga Sidorova", "admin": False})
+        self.assertIn("im", c.scopes())
+        env = c.call_full("im.recent.list", {"LIMIT": 2})
+        self.assertEqual(env["total"], -1)
+        self.assertIn("operating_reset_at", env["time"])
+        self.assertIsInstance(env["result"]["items"], list)
+
+    def test_typed_errors(self) -> None:
+        c = self.client()
+        cases = [
+            (lambda: c.call("im.dialog.messages.get", {"DIALOG_ID": "chat%d" % self.ids["foreign"]}),
+             bc.AccessDeniedError, "ACCESS_ERROR", 403),
+            (lambda: c.call("no.such.method"), bc.NotFoundError, "ERROR_METHOD_NOT_FOUND", 404),
+            (lambda: c.call("event.bind", {"event": "ONIMMESSAGEADD"}), bc.AccessDeniedError,
+             "WRONG_AUTH_TYPE", 403),
+            (lambda: c.call("im.message.add", {"DIALOG_ID": "chat%d" % self.ids["queued"], "MESSAGE": "x"}),
+             bc.NotMemberError, "CANCELED", 400),
+            (lambda: c.call("im.message.add", {"DIALOG_ID": "chat%d" % self.ids["lines_member"], "MESSAGE": " "}),
+             bc.BadRequestError, "MESSAGE_EMPTY", 400),
+            (lambda: c.call("im.dialog.messages.get", {"DIALOG_ID": "chat%d" % self.ids["lines_member"],
+                                                       "FIRST_ID": "abc"}),
+             bc.BadRequestError, "FIRST_ID_STRING", 400),
+        ]
+        for fn, cls, code, status in cases:
+            with self.subTest(code=code):
+                with self.assertRaises(cls) as ctx:
+                    fn()
+                self.assertEqual((ctx.exception.code, ctx.exception.status), (code, status))
+                self.assertFalse(ctx.exception.retryable)
+
+    def test_wrong_code_revoked_and_scope(self) -> None:
+        bad = self.server.webhook_base.replace(self.portal.code, "wrongcode12345678")
+        with self.assertRaises(bc.AuthError) as ctx:
+            bc.Client(bc.Config.from_env({"B24_WEBHOOK_BASE": bad})).call("profile")
+        self.assertEqual((ctx.exception.code, ctx.exception.status), ("INVALID_CREDENTIALS", 401))
+        self.assertNotIn("wrongcode12345678", str(ctx.exception) + repr(ctx.exception))
+        # an unknown method is reported before authentication, as on a real portal
+        with self.assertRaises(bc.NotFoundError):
+            bc.Client(bc.Config.from_env({"B24_WEBHOOK_BASE": bad})).call("im.nope")
+        self.portal.set_webhook(scopes=["imopenlines"])
+        with self.assertRaises(bc.ScopeError) as ctx:
+            self.client().call("im.recent.list")
+        self.assertEqual((ctx.exception.code, ctx.exception.status), ("insufficient_scope", 401))
+        self.portal.set_webhook(scopes=["im"], active=False)
+        with self.assertRaises(bc.AuthError) as ctx:
+            self.client().call("profile")
+        self.assertEqual(ctx.exception.code, "authorization_error")
+        self.assertEqual(self.portal.stats()["counts"].get("profile"), 2, "auth errors must not be retried")
+
+    def test_batch_keeps_results_and_errors_apart(self) -> None:
+        c = self.client()
+        cmds = {"me": ("profile", {}),
+                "bad": ("im.dialog.messages.get", {"DIALOG_ID": "chat%d" % self.ids["foreign"]}),
+                "msgs": ("im.dialog.messages.get", {"DIALOG_ID": "chat%d" % self.ids["lines_member"],
+                                                    "FIRST_ID": 0, "LIMIT": 2})}
+        for i in range(57):
+            cmds["p%d" % i] = ("profile", {})
+        res = c.batch(cmds)
+        self.assertEqual(self.portal.stats()["counts"]["batch"], 2)
+        self.assertEqual(res.results["me"]["ID"], "7")
+        self.assertEqual(len(res.results["msgs"]["messages"]), 2)
+        self.assertIsInstance(res.errors["bad"], bc.AccessDeniedError)
+        self.assertNotIn("bad", res.results)
+        self.assertEqual(len(res.results), 59)
+        halted = c.batch({"a": ("im.dialog.get", {"DIALOG_ID": "chat%d" % self.ids["foreign"]}),
+                          "b": ("profile", {})}, halt=True)
+        self.assertIn("a", halted.errors)
+        self.assertNotIn("b", halted.results)
+
+
+class Limits(PortalCase):
+    def test_burst_of_60_calls_never_shows_query_limit(self) -> None:
+        c = self.client()          # the real default numbers: 2 req/s drain, bucket of 50
+        started = time.monotonic()
+        for _ in range(60):
+            self.assertEqual(c.call("profile")["ID"], "7")
+        statuses = [e["status"] for e in self.portal.stats()["log"]]
+        self.assertEqual(statuses.count(200), 60)
+        self.assertNotIn(503, statuses)
+        self.assertGreater(time.monotonic() - started, 3.0, "the limiter should have paced the tail")
+
+    def test_shared_bucket_already_full_is_survived(self) -> None:
+        self.portal.set_limits(bucket_level=50)   # another client on this host used it up
+        c = self.client()
+        for _ in range(5):
+            c.call("profile")
+        statuses = [e["status"] for e in self.portal.stats()["log"]]
+        self.assertIn(503, statuses)
+        self.assertEqual(statuses.count(200), 5)
+
+    def _operating_setup(self, client_limit: float) -> tuple:
+        fake = FakeTime()
+        self.server.stop()
+        self.server = mp.PortalServer(mp.Portal(clock=fake.now), 0).start()
+        self.addCleanup(self.server.stop)
+        self.portal = self.server.portal
+        self.portal.set_limits(operating_limit=3, method_cost={"im.dialog.get": 1.0})
+        cfg = self.config(B24_OPERATING_LIMIT_SEC=client_limit)
+        limiter = bc.RateLimiter(cfg.rate_per_sec, cfg.rate_burst, cfg.operating_limit,
+                                 wallclock=fake.now, sleep=fake.sleep)
+        return fake, bc.Client(cfg, limiter=limiter, sleep=fake.sleep)
+
+    def test_operating_budget_is_respected_proactively(self) -> None:
+        fake, c = self._operating_setup(3)
+        for _ in range(8):
+            c.call("im.dialog.get", {"DIALOG_ID": "chat%d" % self.portal.world_ids["lines_member"]})
+        self.assertNotIn(429, [e["status"] for e in self.portal.stats()["log"]])
+        self.assertGreater(sum(fake.slept), 60, "should have waited for operating_reset_at")
+
+    def test_operation_time_limit_waits_for_the_reset(self) -> None:
+        fake, c = self._operating_setup(100000)   # the client does not know the portal's budget
+        for _ in range(8):
+            c.call("im.dialog.get", {"DIALOG_ID": "chat%d" % self.portal.world_ids["lines_member"]})
+        statuses = [e["status"] for e in self.portal.stats()["log"]]
+        self.assertIn(429, statuses)
+        self.assertEqual(statuses.count(200), 8)
+
+
+class Faults(PortalCase):
+    KINDS = ("http500", "http502", "http503", "html", "malformed", "truncated", "drop", "drop_after")
+
+    def quick(self, **extra) -> bc.Client:
+        self.slept: list = []
+        return bc.Client(self.config(**extra), sleep=self.slept.append)
+
+    def test_each_fault_is_survived_by_a_read(self) -> None:
+        for kind in self.KINDS:
+            with self.subTest(kind=kind):
+                self.portal.fault(kind, count=2, method="im.recent.list")
+                items = self.quick().call("im.recent.list", {"LIMIT": 1})["items"]
+                self.assertTrue(items)
+                self.assertFalse(self.portal.faults)
+
+    def test_latency_beyond_the_timeout_is_retried(self) -> None:
+        self.portal.fault("latency", count=1, seconds=1.5, method="profile")
+        c = self.quick(B24_HTTP_TIMEOUT_SEC=1)
+        self.assertEqual(c.call("profile")["ID"], "7")
+        self.assertEqual(len(self.slept), 1)
+
+    def test_persistent_faults_end_in_a_typed_error(self) -> None:
+        expected = {"http500": bc.ServerError, "http502": bc.ServerError, "http503": bc.RateLimitError,
+                    "html": bc.TransportError, "malformed": bc.TransportError,
+                    "truncated": bc.TransportError, "drop": bc.TransportError}
+        for kind, cls in expected.items():
+            with self.subTest(kind=kind):
+                self.portal.clear_faults()
+                self.portal.fault(kind, count=100, method="profile")
+                c = self.quick(B24_MAX_RETRIES=2)
+                self.portal.reset_stats()
+                with self.assertRaises(cls) as ctx:
+                    c.call("profile")
+                self.assertEqual(self.portal.stats()["requests"], 3, "one try and two retries")
+                self.assertNotIn(self.portal.code, str(ctx.exception))
+                if isinstance(ctx.exception, bc.TransportError):
+                    self.assertIn("127.0.0.1", str(ctx.exception))
+
+    def _texts(self, chat_id: int, text: str) -> list:
+        return [m for m in self.portal.chat_messages(chat_id) if m["text"] == text]
+
+    def test_write_with_unknown_outcome_is_not_retried(self) -> None:
+        chat = self.ids["lines_member"]
+        self.portal.fault("drop_after", count=1, method="im.message.add")
+        with self.assertRaises(bc.UnknownOutcomeError):
+            self.quick().call("im.message.add", {"DIALOG_ID": "chat%d" % chat, "MESSAGE": "once"})
+        self.assertEqual(len(self._texts(chat, "once")), 1)
+        self.assertEqual(self.portal.stats()["counts"]["im.message.add"], 1)
+
+    def test_send_text_reconciles_by_template_id(self) -> None:
+        chat = self.ids["lines_member"]
+        self.portal.fault("drop_after", count=1, method="im.message.add")
+        mid = bc.send_text(self.quick(), "chat%d" % chat, "arrived anyway")
+        self.assertEqual([m["id"] for m in self._texts(chat, "arrived anyway")], [mid])
+        # dropped before it ran: not in the chat, reported, never sent twice
+        self.portal.fault("drop", count=1, method="im.message.add")
+        with self.assertRaises(bc.UnknownOutcomeError) as ctx:
+            bc.send_text(self.quick(), "chat%d" % chat, "lost")
+        self.assertIn("check the chat", str(ctx.exception))
+        self.assertEqual(self._texts(chat, "lost"), [])
+
+    def test_write_refused_by_the_rate_limit_is_retried_once_posted(self) -> None:
+        chat = self.ids["lines_member"]
+        self.portal.fault("http503", count=2, method="im.message.add")
+        bc.send_text(self.quick(), "chat%d" % chat, "after 503")
+        self.assertEqual(len(self._texts(chat, "after 503")), 1)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,87 @@
+"""Durable state: atomic, private, and whole after kill -9 at any instant."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+import unittest
+
+from tests.support import PY, ROOT, bc
+
+WRITER = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import b24common as bc
+sf = bc.StateFile(sys.argv[2])
+n = sf.load().get("n", 0)
+pad = "x" * 20000
+print("ready", flush=True)
+while True:
+    n += 1
+    sf.save({"n": n, "pad": pad, "cursors": {"chat%d" % i: n for i in range(50)}})
+"""
+
+
+class StateFileTest(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="b24state-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, "sub", "state.json")
+
+    def test_roundtrip_mode_and_folder(self) -> None:
+        sf = bc.StateFile(self.path)
+        self.assertEqual(sf.load(), {})
+        sf.save({"cursors": {"chat1": 5}, "text": "привет"})
+        self.assertEqual(sf.load(), {"cursors": {"chat1": 5}, "text": "привет"})
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        self.assertEqual(os.listdir(os.path.dirname(self.path)), ["state.json"])
+
+    def test_corrupt_file_is_a_clear_error(self) -> None:
+        os.makedirs(os.path.dirname(self.path))
+        for content, needle in (("{broken", "not valid JSON"), ("[1, 2]", "expected an object")):
+            with self.subTest(content=content):
+                with open(self.path, "w") as fh:
+                    fh.write(content)
+                with self.assertRaises(bc.ConfigError) as ctx:
+                    bc.StateFile(self.path).load()
+                self.assertIn(self.path, str(ctx.exception))
+                self.assertIn(needle, str(ctx.exception))
+
+    def test_default_locations(self) -> None:
+        self.assertEqual(bc.default_state_dir({"B24_STATE_DIR": "/x", "STATE_DIRECTORY": "/y"}), "/x")
+        self.assertEqual(bc.default_state_dir({"STATE_DIRECTORY": "/var/lib/b24:/other"}), "/var/lib/b24")
+        self.assertEqual(bc.default_state_dir({"XDG_STATE_HOME": "/s"}), "/s/b24-openlines")
+        self.assertTrue(bc.default_state_dir({}).endswith(os.path.join(".local", "state", "b24-openlines")))
+
+    def test_kill_9_at_random_instants_never_leaves_a_broken_file(self) -> None:
+        rng = random.Random(7)
+        last = 0
+        deadline = time.monotonic() + 20
+        kills = 0
+        while kills < 12 and time.monotonic() < deadline:
+            proc = subprocess.Popen([PY, "-c", WRITER, ROOT, self.path], stdout=subprocess.PIPE, text=True)
+            self.assertEqual(proc.stdout.readline().strip(), "ready")
+            time.sleep(rng.uniform(0.01, 0.25))
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            proc.stdout.close()
+            kills += 1
+            with open(self.path, encoding="utf-8") as fh:
+                data = json.load(fh)          # whole, parseable
+            self.assertGreaterEqual(data["n"], last)
+            self.assertEqual(set(data["cursors"].values()), {data["n"]})
+            last = data["n"]
+        self.assertGreaterEqual(kills, 5)
+        self.assertGreater(last, kills)
+        bc.StateFile(self.path).load()
+        self.assertEqual(os.listdir(os.path.dirname(self.path)), ["state.json"])
+
+
+if __name__ == "__main__":
+    unittest.main()
