@@ -108,6 +108,7 @@ class Reader:
         self.state = state
         self.stop = threading.Event()
         self.poller: bc.Poller | None = None
+        self.pending_new: set = set()
 
     def banner(self) -> None:
         me = self.client.whoami()
@@ -159,7 +160,13 @@ class Reader:
         return poller
 
     def emit(self, msg: bc.Message) -> None:
+        # "new dialog" belongs to the first message shown, which may follow hidden ones
+        if msg.new_dialog:
+            self.pending_new.add(msg.dialog_id)
         if self.args.all or msg.author_kind == "customer":
+            if msg.dialog_id in self.pending_new:
+                self.pending_new.discard(msg.dialog_id)
+                msg.new_dialog = True
             if self.args.json:
                 line = json.dumps(msg.to_json(), ensure_ascii=False)
             else:

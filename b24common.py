@@ -1043,7 +1043,10 @@ class DialogInfo:
         if is_lines and len(parts) >= 4:
             info.line_id = _int(parts[1], 0) or None
             info.customer_id = _int(parts[3])
-            info.customer_phone = normalize_phone(parts[2])
+            # WhatsApp connectors often use the phone (or phone@c.us) as the external chat id;
+            # other messengers (Telegram...) use numbers that are not phones
+            if parts[2].endswith("@c.us") or re.search(r"whatsapp|wazzup|(^|_)wa(_|$)", parts[0], re.I):
+                info.customer_phone = normalize_phone(parts[2])
         return info
 
     def learn_customer(self, user: Mapping | None) -> None:
@@ -1391,8 +1394,7 @@ class Poller:
                     paged += 1
                 if unchanged and not full and not queued and not item.get("pinned") \
                         and date is not None and self.watermark is not None and date < self.watermark:
-                    boundary = True
-                    break
+                    boundary = True     # read the rest of this page: in-queue chats come last
             if boundary or not more or not items:
                 break
             offset = nxt if nxt and nxt > offset else offset + max(paged, 1)

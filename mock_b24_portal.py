@@ -494,7 +494,7 @@ class Portal:
     def world(self) -> dict:
         with self.lock:
             return {"webhook_user": WEBHOOK_USER_ID, "ids": dict(getattr(self, "world_ids", {})),
-                    "lines": {i: {"name": l["name"], "queue": l["queue"]} for i, l in self.lines.items()},
+                    "lines": {i: {"name": ln["name"], "queue": ln["queue"]} for i, ln in self.lines.items()},
                     "chats": {c["id"]: {"type": c["type"], "title": c["title"],
                                         "members": sorted(c["members"]),
                                         "session": self.sessions.get(c["session_id"], {}).get("status")}
@@ -628,7 +628,7 @@ class Portal:
             s = self.sessions.get(sid)
             item["lines"] = {"id": sid, "status": s["status"] if s else 0,
                              "date_create": _iso(s["created"]) if s else _iso(chat["created"])}
-        item["user"] = self._user_out(author) if author and author in self.users else {"id": 0}
+        item["user"] = self._user_out(author) if author and author in self.users and not queued else {"id": 0}
         item["options"] = []
         return item
 

@@ -17,10 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import logging  # noqa: E402
+
 import b24common as bc  # noqa: E402
 import mock_b24_portal as mp  # noqa: E402
-
-import logging  # noqa: E402
 
 # retries log warnings; in-process tests check behaviour, not those lines
 logging.getLogger("b24common").addHandler(logging.NullHandler())
@@ -96,7 +96,7 @@ class PortalCase(unittest.TestCase):
 
     def assertOneLineError(self, proc: subprocess.CompletedProcess, code: int, *needles: str) -> None:
         self.assertEqual(proc.returncode, code, proc.stderr)
-        lines = [l for l in proc.stderr.strip().splitlines() if "error" in l.lower()]
+        lines = [ln for ln in proc.stderr.strip().splitlines() if "error" in ln.lower()]
         self.assertEqual(len(lines), 1, proc.stderr)
         self.assertNotIn("Traceback", proc.stderr)
         for needle in needles:
@@ -141,11 +141,11 @@ class Proc:
     def wait_stderr(self, needle: str, timeout: float = 20) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if any(needle in l for l in list(self.stderr_lines)):
+            if any(needle in ln for ln in list(self.stderr_lines)):
                 return True
             if self.popen.poll() is not None:
                 time.sleep(0.1)
-                return any(needle in l for l in list(self.stderr_lines))
+                return any(needle in ln for ln in list(self.stderr_lines))
             time.sleep(0.05)
         return False
 
@@ -157,16 +157,21 @@ class Proc:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             rc = self.popen.wait()
+        self._close()
+        return rc
+
+    def _close(self) -> None:
         for t in self._threads:
             t.join(2)
-        return rc
+        for stream in (self.popen.stdout, self.popen.stderr):
+            if stream:
+                stream.close()
 
     def kill(self) -> None:
         if self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait()
-        for t in self._threads:
-            t.join(2)
+        self._close()
 
     def all_output(self) -> str:
         return "\n".join(self.stdout_lines + self.stderr_lines)

@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Requests and response bytes per poll cycle, as counted by the emulator.
+
+Our poller (b24common.Poller) against a naive one -- the whole recent list
+every cycle, one im.dialog.messages.get per changed dialog, no batch -- run
+side by side in this one process, each on a fresh emulator with the same
+world.  Scenarios: idle with 10 and with 1,000 dialogs; 1, 10 and 50
+dialogs changing per cycle (1,000 dialogs).
+
+    python3 bench/poll_cost.py [--cycles N]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import b24common as bc  # noqa: E402
+import mock_b24_portal as mp  # noqa: E402
+
+
+class NaivePoller:
+    """What a first attempt looks like: read everything, fetch each changed dialog alone."""
+
+    def __init__(self, client: bc.Client):
+        self.client = client
+        self.last: dict = {}
+
+    def _all_items(self) -> list:
+        items, offset = [], 0
+        while True:
+            env = self.client.call_full("im.recent.list", {"OFFSET": offset, "LIMIT": 200})
+            res = env["result"]
+            items.extend(res["items"])
+            if not res.get("hasMore"):
+                return items
+            offset = env.get("next") or offset + 200
+
+    def start(self) -> None:
+        for item in self._all_items():
+            self.last[item["id"]] = item["message"]["id"]
+
+    def poll(self) -> list:
+        out = []
+        for item in self._all_items():
+            did, mid = item["id"], item["message"]["id"]
+            if item["chat"].get("entity_type") != "LINES" or mid <= self.last.get(did, 0):
+                continue
+            first = self.last.get(did, 0)
+            while True:
+                res = self.client.call("im.dialog.messages.get", {"DIALOG_ID": did, "FIRST_ID": first, "LIMIT": 50})
+                msgs = sorted(res["messages"], key=lambda m: m["id"])
+                out.extend(msgs)
+                if msgs:
+                    first = msgs[-1]["id"]
+                if len(msgs) < 50:
+                    break
+            self.last[did] = max(first, mid)
+        return out
+
+
+def measure(dialogs: int, changing: int, cycles: int, kind: str) -> tuple:
+    server = mp.serve()
+    try:
+        portal = server.portal
+        portal.set_limits(rate=1000, burst=100000)   # measure cost, not pacing
+        chats = portal.add_dialogs(max(0, dialogs - 3))  # the world has 3 LINES dialogs of ours
+        client = bc.Client(bc.Config.from_env({"B24_WEBHOOK_BASE": server.webhook_base,
+                                               "B24_RATE_PER_SEC": "100", "B24_RATE_BURST": "10000"}))
+        poller = bc.Poller(client, self_id=7) if kind == "ours" else NaivePoller(client)
+        poller.start()
+        poller.poll()
+        requests = nbytes = delivered = 0
+        for cycle in range(cycles):
+            for c in chats[cycle * 7 % max(1, len(chats) - changing):][:changing]:
+                portal.customer_message(c, "hello %d" % cycle)
+            portal.reset_stats()
+            delivered += len(poller.poll())
+            st = portal.stats()
+            requests += st["requests"]
+            nbytes += st["bytes_total"]
+        expected = changing * cycles
+        if delivered != expected:
+            raise SystemExit("%s poller delivered %d messages, expected %d" % (kind, delivered, expected))
+        return requests / cycles, nbytes / cycles
+    finally:
+        server.stop()
+
+
+def main(argv: list | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cycles", type=int, default=5, help="cycles measured per scenario (default 5)")
+    args = parser.parse_args(argv)
+    logging.getLogger("b24common").addHandler(logging.NullHandler())
+    logging.getLogger("b24common").propagate = False
+    scenarios = [("idle, 10 dialogs", 10, 0), ("idle, 1000 dialogs", 1000, 0),
+                 ("1 of 1000 changing", 1000, 1), ("10 of 1000 changing", 1000, 10),
+                 ("50 of 1000 changing", 1000, 50)]
+    print("per poll cycle, mean of %d cycles; requests and response bytes counted by the emulator" % args.cycles)
+    print("%-22s %10s %12s %10s %12s %9s %9s" % ("scenario", "ours req", "ours bytes", "naive req",
+                                                "naive bytes", "req x", "bytes x"))
+    ours_idle = {}
+    for name, dialogs, changing in scenarios:
+        o_req, o_bytes = measure(dialogs, changing, args.cycles, "ours")
+        n_req, n_bytes = measure(dialogs, changing, args.cycles, "naive")
+        if changing == 0:
+            ours_idle[dialogs] = (o_req, o_bytes)
+        print("%-22s %10.1f %12.0f %10.1f %12.0f %8.1fx %8.1fx" % (
+            name, o_req, o_bytes, n_req, n_bytes, n_req / o_req, n_bytes / max(o_bytes, 1)))
+    if 10 in ours_idle and 1000 in ours_idle:
+        print("ours, idle 1000 vs 10 dialogs: requests %.2fx, bytes %.2fx" % (
+            ours_idle[1000][0] / ours_idle[10][0], ours_idle[1000][1] / ours_idle[10][1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

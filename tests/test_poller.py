@@ -1,0 +1,189 @@
+"""The FIRST_ID poller over real HTTP: completeness, order, exactly-once, cost."""
+from __future__ import annotations
+
+import time
+
+from tests.support import PortalCase, bc, mp
+
+
+class IgnoresSyncDate(mp.Portal):
+    """A portal whose im.recent.get ignores LAST_SYNC_DATE (the poller must notice)."""
+
+    def m_im_recent_get(self, ctx, p):
+        p = {k: v for k, v in p.items() if k not in ("LAST_SYNC_DATE", "LAST_UPDATE")}
+        return super().m_im_recent_get(ctx, p)
+
+
+class PollerCase(PortalCase):
+    def poller(self, client: bc.Client | None = None, **kw) -> bc.Poller:
+        p = bc.Poller(client or self.client(), self_id=7, **kw)
+        p.start()
+        return p
+
+    def cost(self, fn) -> tuple:
+        self.portal.reset_stats()
+        out = fn()
+        st = self.portal.stats()
+        return out, st["requests"], st["bytes_total"]
+
+
+class Completeness(PollerCase):
+    def test_120_messages_between_two_polls_come_once_in_order(self) -> None:
+        p = self.poller()
+        chat = self.ids["lines_member"]
+        sent = [self.portal.customer_message(chat, "msg %03d" % i)["message_id"] for i in range(120)]
+        got = p.poll()
+        self.assertEqual([m.id for m in got], sent)
+        self.assertEqual([m.text for m in got], ["msg %03d" % i for i in range(120)])
+        self.assertEqual(p.poll(), [])
+
+    def test_many_dialogs_interleaved_oldest_first(self) -> None:
+        p = self.poller()
+        chats = [self.ids["lines_member"], self.ids["lines_member2"], self.ids["queued"]]
+        sent = []
+        for i in range(30):
+            sent.append(self.portal.customer_message(chats[i % 3], "x%d" % i)["message_id"])
+        got = p.poll()
+        self.assertEqual([m.id for m in got], sent)
+        self.assertEqual(p.poll(), [])
+
+    def test_nothing_old_is_replayed_and_new_dialogs_are_marked(self) -> None:
+        p = self.poller()
+        self.assertEqual(p.poll(), [])
+        new = self.portal.new_conversation(1, "Nora Example", "+10000000160", "first")
+        self.portal.customer_message(new["chat_id"], "second")
+        got = p.poll()
+        self.assertEqual([(m.text, m.author_kind, m.new_dialog) for m in got],
+                         [("Conversation started", "system", True), ("first", "customer", False),
+                          ("second", "customer", False)])
+        m = got[1]
+        self.assertEqual((m.dialog_id, m.customer_name, m.customer_phone, m.line_id),
+                         (new["dialog_id"], "Nora Example", "+10000000160", 1))
+
+    def test_who_wrote(self) -> None:
+        p = self.poller()
+        chat = self.ids["lines_member"]
+        self.portal.customer_message(chat, "from customer")
+        self.portal.operator_message(chat, 9, "from Pavel")
+        self.portal.operator_message(chat, 15, "from the bot")
+        bc.send_text(self.client(), "chat%d" % chat, "from us")
+        kinds = [(m.text, m.author_kind, m.author_name) for m in p.poll()]
+        self.assertIn(("from customer", "customer", "Ivan Petrov"), kinds)
+        self.assertIn(("from Pavel", "operator", "Pavel Orlov"), kinds)
+        self.assertIn(("from the bot", "bot", "Welcome Bot"), kinds)
+        self.assertIn(("from us", "self", "Olga Sidorova"), kinds)
+        # only LINES dialogs: the group chat and the private dialog are ignored
+        self.portal.operator_message(self.ids["group"], 9, "group chatter")
+        self.assertEqual(p.poll(), [])
+
+    def test_session_closed_then_customer_returns(self) -> None:
+        p = self.poller()
+        chat = self.ids["lines_member"]
+        self.portal.close_session(chat)
+        self.assertEqual([m.author_kind for m in p.poll()], [])   # we left: nothing readable changed for us
+        self.portal.customer_message(chat, "hello again")
+        got = p.poll()
+        self.assertEqual([m.text for m in got][-1], "hello again")
+        self.assertFalse(any(m.new_dialog for m in got))
+
+    def test_joined_telegram_dialog_without_phone(self) -> None:
+        p = self.poller()
+        self.portal.join(self.ids["foreign"], 7)
+        self.portal.customer_message(self.ids["foreign"], "tg")
+        got = p.poll()
+        self.assertEqual([(m.author_kind, m.new_dialog) for m in got], [("system", True), ("customer", False)])
+        self.assertEqual((got[1].text, got[1].customer_phone, got[1].customer_name), ("tg", "", "Telegram User"))
+
+    def test_fault_in_the_middle_loses_nothing(self) -> None:
+        p = self.poller(bc.Client(self.config(), sleep=lambda s: None))
+        chat = self.ids["lines_member"]
+        self.portal.customer_message(chat, "before")
+        self.portal.fault("http502", count=20, method="batch")
+        with self.assertRaises(bc.ServerError):
+            bc.Poller.poll(p)
+        self.portal.clear_faults()
+        self.portal.customer_message(chat, "after")
+        self.assertEqual([m.text for m in p.poll()], ["before", "after"])
+
+
+class StateAndReplay(PollerCase):
+    def test_resume_from_state(self) -> None:
+        p = self.poller()
+        chat = self.ids["lines_member"]
+        self.portal.customer_message(chat, "seen")
+        self.assertEqual(len(p.poll()), 1)
+        state = p.to_state()
+        self.portal.customer_message(chat, "while away 1")
+        self.portal.new_conversation(3, "Away Customer", "+10000000170", "while away 2")
+        q = bc.Poller(self.client(), self_id=7)
+        q.load_state(state)
+        got = q.start()
+        self.assertEqual([m.text for m in got if m.author_kind == "customer"], ["while away 1", "while away 2"])
+        self.assertEqual(q.poll(), [])
+
+    def test_only_acked_messages_move_the_saved_cursor(self) -> None:
+        p = self.poller()
+        chat = self.ids["lines_member"]
+        for t in ("a", "b", "c"):
+            self.portal.customer_message(chat, t)
+        got = p.poll(auto_ack=False)
+        p.ack(got[0])
+        state = p.to_state()
+        q = bc.Poller(self.client(), self_id=7)
+        q.load_state(state)
+        self.assertEqual([m.text for m in q.start()], ["b", "c"])
+
+    def test_rewind_by_count_and_time(self) -> None:
+        p = self.poller()
+        chat = "chat%d" % self.ids["lines_member"]
+        p.rewind(count=2)
+        got = [m for m in p.poll() if m.dialog_id == chat]
+        self.assertEqual([m.text for m in got], ["Hi Ivan, let me check.", "Thanks!\nOrder A-1042"])
+        p2 = self.poller()
+        p2.rewind(since=time.time() - 2400)      # the queued chat's messages are 30 minutes old
+        got = p2.poll()
+        self.assertEqual({m.dialog_id for m in got}, {"chat%d" % self.ids["queued"]})
+
+
+class Cost(PollerCase):
+    def test_idle_cycle_is_one_request_and_does_not_grow_with_dialogs(self) -> None:
+        figures = {}
+        for n in (10, 1000):
+            self.portal.add_dialogs(n - len(self.portal.chats) + 2 if n == 10 else n - 10)
+            p = self.poller()
+            p.poll()
+            _out, requests, nbytes = self.cost(p.poll)
+            figures[n] = (requests, nbytes)
+        self.assertEqual(figures[10][0], 1)
+        self.assertEqual(figures[1000][0], 1)
+        self.assertLess(figures[1000][1], figures[10][1] * 1.1 + 100)
+
+    def test_changed_dialogs_cost_at_most_two_requests(self) -> None:
+        chats = self.portal.add_dialogs(60)
+        p = self.poller()
+        for n in (1, 10, 50):
+            with self.subTest(changed=n):
+                for c in chats[:n]:
+                    self.portal.customer_message(c, "hi")
+                got, requests, _bytes = self.cost(p.poll)
+                self.assertEqual(len(got), n)
+                self.assertLessEqual(requests, 2)
+
+    def test_portal_ignoring_last_sync_date_still_gets_everything(self) -> None:
+        self.server.stop()
+        self.server = mp.PortalServer(IgnoresSyncDate(), 0).start()
+        self.addCleanup(self.server.stop)
+        self.portal = self.server.portal
+        chats = self.portal.add_dialogs(300)
+        p = self.poller()
+        self.assertEqual(p.poll(), [])             # notices, falls back to scanning the list
+        self.assertFalse(p._use_sync)
+        _out, requests, _bytes = self.cost(p.poll)
+        self.assertEqual(requests, 1)
+        for n in (1, 40):
+            for c in chats[:n]:
+                self.portal.customer_message(c, "x")
+            got = p.poll()
+            self.assertEqual(len(got), n)
+        self.portal.customer_message(self.portal.world_ids["queued"], "queue still seen")
+        self.assertEqual([m.text for m in p.poll()], ["queue still seen"])
