@@ -185,3 +185,80 @@ def control(server, endpoint: str, **body) -> dict:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(req, timeout=10) as resp:
         return json.loads(resp.read())["result"]
+
+
+class PtyProc:
+    """A script on a real pseudo-terminal (controlling tty, fixed size); output kept raw."""
+
+    def __init__(self, argv: list, env: dict, cwd: str, rows: int = 30, cols: int = 100):
+        import fcntl
+        import pty
+        import struct
+        import termios
+        pid, fd = pty.fork()
+        if pid == 0:  # child
+            try:
+                fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+                os.chdir(cwd)
+                os.execve(argv[0], argv, env)
+            finally:
+                os._exit(127)
+        self.pid, self.fd = pid, fd
+        self.buf = b""
+        self.lock = threading.Lock()
+        self.returncode = None
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                data = os.read(self.fd, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            with self.lock:
+                self.buf += data
+
+    @property
+    def text(self) -> str:
+        with self.lock:
+            return self.buf.decode("utf-8", "replace")
+
+    def send(self, keys: str) -> None:
+        os.write(self.fd, keys.encode("utf-8"))
+
+    def expect(self, needle: str, timeout: float = 15, start: int = 0) -> int:
+        """Wait until *needle* appears at or after *start*; return the index after it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pos = self.text.find(needle, start)
+            if pos >= 0:
+                return pos + len(needle)
+            time.sleep(0.05)
+        raise AssertionError("%r not seen within %gs; screen so far:\n%s" % (needle, timeout, self.text[-3000:]))
+
+    def wait(self, timeout: float = 15) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") \
+                    else (os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status))
+                return self.returncode
+            time.sleep(0.05)
+        raise AssertionError("still running after %gs:\n%s" % (timeout, self.text[-2000:]))
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, 9)
+                os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self.returncode = -9
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass

@@ -1,0 +1,572 @@
+#!/usr/bin/env python3
+"""Chat in one Bitrix24 dialog from the terminal: type to send, replies appear as they come.
+
+Usage examples::
+
+    python3 b24_chat_tty.py                # pick one of your recent Open Lines dialogs
+    python3 b24_chat_tty.py chat1778       # or go straight to a dialog (1778 works too)
+    python3 b24_chat_tty.py user9          # a private dialog
+    python3 b24_chat_tty.py chat1778 --history 50 --no-bell
+
+Commands inside the chat: /help /who /history N /more /multi /switch /quit.
+New messages appear while you type without disturbing the line you are
+editing. Settings: ``B24_WEBHOOK_BASE`` (required), ``B24_POLL_SEC`` (default 2).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+from typing import Any, TextIO
+
+import b24common as bc
+
+try:
+    import readline
+except ImportError:  # pragma: no cover - Python built without readline
+    readline = None  # type: ignore[assignment]
+
+log = logging.getLogger("b24_chat_tty")
+
+PROMPT = "> "
+MULTI_PROMPT = ". "
+HISTORY_LENGTH = 1000
+COMMANDS = [
+    ("/help", "this list"),
+    ("/who", "the customer (name, phone) and who else is in the dialog"),
+    ("/history N", "show the last N messages again (default 20)"),
+    ("/more", "older messages, a page at a time"),
+    ("/multi", "write several lines; a line with only '.' sends, Ctrl-D cancels"),
+    ("/switch", "back to the list of dialogs"),
+    ("/quit", "leave (Ctrl-D too; Ctrl-C on an empty line)"),
+]
+COLORS = {"customer": "32", "self": "36", "operator": "33", "bot": "35", "system": "2",
+          "note": "2", "error": "31", "title": "1"}
+
+
+def _parse_args(argv: list | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="b24_chat_tty.py",
+        description="Chat in one Bitrix24 dialog from the terminal.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  b24_chat_tty.py               choose from your recent Open Lines dialogs\n"
+               "  b24_chat_tty.py chat1778      open that dialog (1778 works too; userN: private)\n"
+               "\ncommands in the chat:\n" + "\n".join("  %-12s %s" % c for c in COMMANDS))
+    parser.add_argument("dialog", nargs="?", metavar="DIALOG", help="chatN, N or userN (default: choose)")
+    parser.add_argument("--history", type=int, default=20, metavar="N",
+                        help="messages shown when a dialog opens (default 20)")
+    parser.add_argument("--no-bell", action="store_true", help="no terminal bell on a new customer message")
+    parser.add_argument("--interval", type=float, metavar="SEC",
+                        help="poll interval in seconds (default: B24_POLL_SEC or 2)")
+    bc.add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    if not 0 <= args.history <= 1000:
+        parser.error("--history: expected a count from 0 to 1000")
+    if args.interval is not None and not (0.1 <= args.interval <= 3600):
+        parser.error("--interval: expected seconds from 0.1 to 3600")
+    return args
+
+
+class _NewMessages(Exception):
+    """Raised inside input() by the SIGUSR1 handler: there is something to print."""
+
+
+def _local(ts: float | None) -> _dt.datetime | None:
+    return _dt.datetime.fromtimestamp(ts) if ts is not None else None
+
+
+class Screen:
+    """Everything that is written to the terminal goes through here."""
+
+    def __init__(self, out: TextIO, color: bool):
+        self.out = out
+        self.color = color
+        self.lock = threading.Lock()
+        self.last_day: _dt.date | None = None
+
+    def paint(self, text: str, role: str) -> str:
+        if not self.color or role not in COLORS:
+            return text
+        return "\x1b[%sm%s\x1b[0m" % (COLORS[role], text)
+
+    def write(self, text: str) -> None:
+        with self.lock:
+            self.out.write(text)
+            self.out.flush()
+
+    def line(self, text: str, role: str = "") -> None:
+        self.write(self.paint(text, role) + "\n")
+
+    def message_lines(self, msg: bc.Message) -> str:
+        when = _local(msg.timestamp)
+        out = []
+        if when and when.date() != self.last_day:
+            self.last_day = when.date()
+            out.append(self.paint("---- %s ----" % when.strftime("%A, %Y-%m-%d"), "note"))
+        stamp = when.strftime("%H:%M") if when else "--:--"
+        who = {"self": "You", "system": "*"}.get(msg.author_kind, msg.author_name)
+        if msg.author_kind in ("operator", "bot"):
+            who = "%s (%s)" % (msg.author_name, msg.author_kind)
+        text_lines = (msg.text or "").split("\n")
+        head = "%s %s: " % (stamp, who)
+        role = msg.author_kind
+        out.append(self.paint(head, role) + text_lines[0] if role != "system"
+                   else self.paint(head + text_lines[0], role))
+        out.extend(" " * len(head) + t for t in text_lines[1:])
+        return "\n".join(out)
+
+    def messages(self, msgs: list) -> None:
+        if msgs:
+            self.write("".join(self.message_lines(m) + "\n" for m in msgs))
+
+
+class Chat:
+    """One chat session: the picker, the dialog view, the input loop."""
+
+    def __init__(self, client: bc.Client, args: argparse.Namespace, screen: Screen, stdin: TextIO,
+                 interval: float, history_file: str | None):
+        self.client, self.args, self.screen, self.stdin = client, args, screen, stdin
+        self.interval = interval
+        self.tty = stdin.isatty() and readline is not None
+        self.me = client.whoami()
+        self.inbox: queue.Queue = queue.Queue()
+        self.wake = threading.Event()
+        self.stop = threading.Event()
+        self.reader: bc.DialogReader | None = None
+        self.reader_lock = threading.Lock()
+        self.oldest = 0
+        self.prefill = ""
+        self.reading = False
+        self.saved = ""
+        self.interrupt_buffer = ""
+        self.history_file = history_file
+        self.line_names: dict | None = None
+
+    # -- terminal plumbing ------------------------------------------------------------
+    def _on_usr1(self, signum: int, frame: Any) -> None:
+        if self.reading:
+            self.saved = readline.get_line_buffer() if readline else ""
+            raise _NewMessages()
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.interrupt_buffer = readline.get_line_buffer() if (readline and self.reading) else ""
+        raise KeyboardInterrupt
+
+    def _pre_input(self) -> None:
+        if self.prefill and readline:
+            readline.insert_text(self.prefill)
+            readline.redisplay()
+        self.prefill = ""
+
+    def setup_terminal(self) -> None:
+        if not self.tty:
+            return
+        signal.signal(signal.SIGUSR1, self._on_usr1)
+        signal.signal(signal.SIGINT, self._on_sigint)
+        readline.set_pre_input_hook(self._pre_input)
+        readline.set_history_length(HISTORY_LENGTH)
+        if self.history_file and os.path.exists(self.history_file):
+            try:
+                readline.read_history_file(self.history_file)
+            except OSError as exc:
+                log.warning("cannot read input history %s: %s", self.history_file, exc)
+
+    def save_history(self) -> None:
+        if not (self.tty and self.history_file):
+            return
+        try:
+            os.makedirs(os.path.dirname(self.history_file), mode=0o700, exist_ok=True)
+            readline.write_history_file(self.history_file)
+            os.chmod(self.history_file, 0o600)
+        except OSError as exc:
+            log.warning("cannot save input history %s: %s", self.history_file, exc)
+
+    def _notify(self) -> None:
+        """Get queued lines printed: interrupt the line editor, or print straight away."""
+        if self.tty:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+        else:
+            self.drain()
+
+    def _clear_input_rows(self, text: str) -> None:
+        try:
+            cols = os.get_terminal_size(self.screen.out.fileno()).columns or 80
+        except (OSError, ValueError, AttributeError):
+            cols = 80
+        rows = (len(PROMPT) + len(text)) // cols
+        self.screen.write("\r" + ("\x1b[%dA" % rows if rows else "") + "\x1b[J")
+
+    def drain(self) -> None:
+        """Print whatever the poll thread queued."""
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, list):
+                self.screen.messages(item)
+                if not self.args.no_bell and any(m.author_kind == "customer" for m in item):
+                    self.screen.write("\a")
+            else:
+                self.screen.line(str(item), "note")
+
+    def ask(self, prompt: str) -> str:
+        """input() that lets the poll thread print above the line being edited."""
+        while True:
+            self.drain()
+            if not self.tty:
+                line = self.stdin.readline()
+                if not line:
+                    raise EOFError
+                return line.rstrip("\r\n")
+            try:
+                self.reading = True
+                return input(prompt)
+            except _NewMessages:
+                self.reading = False
+                self._clear_input_rows(self.saved)
+                self.prefill = self.saved
+            finally:
+                self.reading = False
+
+    # -- the poll thread ----------------------------------------------------------------
+    def poll_loop(self) -> None:
+        failures = 0
+        current = None
+        while not self.stop.is_set():
+            self.wake.wait(self.interval if not failures else min(60.0, self.interval * 2 ** failures))
+            self.wake.clear()
+            if self.stop.is_set():
+                return
+            with self.reader_lock:
+                reader = self.reader
+            if reader is None:
+                continue
+            if reader is not current:        # another dialog: its own fresh start
+                current, failures = reader, 0
+            try:
+                msgs = reader.new()
+                if failures:
+                    self.inbox.put("(connection back)")
+                failures = 0
+            except (bc.RateLimitError, bc.ServerError, bc.TransportError) as exc:
+                failures += 1
+                if failures == 1:
+                    self.inbox.put("(cannot reach the portal: %s -- retrying)" % exc)
+                    self._notify()
+                continue
+            except bc.B24Error as exc:
+                failures = 6
+                self.inbox.put("(cannot read new messages: %s)" % bc.format_error(exc))
+                self._notify()
+                continue
+            with self.reader_lock:
+                if reader is not self.reader:
+                    continue
+            if msgs:
+                self.inbox.put(msgs)
+            if not self.inbox.empty():
+                self._notify()   # also repeats a signal that came while nobody was reading
+
+    # -- picker ----------------------------------------------------------------------------
+    def _lines(self) -> dict:
+        if self.line_names is None:
+            self.line_names = {}
+            try:
+                rows = self.client.call("imopenlines.config.list.get",
+                                        {"PARAMS": {"select": ["ID", "LINE_NAME"]}})
+                for row in rows if isinstance(rows, list) else []:
+                    self.line_names[bc._int(row.get("ID"))] = str(row.get("LINE_NAME") or "")
+            except bc.APIError:
+                pass
+        return self.line_names
+
+    def pick(self) -> str | None:
+        """Show recent Open Lines dialogs; return the chosen dialog id (None: leave)."""
+        res = bc.as_map(self.client.call("im.recent.list", {"LIMIT": 50}))
+        items = [i for i in (res.get("items") or []) if isinstance(i, dict)]
+        dialogs, seen = [], set()
+        for item in items:
+            info = bc.DialogInfo.from_chat(str(item.get("id")), item.get("chat"), item.get("title") or "")
+            if not info.is_lines or info.dialog_id in seen:
+                continue
+            seen.add(info.dialog_id)
+            user = item.get("user")
+            if isinstance(user, dict) and bc._int(user.get("id")) == info.customer_id:
+                info.learn_customer(user)
+            dialogs.append((info, item))
+        if not dialogs:
+            self.screen.line("No Open Lines dialogs are visible to %s. Add this user to a line's queue or "
+                             "join a chat in Bitrix24, or give a dialog id (chatN)." % self.me["name"], "note")
+            return None
+        self._fill_customers([info for info, _item in dialogs])
+        lines = self._lines()
+        self.screen.line("Your Open Lines dialogs:", "title")
+        for n, (info, item) in enumerate(dialogs, 1):
+            msg = bc.as_map(item.get("message"))
+            when = _local(bc._parse_date(msg.get("date")))
+            waiting = "date_last_activity" not in item and "last_id" not in item
+            unread = bc._int(item.get("counter"))
+            name = info.customer_name or info.title.split(" - ")[0]
+            text = bc.bbcode_to_text(msg.get("text")).replace("\n", " ")
+            self.screen.line("%3d. %-9s %s%s  [%s]%s%s" % (
+                n, info.dialog_id, name, (" " + info.customer_phone) if info.customer_phone else "",
+                lines.get(info.line_id or 0) or "line %s" % info.line_id,
+                "  (waiting in queue)" if waiting else "", ("  %d unread" % unread) if unread else ""))
+            self.screen.line("      %s  %s" % (when.strftime("%d.%m %H:%M") if when else "",
+                                               text[:70] + ("..." if len(text) > 70 else "")), "note")
+        while True:
+            try:
+                choice = self.ask("Number (q to leave): ").strip()
+            except EOFError:
+                return None
+            if choice.lower() in ("q", "/quit", "quit"):
+                return None
+            self._forget_last_input()
+            if choice.isdigit() and 1 <= int(choice) <= len(dialogs):
+                return dialogs[int(choice) - 1][0].dialog_id
+            if choice.lower().startswith(("chat", "user")):
+                try:
+                    return bc.parse_dialog_id(choice)
+                except bc.UsageError:
+                    pass
+            if choice:
+                self.screen.line("'%s' is not on the list: type 1 to %d, a dialog id, or q"
+                                 % (choice, len(dialogs)), "error")
+
+    def _forget_last_input(self) -> None:
+        """Picker answers are not worth keeping in the input history."""
+        if self.tty and readline.get_current_history_length():
+            readline.remove_history_item(readline.get_current_history_length() - 1)
+
+    def _fill_customers(self, infos: list) -> None:
+        missing = [i for i in infos if i.customer_id and not i.customer_name][:50]
+        if not missing:
+            return
+        try:
+            res = self.client.batch({i.dialog_id: ("im.dialog.users.list", {"DIALOG_ID": i.dialog_id})
+                                     for i in missing})
+        except bc.B24Error:
+            return
+        for info in missing:
+            users = res.results.get(info.dialog_id)
+            for u in users if isinstance(users, list) else []:
+                if isinstance(u, dict) and bc._int(u.get("id")) == info.customer_id:
+                    info.learn_customer(u)
+
+    # -- one dialog ------------------------------------------------------------------------
+    def open(self, dialog_id: str) -> None:
+        reader = bc.DialogReader(self.client, dialog_id, self_id=self.me["id"])
+        try:
+            info = reader.load_info()
+            history = reader.newest(self.args.history)
+        except (bc.AccessDeniedError, bc.NotFoundError, bc.BadRequestError) as exc:
+            raise bc.B24Error("%s: no such dialog, or no access to it (%s) -- check the id, or join the "
+                              "chat in Bitrix24" % (bc.display_dialog_id(dialog_id), exc.code)) from None
+        self.screen.last_day = None
+        self.oldest = history[0].id if history else 0
+        title = info.title or bc.display_dialog_id(dialog_id)
+        extra = " %s" % info.customer_phone if info.customer_phone else ""
+        self.screen.line("== %s (%s)%s ==" % (title, bc.display_dialog_id(dialog_id), extra), "title")
+        self.screen.messages(history)
+        if info.is_lines and not self._is_member(dialog_id):
+            self.screen.line("(you can read this dialog but not write yet: it waits in the queue or its "
+                             "session is closed -- take it in Bitrix24 or join it)", "note")
+        self.screen.line("(type a message and press Enter; /help for commands)", "note")
+        with self.reader_lock:
+            self.reader = reader
+        self.wake.set()
+
+    def _is_member(self, dialog_id: str) -> bool:
+        try:
+            users = self.client.call("im.dialog.users.list", {"DIALOG_ID": dialog_id})
+        except bc.B24Error:
+            return True
+        return any(isinstance(u, dict) and bc._int(u.get("id")) == self.me["id"] for u in users or [])
+
+    def who(self) -> None:
+        assert self.reader is not None
+        info = self.reader.info
+        try:
+            users = self.client.call("im.dialog.users.list", {"DIALOG_ID": self.reader.dialog_id})
+        except bc.B24Error as exc:
+            self.screen.line("! %s" % bc.format_error(exc), "error")
+            return
+        users = [u for u in users if isinstance(u, dict)] if isinstance(users, list) else []
+        customers = [u for u in users if u.get("connector") is True]
+        others = [u for u in users if u.get("connector") is not True]
+        if info.is_lines:
+            line = self._lines().get(info.line_id or 0) or ("line %s" % info.line_id)
+            self.screen.line("Dialog %s on %s" % (self.reader.dialog_id, line), "title")
+        for u in customers:
+            phone = bc._user_phone(u) or info.customer_phone or "no phone"
+            self.screen.line("  customer: %s, %s" % (u.get("name"), phone))
+        if info.is_lines and not customers:
+            self.screen.line("  customer: %s %s" % (info.customer_name or "?", info.customer_phone or ""))
+        for u in others:
+            kind = "bot" if u.get("bot") else "you" if bc._int(u.get("id")) == self.me["id"] else "operator"
+            self.screen.line("  %s: %s%s" % (kind, u.get("name"),
+                                              (", " + u["work_position"]) if u.get("work_position") else ""))
+
+    def send(self, text: str) -> None:
+        assert self.reader is not None
+        try:
+            for part in bc.split_text(text):
+                bc.send_text(self.client, self.reader.dialog_id, part)
+        except bc.B24Error as exc:
+            reason = bc.format_error(exc)
+            if isinstance(exc, bc.NotMemberError):
+                reason = ("you are not a member of this dialog (CANCELED): take it or join it in "
+                          "Bitrix24, then press Enter to send again")
+            self.screen.line("! not sent: %s" % reason, "error")
+            if "\n" not in text:
+                self.prefill = text
+            else:
+                self.screen.line("(your text, to copy: %s)" % text.replace("\n", " / "), "note")
+            return
+        self.wake.set()
+
+    def multi(self) -> str | None:
+        self.screen.line("(several lines: a line with only '.' sends, Ctrl-D cancels)", "note")
+        lines = []
+        while True:
+            try:
+                line = self.ask(MULTI_PROMPT)
+            except EOFError:
+                self.screen.write("\n")
+                self.screen.line("(cancelled)", "note")
+                return None
+            if line == ".":
+                return "\n".join(lines)
+            lines.append(line)
+
+    def command(self, line: str) -> str | None:
+        """Run a /command; return 'quit' or 'switch' to leave the dialog."""
+        name, _, arg = line.strip().partition(" ")
+        name = name.lower()
+        if name in ("/quit", "/exit", "/q"):
+            return "quit"
+        if name == "/switch":
+            return "switch"
+        if name == "/help":
+            for cmd, text in COMMANDS:
+                self.screen.line("  %-12s %s" % (cmd, text), "note")
+        elif name == "/who":
+            self.who()
+        elif name == "/history":
+            n = arg.strip() or "20"
+            if not n.isdigit() or not 0 < int(n) <= 1000:
+                self.screen.line("! /history takes a count from 1 to 1000", "error")
+                return None
+            assert self.reader is not None
+            self.screen.last_day = None
+            msgs = bc.DialogReader(self.client, self.reader.dialog_id, self_id=self.me["id"]).newest(int(n))
+            self.screen.messages(msgs)
+        elif name == "/more":
+            assert self.reader is not None
+            older = self.reader.older(self.oldest, 20) if self.oldest else []
+            if not older:
+                self.screen.line("(no older messages)", "note")
+            else:
+                self.oldest = older[0].id
+                self.screen.line("---- older ----", "note")
+                self.screen.last_day = None
+                self.screen.messages(older)
+                self.screen.line("---- end of older ----", "note")
+        elif name == "/multi":
+            text = self.multi()
+            if text and text.strip():
+                self.send(text)
+        else:
+            self.screen.line("! unknown command %s -- /help lists them" % name, "error")
+        return None
+
+    def dialog_loop(self) -> str:
+        while True:
+            try:
+                line = self.ask(PROMPT)
+            except EOFError:
+                self.screen.write("\n")
+                return "quit"
+            except KeyboardInterrupt:
+                if self.interrupt_buffer.strip():
+                    self.screen.write("\n")      # Ctrl-C with text: drop the text, stay
+                    continue
+                self.screen.write("\n")
+                return "interrupt"
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                action = self.command(line)
+                if action:
+                    return action
+                continue
+            self.send(line)
+
+    def run(self, dialog_id: str | None) -> int:
+        self.setup_terminal()
+        threading.Thread(target=self.poll_loop, name="chat-poll", daemon=True).start()
+        try:
+            while True:
+                if dialog_id is None:
+                    try:
+                        dialog_id = self.pick()
+                    except KeyboardInterrupt:
+                        self.screen.write("\n")
+                        return bc.EXIT_INTERRUPTED
+                    if dialog_id is None:
+                        return bc.EXIT_OK
+                self.open(dialog_id)
+                action = self.dialog_loop()
+                with self.reader_lock:
+                    self.reader = None
+                if action == "switch":
+                    dialog_id = None
+                    continue
+                return bc.EXIT_INTERRUPTED if action == "interrupt" else bc.EXIT_OK
+        finally:
+            self.stop.set()
+            self.wake.set()
+            self.save_history()
+
+
+def use_color(out: TextIO, environ: Any = os.environ) -> bool:
+    """Colour only on a terminal, never with NO_COLOR (no-color.org), never for TERM=dumb."""
+    if environ.get("NO_COLOR"):
+        return False
+    if environ.get("TERM") == "dumb":
+        return False
+    try:
+        return out.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def main(argv: list | None = None, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
+    args = _parse_args(argv)
+    stdin = stdin or sys.stdin
+    out = out or sys.stdout
+    bc.setup_logging(-1 if args.quiet else args.verbose)
+
+    def body() -> int:
+        dialog_id = bc.parse_dialog_id(args.dialog) if args.dialog else None
+        cfg = bc.load_config_from_args(args)
+        client = bc.Client(cfg)
+        if dialog_id is None and not stdin.isatty():
+            raise bc.UsageError("give a DIALOG when input is not a terminal (the picker needs one)")
+        screen = Screen(out, use_color(out))
+        history = os.path.join(cfg.state_dir or bc.default_state_dir(), "chat_history")
+        chat = Chat(client, args, screen, stdin, args.interval or cfg.poll_sec, history)
+        return chat.run(dialog_id)
+
+    return bc.run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
