@@ -149,7 +149,14 @@ class Reader:
     def make_poller(self, me: int) -> bc.Poller:
         poller = bc.Poller(self.client, self_id=me)
         if self.state is not None:
-            poller.load_state(self.state.load())
+            saved = self.state.load()
+            owner = (saved.get("portal"), saved.get("user_id"))
+            if saved and owner != (self.client.host, me):
+                raise bc.ConfigError(
+                    "%s: this state file belongs to user %s on %s, not to user %s on %s: use another "
+                    "--state file, or delete this one to start from now"
+                    % (self.state.path, owner[1], owner[0], me, self.client.host))
+            poller.load_state(saved)
         if not poller.started:
             poller.start()
         if self.args.since_minutes or self.args.replay:
@@ -174,6 +181,12 @@ class Reader:
             self.out.write(line + "\n")
             self.out.flush()
 
+    def save(self) -> None:
+        assert self.poller is not None and self.state is not None
+        doc = self.poller.to_state()
+        doc.update(portal=self.client.host, user_id=self.poller.self_id)
+        self.state.save(doc)
+
     def cycle(self) -> int:
         assert self.poller is not None
         msgs = self.poller.poll(auto_ack=self.state is None)
@@ -181,9 +194,9 @@ class Reader:
             self.emit(msg)
             if self.state is not None:
                 self.poller.ack(msg)
-                self.state.save(self.poller.to_state())
+                self.save()
         if self.state is not None and not msgs:
-            self.state.save(self.poller.to_state())
+            self.save()
         return len(msgs)
 
     def run(self) -> int:
@@ -191,7 +204,7 @@ class Reader:
         self.banner()
         self.poller = self.make_poller(me)
         if self.state is not None:
-            self.state.save(self.poller.to_state())
+            self.save()
         if not self.args.once:
             log.info("watching %d Open Lines dialog(s); new messages appear below",
                      sum(1 for d in self.poller.dialogs.values() if d.is_lines))

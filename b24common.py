@@ -850,7 +850,8 @@ class Client:
                     if exc.code.upper() == "OPERATION_TIME_LIMIT":
                         delay = max(delay, 5.0, self.limiter.reset_wait(limited))
                     self.limiter.note_refused(exc, limited, delay)
-                log.warning("%s; retry %d/%d in %.1f s", exc, attempt, self.config.max_retries, delay)
+                # callers report a failure that outlives the retries; each retry is detail
+                log.debug("%s; retry %d/%d in %.1f s", exc, attempt, self.config.max_retries, delay)
                 self._sleep(delay)
 
     # -- public API -----------------------------------------------------------
@@ -1199,12 +1200,13 @@ class DialogReader:
         out: list = []
         last = 0
         while len(out) < count:
-            page = self._get({"LAST_ID": last, "LIMIT": min(MESSAGES_PAGE, count - len(out))})
+            want = min(MESSAGES_PAGE, count - len(out))
+            page = self._get({"LAST_ID": last, "LIMIT": want})
             if not page:
                 break
             out = page + out
             last = page[0].id
-            if len(page) < min(MESSAGES_PAGE, count):
+            if len(page) < want:
                 break
         out = out[-count:] if count else []
         if out:
@@ -1423,7 +1425,10 @@ class Poller:
             self._use_sync = False
         else:
             for item in sync:
-                updated = _parse_date(item.get("date_update")) if isinstance(item, Mapping) else None
+                if not isinstance(item, Mapping):
+                    continue
+                updated = _parse_date(item.get("date_update") or item.get("date_last_activity")
+                                      or as_map(item.get("message")).get("date"))
                 if updated is not None and updated < self.watermark - 1:
                     self._use_sync = False      # the filter was ignored: older items came back
                     break
@@ -1522,30 +1527,40 @@ class Poller:
     def rewind(self, *, since: float | None = None, count: int | None = None) -> None:
         """Move known cursors back so the next poll replays recent history.
 
-        *since*: messages newer than this Unix time; *count*: the last N of each dialog.
+        *since*: messages newer than this Unix time; *count*: the last N of each
+        dialog; with both, whichever reaches further back.
         """
         for did in list(self.cursors):
             info = self.dialogs.get(did)
             if info is not None and not info.is_lines and self.lines_only:
                 continue
             try:
-                page = self.client.call("im.dialog.messages.get", {
-                    "DIALOG_ID": did, "LAST_ID": 0, "LIMIT": min(MESSAGES_PAGE, count or MESSAGES_PAGE)})
+                point = self._replay_point(did, since, count)
             except (AccessDeniedError, NotFoundError, BadRequestError):
                 continue
-            msgs, _users = _messages_list(page)
-            ids = sorted(((_int(m.get("id")), _parse_date(m.get("date"))) for m in msgs), reverse=True)
-            new_cursor = self.cursors[did]
-            if count:
-                keep = ids[:count]
-                if keep:
-                    new_cursor = min(new_cursor, keep[-1][0] - 1)
-            if since is not None:
-                recent = [i for i, d in ids if d is not None and d >= since]
-                if recent:
-                    new_cursor = min(new_cursor, min(recent) - 1)
-            self.cursors[did] = self.fetched[did] = max(new_cursor, 0)
+            self.cursors[did] = self.fetched[did] = min(self.cursors[did], point)
             self._unreadable.pop(did, None)
+
+    def _replay_point(self, did: str, since: float | None, count: int | None) -> int:
+        """The id after which the replay of *did* starts (pages back with ``LAST_ID``)."""
+        points = []
+        for by_count in ([True] if count else []) + ([False] if since is not None else []):
+            last, seen, point = 0, 0, 0
+            while True:
+                msgs, _users = _messages_list(self.client.call(
+                    "im.dialog.messages.get", {"DIALOG_ID": did, "LAST_ID": last, "LIMIT": MESSAGES_PAGE}))
+                rows = sorted(((_int(m.get("id")), _parse_date(m.get("date"))) for m in msgs), reverse=True)
+                for mid, date in rows:
+                    seen += 1
+                    if (by_count and seen > (count or 0)) or \
+                            (not by_count and date is not None and since is not None and date < since):
+                        point = mid
+                        break
+                if point or len(rows) < MESSAGES_PAGE:
+                    break
+                last = rows[-1][0]
+            points.append(point)
+        return min(points) if points else self.cursors.get(did, 0)
 
     def poll(self, *, auto_ack: bool = True) -> list:
         """One cycle: new messages since the cursors, oldest first (each once)."""

@@ -145,6 +145,20 @@ class StateAndReplay(PollerCase):
         self.assertEqual({m.dialog_id for m in got}, {"chat%d" % self.ids["queued"]})
 
 
+    def test_rewind_pages_back_beyond_one_page(self) -> None:
+        chat = self.ids["lines_member"]
+        for i in range(70):
+            self.portal.customer_message(chat, "busy %02d" % i)
+        p = self.poller()
+        p.rewind(count=60)
+        got = [m.text for m in p.poll() if m.dialog_id == "chat%d" % chat]
+        self.assertEqual(got, ["busy %02d" % i for i in range(10, 70)])
+        p = self.poller()
+        p.rewind(since=time.time() - 60)
+        got = [m.text for m in p.poll() if m.dialog_id == "chat%d" % chat]
+        self.assertEqual(got, ["busy %02d" % i for i in range(70)])
+
+
 class Cost(PollerCase):
     def test_idle_cycle_is_one_request_and_does_not_grow_with_dialogs(self) -> None:
         figures = {}

@@ -71,6 +71,13 @@ class Reader(PortalCase):
         self.assertEqual(default.returncode, 0, default.stderr)
         self.assertTrue(os.path.exists(os.path.join(self.tmp, "state", "reader.json")))
 
+    def test_state_of_another_portal_or_user_is_refused(self) -> None:
+        state = os.path.join(self.tmp, "other.json")
+        with open(state, "w") as fh:
+            json.dump({"portal": "portal.example.invalid", "user_id": 7, "cursors": {"chat1": 5}}, fh)
+        proc = self.run_script(READER, "--once", "--state", state)
+        self.assertOneLineError(proc, 2, "belongs to user 7 on portal.example.invalid")
+
     def test_history_options(self) -> None:
         proc = self.run_script(READER, "--once", "--since-minutes", "45")
         self.assertIn("Price list please", proc.stdout)
