@@ -661,6 +661,16 @@ class Portal:
             return self._private_chat(uid, other)
         raise RestError(400, "DIALOG_ID_EMPTY", "Dialog ID can't be empty")
 
+    def _readable_chat(self, ctx: dict, p: dict, *, chat_id: bool = False) -> dict:
+        """The chat named by ``DIALOG_ID`` (or ``CHAT_ID``, which wins) if the caller may read it."""
+        if chat_id and p.get("CHAT_ID") not in (None, ""):
+            chat = self.chats.get(_int_param(p.get("CHAT_ID"), -1) or -1)
+        else:
+            chat = self._resolve_dialog(p.get("DIALOG_ID"), ctx["user"])
+        if not chat or not self._can_read(chat, ctx["user"]):
+            raise RestError(403, "ACCESS_ERROR", "You do not have access to the specified dialog")
+        return chat
+
     # ===========================================================================
     # REST methods
     # ===========================================================================
@@ -752,14 +762,7 @@ class Portal:
 
     def m_im_dialog_messages_get(self, ctx: dict, p: dict) -> Any:
         uid = ctx["user"]
-        if p.get("CHAT_ID") not in (None, ""):
-            chat = self.chats.get(_int_param(p.get("CHAT_ID"), -1) or -1)
-            if not chat:
-                raise RestError(403, "ACCESS_ERROR", "You do not have access to the specified dialog")
-        else:
-            chat = self._resolve_dialog(p.get("DIALOG_ID"), uid)
-        if not self._can_read(chat, uid):
-            raise RestError(403, "ACCESS_ERROR", "You do not have access to the specified dialog")
+        chat = self._readable_chat(ctx, p, chat_id=True)
         first, last = p.get("FIRST_ID"), p.get("LAST_ID")
         for name, value in (("FIRST_ID", first), ("LAST_ID", last)):
             if value is not None and not re.fullmatch(r"\d+", str(value)):
@@ -858,10 +861,7 @@ class Portal:
         return {"dialogId": str(p.get("DIALOG_ID")), "chatId": chat["id"], "counter": 0}
 
     def m_im_dialog_users_list(self, ctx: dict, p: dict) -> Any:
-        uid = ctx["user"]
-        chat = self._resolve_dialog(p.get("DIALOG_ID"), uid)
-        if not self._can_read(chat, uid):
-            raise RestError(403, "ACCESS_ERROR", "You do not have access to the specified dialog")
+        chat = self._readable_chat(ctx, p)
         members = [u for u in chat["members"] if self.users.get(u, {}).get("active")]
         if _yes(p.get("SKIP_EXTERNAL")):
             allowed = set(str(p.get("SKIP_EXTERNAL_EXCEPT_TYPES") or "").split(","))
@@ -901,9 +901,7 @@ class Portal:
 
     def m_im_dialog_get(self, ctx: dict, p: dict) -> Any:
         uid = ctx["user"]
-        chat = self._resolve_dialog(p.get("DIALOG_ID"), uid)
-        if not self._can_read(chat, uid):
-            raise RestError(403, "ACCESS_ERROR", "You do not have access to the specified dialog")
+        chat = self._readable_chat(ctx, p)
         return self._dialog_object(chat, uid)
 
     def m_im_chat_get(self, ctx: dict, p: dict) -> Any:
@@ -913,14 +911,7 @@ class Portal:
                     return {"ID": chat["id"]}
             return None
         uid = ctx["user"]
-        if p.get("CHAT_ID") not in (None, ""):
-            chat = self.chats.get(_int_param(p.get("CHAT_ID"), -1) or -1)
-            if not chat:
-                raise RestError(403, "ACCESS_ERROR", "You do not have access to the specified dialog")
-        else:
-            chat = self._resolve_dialog(p.get("DIALOG_ID"), uid)
-        if not self._can_read(chat, uid):
-            raise RestError(403, "ACCESS_ERROR", "You do not have access to the specified dialog")
+        chat = self._readable_chat(ctx, p, chat_id=True)
         return self._dialog_object(chat, uid)
 
     def m_imopenlines_config_list_get(self, ctx: dict, p: dict) -> Any:
@@ -1023,37 +1014,31 @@ class Portal:
             raise RestError(400, "ACCESS_ERROR", "You do not have access to the specified dialog")
         return self._dialog_object(chat, uid)
 
-    def m_imopenlines_operator_answer(self, ctx: dict, p: dict) -> Any:
-        uid = ctx["user"]
+    def _session_chat(self, ctx: dict, p: dict) -> dict:
+        """The Open Lines chat named by ``CHAT_ID`` that the caller may act on (read access)."""
         chat = self.chats.get(_int_param(p.get("CHAT_ID"), -1) or -1)
         if not chat:
             raise RestError(400, "CHAT_ID", "Chat not found")
         if chat["type"] != "lines":
             raise RestError(400, "CHAT_TYPE", "Not an Open Lines chat")
-        if not self._can_read(chat, uid):
+        if not self._can_read(chat, ctx["user"]):
             raise RestError(400, "ACCESS_DENIED", "You do not have access to this chat")
-        self._take(chat["id"], uid)
-        self._post(chat, 0, "%s took the conversation" % self._full_name(uid))
+        return chat
+
+    def m_imopenlines_operator_answer(self, ctx: dict, p: dict) -> Any:
+        chat = self._session_chat(ctx, p)
+        self._take(chat["id"], ctx["user"])
+        self._post(chat, 0, "%s took the conversation" % self._full_name(ctx["user"]))
         return True
 
     def m_imopenlines_session_join(self, ctx: dict, p: dict) -> Any:
-        uid = ctx["user"]
-        chat = self.chats.get(_int_param(p.get("CHAT_ID"), -1) or -1)
-        if not chat:
-            raise RestError(400, "CHAT_ID", "Chat not found")
-        if chat["type"] != "lines":
-            raise RestError(400, "CHAT_TYPE", "Not an Open Lines chat")
-        if not self._can_read(chat, uid):
-            raise RestError(400, "ACCESS_DENIED", "You do not have access to this chat")
-        self.join(chat["id"], uid)
+        chat = self._session_chat(ctx, p)
+        self.join(chat["id"], ctx["user"])
         return True
 
     def m_imopenlines_operator_finish(self, ctx: dict, p: dict) -> Any:
-        uid = ctx["user"]
-        chat = self.chats.get(_int_param(p.get("CHAT_ID"), -1) or -1)
-        if not chat:
-            raise RestError(400, "CHAT_ID", "Chat not found")
-        if uid not in chat["members"]:
+        chat = self._session_chat(ctx, p)
+        if ctx["user"] not in chat["members"]:
             raise RestError(400, "ACCESS_DENIED", "You are not an operator of this chat")
         self.close_session(chat["id"])
         return True
