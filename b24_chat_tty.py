@@ -195,6 +195,10 @@ class Chat:
             self.drain()
 
     def _clear_input_rows(self, text: str) -> None:
+        """Erase the prompt and the half-typed text (they are drawn again after the messages)."""
+        if os.environ.get("TERM") == "dumb":   # no cursor movement there: just start a new line
+            self.screen.write("\n")
+            return
         try:
             cols = os.get_terminal_size(self.screen.out.fileno()).columns or 80
         except (OSError, ValueError, AttributeError):

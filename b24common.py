@@ -1017,6 +1017,15 @@ def _parse_date(value: Any) -> float | None:
         return None
 
 
+def _parse_tz(value: Any) -> _dt.tzinfo | None:
+    if not value or not isinstance(value, str):
+        return None
+    try:
+        return _dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00")).tzinfo
+    except ValueError:
+        return None
+
+
 @dataclass
 class DialogInfo:
     """What the recent list tells about one Open Lines dialog."""
@@ -1248,11 +1257,11 @@ class DialogReader:
 class Poller:
     """New messages of every Open Lines dialog the webhook user can read.
 
-    Each cycle reads ``im.recent.list`` in activity order only as far down as
-    something changed since the previous cycle (an idle cycle is one small
-    request whatever the number of dialogs), then fetches every changed
-    dialog strictly after its cursor with ``FIRST_ID`` -- one ``batch`` for up
-    to 50 dialogs -- looping until caught up.  Messages come back oldest first.
+    Each cycle first learns which dialogs changed since the previous cycle
+    -- one small request whatever the number of dialogs, see :meth:`_scan` --
+    then fetches every changed dialog strictly after its cursor with
+    ``FIRST_ID`` (one ``batch`` for up to 50 dialogs), looping until caught
+    up.  Messages come back oldest first, across dialogs.
 
     Cursors advance when the caller :meth:`ack`-s a message (``poll()`` acks
     by itself unless ``auto_ack=False``), so a state file saved after each
@@ -1280,6 +1289,7 @@ class Poller:
         self._use_sync = True        # until the portal shows it ignores LAST_SYNC_DATE
         self._newest: float | None = None
         self._read_time: float | None = None
+        self._tz: _dt.tzinfo = _dt.timezone.utc   # the portal's UTC offset, once seen
         self.started = False
 
     # -- state ----------------------------------------------------------------
@@ -1309,8 +1319,12 @@ class Poller:
     # -- recent list ------------------------------------------------------------
     def _note_read_time(self, block: Any) -> None:
         """Remember the portal's clock when a scan began: later changes are dated after it."""
+        block = as_map(block)
+        tz = _parse_tz(block.get("date_start"))
+        if tz is not None:
+            self._tz = tz
         try:
-            start = float(as_map(block).get("start"))
+            start = float(block.get("start"))
         except (TypeError, ValueError):
             return
         if self._read_time is None:
@@ -1410,7 +1424,8 @@ class Poller:
         return self._newest
     def _scan_sync(self, changed: dict) -> bool:
         """The one-request scan; False if the portal did not honour ``LAST_SYNC_DATE``."""
-        since = _dt.datetime.fromtimestamp(self.watermark, _dt.timezone.utc).isoformat(timespec="seconds")
+        # in the portal's own UTC offset, so even a portal comparing strings gets it right
+        since = _dt.datetime.fromtimestamp(self.watermark, self._tz).isoformat(timespec="seconds")
         br = self.client.batch({
             "head": ("im.recent.list", {"LIMIT": 1}),
             "sync": ("im.recent.get", {"LAST_SYNC_DATE": since, "SKIP_DIALOG": "N" if not self.lines_only else "Y"}),
