@@ -42,7 +42,7 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument("--take", action="store_true",
                         help="if the dialog waits in your Open Lines queue, take it first "
                              "(imopenlines.operator.answer), then send")
-    bc.add_common_arguments(parser)   # -q/--quiet: print no message id, only errors
+    bc.add_common_arguments(parser, quiet_help="print no message id; only errors, on stderr")
     args = parser.parse_args(argv)
     if args.json and args.quiet:
         parser.error("--json and --quiet contradict each other")

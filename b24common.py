@@ -1863,11 +1863,13 @@ class StateFile:
 # Command-line plumbing shared by the scripts
 # ===========================================================================
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser,
+                         quiet_help: str = "only warnings and errors on stderr") -> None:
+    """``--env-file``, ``-v``, ``-q`` and ``--version``, the same in every script."""
     parser.add_argument("--env-file", metavar="PATH",
                         help="read settings from PATH (default: ./.env, then .env beside the scripts)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log lines (-vv: debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    parser.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
 
 

@@ -596,13 +596,15 @@ class Portal:
             })
         return out
 
-    def _recent_item(self, chat: dict, viewer: int) -> dict:
+    def _recent_item(self, chat: dict, viewer: int, original_text: bool = False) -> dict:
         ids = chat["message_ids"]
         last = self.messages[ids[-1]] if ids else None
         member = chat["members"].get(viewer)
         queued = member is None
-        message = {"id": last["id"] if last else 0,
-                   "text": re.sub(r"\[/?[^\]]+\]", "", last["text"]).replace("\n", " ") if last else "",
+        text = last["text"] if last else ""
+        if not original_text:      # by default BB-codes are stripped and newlines become spaces
+            text = re.sub(r"\[/?[^\]]+\]", "", text).replace("\n", " ")
+        message = {"id": last["id"] if last else 0, "text": text,
                    "file": False, "author_id": last["author_id"] if last else 0, "attach": False}
         if not queued:
             message["sticker"] = None
@@ -726,7 +728,8 @@ class Portal:
         else:
             page = member[offset:offset + limit]
             has_more = len(page) == limit
-        items = [self._recent_item(c, uid) for c in page] + [self._recent_item(c, uid) for c in queued]
+        original = _yes(p.get("GET_ORIGINAL_TEXT"))
+        items = [self._recent_item(c, uid, original) for c in page + queued]
         result = {"items": items, "hasMore": has_more, "hasMorePages": has_more, "copilot": None,
                   "messagesAutoDeleteConfigs": []}
         if not date_filter and not _yes(p.get("UNREAD_ONLY")):
