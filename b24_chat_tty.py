@@ -225,13 +225,19 @@ class Chat:
         while True:
             self.drain()
             if not self.tty:
-                line = self.stdin.readline()
+                try:
+                    line = self.stdin.readline()
+                except UnicodeDecodeError:
+                    raise bc.UsageError("input is not valid UTF-8 text") from None
                 if not line:
                     raise EOFError
                 return line.rstrip("\r\n")
             try:
                 self.reading = True
                 return input(prompt)
+            except UnicodeDecodeError:
+                self.reading = False
+                self.screen.line("! that input was not valid UTF-8 text; type it again", "error")
             except _NewMessages:
                 self.reading = False
                 self._clear_input_rows(self.saved)

@@ -61,6 +61,10 @@ def read_text(args: argparse.Namespace, stdin: TextIO) -> str:
         data = " ".join(args.text)
     if "\x00" in data:
         raise bc.UsageError("the text contains a NUL byte; nothing sent")
+    try:
+        data.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bc.UsageError("the text is not valid UTF-8; nothing sent") from None
     if not data.strip():
         raise bc.UsageError("the text is empty; nothing sent")
     return data

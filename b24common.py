@@ -103,11 +103,19 @@ _secrets_lock = threading.Lock()
 
 
 def register_secret(value: str | None) -> None:
-    """Remember *value* so that :func:`redact` hides it everywhere."""
-    if value and len(value) >= 4:
-        with _secrets_lock:
-            _secrets.add(value)
-            _secrets.add(urllib.parse.quote(value, safe=""))
+    """Remember *value* so that :func:`redact` hides it everywhere.
+
+    For an auth header value such as ``Bearer <token>`` the token alone is
+    hidden too.
+    """
+    if not value:
+        return
+    parts = [value] + ([value.split(None, 1)[1].strip()] if " " in value.strip() else [])
+    with _secrets_lock:
+        for part in parts:
+            if len(part) >= 4:
+                _secrets.add(part)
+                _secrets.add(urllib.parse.quote(part, safe=""))
 
 
 def redact(text: Any) -> str:
@@ -350,7 +358,7 @@ def parse_dotenv(text: str) -> list:
             pos = m.end()
         m = _RE_KEY.match(text, pos)
         if not m:
-            err = "expected KEY=VALUE, found %r" % text[pos:pos + 20].splitlines()[0]
+            err = "expected KEY=VALUE"     # the line is not quoted back: it may hold a secret
         else:
             key = m.group(1) if m.group(1) is not None else m.group(2)
             pos = _RE_WS.match(text, m.end()).end()
@@ -1897,9 +1905,20 @@ def load_config_from_args(args: argparse.Namespace, *, require_bot: bool = False
     return Config.from_env(environ, require_bot=require_bot)
 
 
+def robust_stdio() -> None:
+    """Never die on a character the terminal's encoding cannot show (cron, odd locales)."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
+
+
 def run_main(main: Callable[[], int]) -> int:
     """Run a script's main body; map errors to one stderr line and an exit code."""
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "b24"
+    robust_stdio()
     try:
         return main()
     except KeyboardInterrupt:

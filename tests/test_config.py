@@ -76,6 +76,7 @@ class WebhookBase(unittest.TestCase):
         self.assertNotIn(CODE, repr(bc.Client(cfg)))
         self.assertEqual(bc.redact("see %s and Bearer s3cr3t-token-value" % GOOD),
                          "see https://portal.example.invalid/rest/7/***/ and ***")
+        self.assertEqual(bc.redact("token s3cr3t-token-value alone"), "token *** alone")
         err = bc.APIError("X", "echo " + GOOD, 400, "m")
         self.assertNotIn(CODE, str(err))
         self.assertNotIn(CODE, repr(err))

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
-from tests.support import PortalCase
+from tests.support import PY, PortalCase, script
 
 SEND = "b24_send_message.py"
 
@@ -117,6 +119,18 @@ class Send(PortalCase):
         for argv, stdin, needle in cases:
             with self.subTest(argv=argv):
                 self.assertOneLineError(self.run_script(SEND, *argv, input=stdin), 2, needle)
+        self.assertEqual(len(self.portal.messages), count)
+
+    def test_invalid_utf8_is_refused(self) -> None:
+        chat = "chat%d" % self.ids["lines_member"]
+        count = len(self.portal.messages)
+        proc = subprocess.run([PY, script(SEND), chat, os.fsdecode(b"bad \xff byte")], capture_output=True,
+                              text=True, env=self.env(), timeout=60, cwd=self.tmp)
+        self.assertOneLineError(proc, 2, "not valid UTF-8")
+        proc = subprocess.run([PY, script(SEND), chat, "-"], input=b"bad \xff byte", capture_output=True,
+                              env=self.env(), timeout=60, cwd=self.tmp)
+        proc = subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+        self.assertOneLineError(proc, 2, "not UTF-8")
         self.assertEqual(len(self.portal.messages), count)
 
     def test_configuration_mistakes(self) -> None:
