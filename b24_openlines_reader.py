@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, TextIO
 
 import b24common as bc
@@ -30,6 +31,7 @@ import b24common as bc
 log = logging.getLogger("b24_openlines_reader")
 
 BACKOFF_MAX_SEC = 60.0
+IDLE_SAVE_SEC = 60.0      # an idle reader rewrites its state file at most this often
 
 
 def _parse_args(argv: list | None) -> argparse.Namespace:
@@ -109,6 +111,7 @@ class Reader:
         self.stop = threading.Event()
         self.poller: bc.Poller | None = None
         self.pending_new: set = set()
+        self.saved_at = 0.0
 
     def banner(self) -> None:
         me = self.client.whoami()
@@ -151,7 +154,7 @@ class Reader:
         if self.state is not None:
             saved = self.state.load()
             owner = (saved.get("portal"), saved.get("user_id"))
-            if saved and owner != (self.client.host, me):
+            if owner[0] is not None and owner != (self.client.host, me):
                 raise bc.ConfigError(
                     "%s: this state file belongs to user %s on %s, not to user %s on %s: use another "
                     "--state file, or delete this one to start from now"
@@ -186,6 +189,7 @@ class Reader:
         doc = self.poller.to_state()
         doc.update(portal=self.client.host, user_id=self.poller.self_id)
         self.state.save(doc)
+        self.saved_at = time.monotonic()
 
     def cycle(self) -> int:
         assert self.poller is not None
@@ -195,8 +199,8 @@ class Reader:
             if self.state is not None:
                 self.poller.ack(msg)
                 self.save()
-        if self.state is not None and not msgs:
-            self.save()
+        if self.state is not None and not msgs and time.monotonic() - self.saved_at >= IDLE_SAVE_SEC:
+            self.save()     # idle: only the scan watermark moved; an older one is merely slower
         return len(msgs)
 
     def run(self) -> int:
@@ -226,6 +230,8 @@ class Reader:
             if self.args.once:
                 break
             self.stop.wait(delay)
+        if self.state is not None:
+            self.save()         # leaving (--once, SIGTERM): keep the newest watermark
         return bc.EXIT_OK
 
 
