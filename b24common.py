@@ -51,6 +51,7 @@ import os
 import random
 import re
 import socket
+import ssl
 import sys
 import tempfile
 import threading
@@ -784,6 +785,10 @@ class Client:
         except urllib.error.URLError as exc:
             # connect/send failed inside urllib: the portal has not run the method
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise TransportError("%s: the portal's TLS certificate could not be verified (%s)"
+                                     % (where, getattr(reason, "verify_message", reason)),
+                                     retryable=False) from None
             raise TransportError("%s: cannot connect: %s" % (where, reason)) from None
         except (TimeoutError, socket.timeout) as exc:
             raise TransportError("%s: no answer within %g s (%s)" % (
@@ -1199,10 +1204,9 @@ class DialogReader:
         self.cursor = 0
 
     def load_info(self) -> DialogInfo:
-        """``im.dialog.get`` (chats) -> title, line, customer."""
-        if self.dialog_id.startswith("chat"):
-            chat = as_map(self.client.call("im.dialog.get", {"DIALOG_ID": self.dialog_id}))
-            self.info = DialogInfo.from_chat(self.dialog_id, chat)
+        """``im.dialog.get`` -> title (the other person's name for a private dialog), line, customer."""
+        chat = as_map(self.client.call("im.dialog.get", {"DIALOG_ID": self.dialog_id}))
+        self.info = DialogInfo.from_chat(self.dialog_id, chat)
         return self.info
 
     def _get(self, params: dict) -> list:
