@@ -213,3 +213,46 @@ class Faults(PortalCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class Tls(PortalCase):
+    """https:// with a certificate the client cannot verify: one clear error, no retries."""
+
+    def test_unverifiable_certificate_is_not_retried(self) -> None:
+        import shutil
+        import ssl
+        import subprocess
+        import threading
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+        if not shutil.which("openssl"):
+            self.skipTest("openssl is not installed")
+        key, cert = self.tmp + "/key.pem", self.tmp + "/cert.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                        "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True, timeout=60)
+        hits = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                hits.append(self.path)
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        httpd = HTTPServer(("127.0.0.1", 0), Handler)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        self.addCleanup(httpd.server_close)
+        self.addCleanup(httpd.shutdown)
+        base = "https://127.0.0.1:%d/rest/7/%s/" % (httpd.server_address[1], self.portal.code)
+        slept: list = []
+        client = bc.Client(bc.Config.from_env({"B24_WEBHOOK_BASE": base}), sleep=slept.append)
+        with self.assertRaises(bc.TransportError) as ctx_err:
+            client.call("profile")
+        self.assertIn("TLS certificate could not be verified", str(ctx_err.exception))
+        self.assertNotIn(self.portal.code, str(ctx_err.exception))
+        self.assertEqual(slept, [])
+        self.assertEqual(hits, [])
