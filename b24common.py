@@ -318,6 +318,8 @@ _RE_DQ = re.compile(r'"((?:\\"|[^"])*)"')
 _RE_AFTER = re.compile(_WS + r"(?:#[^\r\n]*)?(?:\r\n|\n|\r|$)")
 _RE_REST = re.compile(r"[^\r\n]*(?:\r\n|\n|\r)?")
 _RE_WS = re.compile(_WS)
+_RE_BLANK = re.compile(r"\s*")
+_RE_LINE = re.compile(r"[^\r\n]*")
 _RE_DQ_ESC = re.compile(r"\\[\\'\"abfnrtv]")
 _RE_SQ_ESC = re.compile(r"\\[\\']")
 _RE_VAR = re.compile(r"\$\{(?P<name>[^}:]*)(?::-(?P<default>[^}]*))?\}")
@@ -345,7 +347,7 @@ def parse_dotenv(text: str) -> list:
 
     while pos < n:
         # blank lines and leading whitespace
-        m = re.compile(r"\s*").match(text, pos)
+        m = _RE_BLANK.match(text, pos)
         pos = m.end()
         if pos >= n:
             break
@@ -382,7 +384,7 @@ def parse_dotenv(text: str) -> list:
                         value = _RE_DQ_ESC.sub(lambda x: _DQ_MAP[x.group(0)], mv.group(1))
                         pos = mv.end()
                 else:
-                    mv = re.compile(r"[^\r\n]*").match(text, pos)
+                    mv = _RE_LINE.match(text, pos)
                     value = re.sub(r"\s+#.*", "", mv.group(0)).rstrip()
                     pos = mv.end()
             else:
