@@ -652,7 +652,6 @@ class RateLimiter:
         self._blocked_until: dict = {}   # method -> unix time
         self._reset_at: dict = {}        # method -> last operating_reset_at seen
         self._lock = threading.Lock()
-        self.waited = 0.0
 
     def _drain(self) -> None:
         now = self._clock()
@@ -667,12 +666,10 @@ class RateLimiter:
                 wait = until - wall
                 log.info("waiting %.1f s for the portal's operating-time budget to reset", wait)
                 self._sleep(wait)
-                self.waited += wait
             self._drain()
             if self._level + 1 > self.capacity:
                 wait = (self._level + 1 - self.capacity) / self.rate
                 self._sleep(wait)
-                self.waited += wait
                 self._drain()
             self._level += 1
 

@@ -642,7 +642,8 @@ class Portal:
         queued.sort(key=lambda c: -c["activity"])
         return member, queued
 
-    def _resolve_dialog(self, dialog_id: Any, uid: int, *, create_private: bool = True) -> dict:
+    def _resolve_dialog(self, dialog_id: Any, uid: int) -> dict:
+        """``chatN`` -> that chat; ``N`` -> the private chat with user N (made on first use)."""
         did = str(dialog_id or "").strip()
         if not did or did == "0":
             raise RestError(400, "DIALOG_ID_EMPTY", "Dialog ID can't be empty")
@@ -658,8 +659,6 @@ class Portal:
                 raise RestError(403, "ACCESS_ERROR", "You do not have access to the specified dialog")
             if other == uid:
                 raise RestError(403, "ACCESS_ERROR", "You do not have access to the specified dialog")
-            if not create_private:
-                return self._private_chat(uid, other)
             return self._private_chat(uid, other)
         raise RestError(400, "DIALOG_ID_EMPTY", "Dialog ID can't be empty")
 
