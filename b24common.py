@@ -1292,9 +1292,9 @@ class Poller:
         self.dialogs: dict = {}       # dialog_id -> DialogInfo
         self.watermark: float | None = None   # activity date of the last completed scan
         self.floor_id = 0             # new dialogs start after this id
-        self._committed_watermark: float | None = None
-        self._unacked: set = set()
-        self._pending_watermark: float | None = None
+        self._committed_watermark: float | None = None   # the watermark a restart may trust
+        self._unacked: set = set()    # (dialog, id) delivered by poll() but not acked yet
+        self._acked: dict = {}        # dialog -> highest acked id
         self._page = page_min
         self._unreadable: dict = {}  # dialog -> target we could not read
         self._use_sync = True        # until the portal shows it ignores LAST_SYNC_DATE
@@ -1632,23 +1632,32 @@ class Poller:
         out.sort(key=lambda m: m.id)
         if newest is not None:
             self.watermark = max(self.watermark or newest, newest)
-        self._pending_watermark = self.watermark
-        self._unacked = {(m.dialog_id, m.id) for m in out}
-        if auto_ack or not out:
+        self._unacked.update((m.dialog_id, m.id) for m in out)
+        if auto_ack:
             for m in out:
                 self.ack(m)
-            self._committed_watermark = self._pending_watermark
+        if not self._unacked:
+            self._committed_watermark = self.watermark
         # the page read next time follows the traffic: idle cycles read a small page
         self._page = max(self.page_min, min(RECENT_PAGE_MAX, 2 * len(changed) + self.page_min))
         return out
 
     def ack(self, message: Message) -> None:
-        """Mark *message* delivered: its dialog's cursor moves up to it."""
-        if message.id > self.cursors.get(message.dialog_id, 0):
-            self.cursors[message.dialog_id] = message.id
-        self._unacked.discard((message.dialog_id, message.id))
+        """Mark *message* delivered: its dialog's cursor moves up to it.
+
+        The saved scan watermark moves only when nothing delivered is still
+        unacknowledged, so a restart from :meth:`to_state` rescans far enough.
+        """
+        did = message.dialog_id
+        self._unacked.discard((did, message.id))
+        self._acked[did] = max(self._acked.get(did, 0), message.id)
+        waiting = [i for d, i in self._unacked if d == did]
+        # never past a message of this dialog that is still out (FIRST_ID is exclusive)
+        upto = min(waiting) - 1 if waiting else self._acked[did]
+        if upto > self.cursors.get(did, 0):
+            self.cursors[did] = upto
         if not self._unacked:
-            self._committed_watermark = self._pending_watermark
+            self._committed_watermark = self.watermark
 
 
 # ===========================================================================

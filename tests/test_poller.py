@@ -133,6 +133,23 @@ class StateAndReplay(PollerCase):
         q.load_state(state)
         self.assertEqual([m.text for m in q.start()], ["b", "c"])
 
+    def test_watermark_waits_for_every_ack_even_across_polls(self) -> None:
+        p = self.poller()
+        chat = self.ids["lines_member"]
+        self.portal.customer_message(chat, "first")
+        first = p.poll(auto_ack=False)
+        saved = p.to_state()["watermark"]
+        time.sleep(1.1)                       # the portal clock moves on
+        self.portal.customer_message(chat, "second")
+        second = p.poll(auto_ack=False)
+        for m in second:
+            p.ack(m)
+        self.assertEqual(p.to_state()["watermark"], saved, "'first' is still unacknowledged")
+        self.assertLess(p.to_state()["cursors"]["chat%d" % chat], first[0].id, "the cursor waits for 'first'")
+        p.ack(first[0])
+        self.assertGreater(p.to_state()["watermark"], saved)
+        self.assertEqual(p.to_state()["cursors"]["chat%d" % chat], second[0].id)
+
     def test_rewind_by_count_and_time(self) -> None:
         p = self.poller()
         chat = "chat%d" % self.ids["lines_member"]
