@@ -23,15 +23,12 @@ import os
 import signal
 import sys
 import threading
-import time
 from typing import Any, TextIO
 
 import b24common as bc
 
 log = logging.getLogger("b24_openlines_reader")
 
-BACKOFF_MAX_SEC = 60.0
-IDLE_SAVE_SEC = 60.0      # an idle reader rewrites its state file at most this often
 
 
 def _parse_args(argv: list | None) -> argparse.Namespace:
@@ -102,7 +99,7 @@ def format_message(msg: bc.Message) -> str:
 
 
 class Reader:
-    """The reader's loop: poll, print, remember; transient failures back off."""
+    """The reader's loop: poll, print, remember."""
 
     def __init__(self, client: bc.Client, args: argparse.Namespace, out: TextIO, interval: float,
                  state: bc.StateFile | None = None):
@@ -110,8 +107,8 @@ class Reader:
         self.state = state
         self.stop = threading.Event()
         self.poller: bc.Poller | None = None
+        self.store: bc.PollerStore | None = None
         self.pending_new: set = set()
-        self.saved_at = 0.0
 
     def banner(self) -> None:
         me = self.client.whoami()
@@ -125,41 +122,13 @@ class Reader:
             log.warning("the webhook lacks the 'imopenlines' scope: line and queue details are "
                         "not shown (add imopenlines to the webhook)")
             return
-        self.report_queues(me["id"])
-
-    def report_queues(self, me: int) -> None:
-        try:
-            lines = self.client.call("imopenlines.config.list.get",
-                                     {"PARAMS": {"select": ["ID", "LINE_NAME", "ACTIVE"]},
-                                      "OPTIONS": {"QUEUE": "Y"}})
-        except bc.APIError as exc:
-            log.warning("cannot read the Open Lines queues: %s", exc)
-            return
-        rows = lines if isinstance(lines, list) else list(bc.as_map(lines).values())
-        member_of = 0
-        for row in rows:
-            if not isinstance(row, dict):
-                continue
-            queue = [bc._int(x) for x in (row.get("QUEUE") or [])]
-            inside = me in queue
-            member_of += inside
-            log.info("line %s %r: %s", row.get("ID"), row.get("LINE_NAME"),
-                     "you are in its queue" if inside else "not in its queue")
-        if not member_of:
-            log.warning("you are in no Open Lines queue: only dialogs you joined are visible -- add "
-                        "this user to the line's queue, or Join the chat in Bitrix24")
+        report_queues(self.client, me["id"])
 
     def make_poller(self, me: int) -> bc.Poller:
         poller = bc.Poller(self.client, self_id=me)
         if self.state is not None:
-            saved = self.state.load()
-            owner = (saved.get("portal"), saved.get("user_id"))
-            if owner[0] is not None and owner != (self.client.host, me):
-                raise bc.ConfigError(
-                    "%s: this state file belongs to user %s on %s, not to user %s on %s: use another "
-                    "--state file, or delete this one to start from now"
-                    % (self.state.path, owner[1], owner[0], me, self.client.host))
-            poller.load_state(saved)
+            self.store = bc.PollerStore(poller, self.state, self.client.host)
+            self.store.load()
         if not poller.started:
             poller.start()
         if self.args.since_minutes or self.args.replay:
@@ -184,55 +153,53 @@ class Reader:
             self.out.write(line + "\n")
             self.out.flush()
 
-    def save(self) -> None:
-        assert self.poller is not None and self.state is not None
-        doc = self.poller.to_state()
-        doc.update(portal=self.client.host, user_id=self.poller.self_id)
-        self.state.save(doc)
-        self.saved_at = time.monotonic()
-
-    def cycle(self) -> int:
+    def cycle(self) -> None:
         assert self.poller is not None
-        msgs = self.poller.poll(auto_ack=self.state is None)
+        msgs = self.poller.poll(auto_ack=self.store is None)
         for msg in msgs:
             self.emit(msg)
-            if self.state is not None:
+            if self.store is not None:
                 self.poller.ack(msg)
-                self.save()
-        if self.state is not None and not msgs and time.monotonic() - self.saved_at >= IDLE_SAVE_SEC:
-            self.save()     # idle: only the scan watermark moved; an older one is merely slower
-        return len(msgs)
+                self.store.save()
+        if self.store is not None and not msgs:
+            self.store.save(idle=True)
 
     def run(self) -> int:
         me = self.client.whoami()["id"]
         self.banner()
         self.poller = self.make_poller(me)
-        if self.state is not None:
-            self.save()
+        if self.store is not None:
+            self.store.save()
         if not self.args.once:
             log.info("watching %d Open Lines dialog(s); new messages appear below",
                      sum(1 for d in self.poller.dialogs.values() if d.is_lines))
-        delay = 0.0
-        failures = 0
-        while not self.stop.is_set():
-            try:
-                self.cycle()
-                failures = 0
-                delay = self.interval
-            except (bc.AuthError, bc.ConfigError):
-                raise
-            except (bc.RateLimitError, bc.ServerError, bc.TransportError) as exc:
-                if self.args.once:
-                    raise
-                failures += 1
-                delay = min(BACKOFF_MAX_SEC, self.interval * (2 ** min(failures, 6)))
-                log.warning("%s -- trying again in %.0f s", exc, delay)
-            if self.args.once:
-                break
-            self.stop.wait(delay)
-        if self.state is not None:
-            self.save()         # leaving (--once, SIGTERM): keep the newest watermark
+        bc.poll_forever(self.cycle, interval=self.interval, stop=self.stop, once=self.args.once)
+        if self.store is not None:
+            self.store.save()       # leaving (--once, SIGTERM): keep the newest watermark
         return bc.EXIT_OK
+
+
+def report_queues(client: bc.Client, me: int) -> None:
+    """Log, per Open Line, whether the webhook user is in its queue; warn if in none."""
+    try:
+        lines = client.call("imopenlines.config.list.get",
+                            {"PARAMS": {"select": ["ID", "LINE_NAME", "ACTIVE"]}, "OPTIONS": {"QUEUE": "Y"}})
+    except bc.APIError as exc:
+        log.warning("cannot read the Open Lines queues: %s", exc)
+        return
+    rows = lines if isinstance(lines, list) else list(bc.as_map(lines).values())
+    member_of = 0
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        queue = [bc._int(x) for x in (row.get("QUEUE") or [])]
+        inside = me in queue
+        member_of += inside
+        log.info("line %s %r: %s", row.get("ID"), row.get("LINE_NAME"),
+                 "you are in its queue" if inside else "not in its queue")
+    if not member_of:
+        log.warning("you are in no Open Lines queue: only dialogs you joined are visible -- add "
+                    "this user to the line's queue, or Join the chat in Bitrix24")
 
 
 def _demo_server(interval: float):

@@ -38,12 +38,15 @@ __all__ = [
     "parse_dialog_id", "display_dialog_id", "Message", "classify", "bbcode_to_text",
     "normalize_phone", "Poller", "DialogReader", "normalize_reply", "ReplyShapeError",
     "StateFile", "default_state_dir", "send_text", "split_text", "new_template_id",
+    "BotClient", "BotError", "reply_template_id", "PollerStore", "poll_forever", "sd_notify",
+    "watchdog_seconds",
     "add_common_arguments", "load_config_from_args", "run_main", "setup_logging",
     "format_error",
 ]
 
 import argparse
 import datetime as _dt
+import hashlib
 import http.client
 import json
 import logging
@@ -91,6 +94,9 @@ RECENT_PAGE_MIN = 8                  # recent items read on an idle cycle
 RECENT_PAGE_MAX = 200
 SYNC_MAX_AGE_SEC = 6 * 86400         # im.recent.get LAST_SYNC_DATE looks back 7 days at most
 MESSAGE_MAX_CHARS = 20000            # longer texts are cut by im.message.add
+BOT_RETRIES = 2                      # extra tries of a bot call that failed on the way
+IDLE_SAVE_SEC = 60.0                 # an idle poller's state file is rewritten at most this often
+POLL_BACKOFF_MAX_SEC = 60.0
 
 log = logging.getLogger("b24common")
 
@@ -1801,6 +1807,105 @@ def normalize_reply(body: Any) -> list:
     raise ReplyShapeError("bot reply: got %s; expected an object, a string or a list" % _describe(body))
 
 
+class BotError(B24Error):
+    """The bot could not be asked, or its answer was unusable."""
+
+    def __init__(self, message: str, *, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class BotClient:
+    """POSTs one inbound message to the bot (``BOT_HTTP_URL``) and returns its reply texts.
+
+    ``Authorization: <BOT_HTTP_AUTH>`` is sent when set (and never logged).
+    Network errors, timeouts, 429 and 5xx are retried a few times with
+    backoff; any other 4xx is final.  An empty answer (204, empty body)
+    means "no reply"; ``text/plain`` is one reply; JSON goes through
+    :func:`normalize_reply`.
+    """
+
+    def __init__(self, config: Config, *, retries: int = BOT_RETRIES,
+                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None):
+        if not config.bot_url:
+            raise ConfigError("BOT_HTTP_URL is not set")
+        self.url = config.bot_url
+        self.auth = config.bot_auth
+        self.timeout = config.bot_timeout
+        self.retries = retries
+        self.host = urllib.parse.urlsplit(self.url).hostname or "?"
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        handlers: list = [_NoRedirect()]
+        if _is_loopback(self.host):
+            handlers.append(urllib.request.ProxyHandler({}))
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def __repr__(self) -> str:
+        return "BotClient(host=%s)" % self.host
+
+    def _once(self, payload: Mapping) -> list:
+        headers = {"Content-Type": "application/json", "Accept": "application/json",
+                   "User-Agent": "b24-openlines-toolkit/" + VERSION}
+        if self.auth:
+            headers["Authorization"] = self.auth
+        req = urllib.request.Request(self.url, data=json.dumps(payload, ensure_ascii=False).encode("utf-8"),
+                                     method="POST", headers=headers)
+        where = "bot on %s" % self.host
+        try:
+            with self._opener.open(req, timeout=self.timeout) as resp:
+                status, ctype, raw = resp.status, resp.headers.get("Content-Type", ""), resp.read()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                retry = exc.code == 429 or exc.code >= 500
+                raise BotError("%s answered HTTP %d" % (where, exc.code), retryable=retry) from None
+        except urllib.error.URLError as exc:
+            raise BotError("%s: cannot connect: %s" % (where, getattr(exc, "reason", exc)), retryable=True) from None
+        except (TimeoutError, socket.timeout):
+            raise BotError("%s: no answer within %g s (raise BOT_HTTP_TIMEOUT_SEC?)" % (where, self.timeout),
+                           retryable=True) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise BotError("%s: connection dropped (%s)" % (where, type(exc).__name__), retryable=True) from None
+        if status == 204 or not raw.strip():
+            return []
+        text = raw.decode("utf-8", "replace")
+        if "json" in ctype.lower() or text.lstrip()[:1] in ("{", "["):
+            try:
+                body = json.loads(text)
+            except ValueError:
+                raise BotError("%s: the answer is not valid JSON" % where) from None
+            try:
+                return normalize_reply(body)
+            except ReplyShapeError as exc:
+                raise BotError("%s: %s" % (where, exc)) from None
+        if "html" in ctype.lower():
+            raise BotError("%s answered with an HTML page, not a reply" % where)
+        return normalize_reply(text)
+
+    def ask(self, payload: Mapping) -> list:
+        attempt = 0
+        while True:
+            try:
+                return self._once(payload)
+            except BotError as exc:
+                if not exc.retryable or attempt >= self.retries:
+                    raise
+                attempt += 1
+                delay = self._rng.uniform(0.5, 1.0) * min(BACKOFF_CAP_SEC, 2.0 ** attempt)
+                log.warning("%s; asking again in %.1f s (%d/%d)", exc, delay, attempt, self.retries)
+                self._sleep(delay)
+
+
+def reply_template_id(portal: str, dialog_id: str, message_id: int, index: int) -> str:
+    """The same UUID v4-shaped ``TEMPLATE_ID`` for the same reply, however often it is sent.
+
+    A reply re-sent after a crash carries the id of the first attempt, so the
+    portal recognises it instead of posting it twice.
+    """
+    digest = hashlib.sha256(("%s|%s|%d|%d" % (portal, dialog_id, message_id, index)).encode()).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=4))
+
+
 # ===========================================================================
 # Durable state
 # ===========================================================================
@@ -1877,6 +1982,91 @@ class StateFile:
                 os.close(dfd)
         except OSError:
             pass
+
+
+class PollerStore:
+    """Binds a :class:`Poller` to a :class:`StateFile` for one portal and user.
+
+    A state file written for another portal or user is refused.  :meth:`save`
+    with ``idle=True`` writes at most once a minute: then only the scan
+    watermark moved, and an older one merely makes a restart read further.
+    """
+
+    def __init__(self, poller: Poller, state: StateFile, host: str):
+        self.poller, self.state, self.host = poller, state, host
+        self.saved_at = 0.0
+        self.lock = threading.Lock()
+
+    def load(self) -> None:
+        saved = self.state.load()
+        owner = (saved.get("portal"), saved.get("user_id"))
+        if owner[0] is not None and owner != (self.host, self.poller.self_id):
+            raise ConfigError("%s: this state file belongs to user %s on %s, not to user %s on %s: use "
+                              "another state file, or delete this one to start from now"
+                              % (self.state.path, owner[1], owner[0], self.poller.self_id, self.host))
+        self.poller.load_state(saved)
+
+    def save(self, *, idle: bool = False) -> None:
+        with self.lock:
+            if idle and time.monotonic() - self.saved_at < IDLE_SAVE_SEC:
+                return
+            doc = self.poller.to_state()
+            doc.update(portal=self.host, user_id=self.poller.self_id)
+            self.state.save(doc)
+            self.saved_at = time.monotonic()
+
+
+def poll_forever(cycle: Callable[[], Any], *, interval: float, stop: threading.Event, once: bool = False,
+                 on_success: Callable[[], Any] | None = None) -> None:
+    """Run *cycle* every *interval* seconds until *stop* is set.
+
+    Rate limits, 5xx and network trouble cost one warning line and a growing
+    pause (up to a minute); anything else -- a revoked webhook -- ends the loop.
+    """
+    failures = 0
+    while not stop.is_set():
+        try:
+            cycle()
+            failures = 0
+            delay = interval
+            if on_success:
+                on_success()
+        except (RateLimitError, ServerError, TransportError) as exc:
+            if once:
+                raise
+            failures += 1
+            delay = min(POLL_BACKOFF_MAX_SEC, interval * (2 ** min(failures, 6)))
+            log.warning("%s -- trying again in %.0f s", exc, delay)
+        if once:
+            return
+        stop.wait(delay)
+
+
+def sd_notify(**fields: Any) -> bool:
+    """Tell systemd how we are (``READY=1``, ``STATUS=...``, ``WATCHDOG=1``); no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if not addr or addr[0] not in "@/":
+        return False
+    if addr[0] == "@":
+        addr = "\0" + addr[1:]
+    payload = "\n".join("%s=%s" % (k, str(v).replace("\n", " ")) for k, v in fields.items())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | getattr(socket, "SOCK_CLOEXEC", 0)) as sock:
+            sock.connect(addr)
+            sock.sendall(payload.encode("utf-8"))
+        return True
+    except OSError as exc:
+        log.debug("sd_notify failed: %s", exc)
+        return False
+
+
+def watchdog_seconds() -> float | None:
+    """Half of systemd's ``WatchdogSec`` if it watches this process, else None."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
 
 
 # ===========================================================================
