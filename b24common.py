@@ -1271,6 +1271,15 @@ class DialogReader:
 # The poller
 # ===========================================================================
 
+def _locked(method: Callable) -> Callable:
+    """Run a :class:`Poller` method under the poller's lock."""
+    def wrapper(self, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+    wrapper.__name__, wrapper.__doc__ = method.__name__, method.__doc__
+    return wrapper
+
+
 class Poller:
     """New messages of every Open Lines dialog the webhook user can read.
 
@@ -1308,13 +1317,16 @@ class Poller:
         self._read_time: float | None = None
         self._tz: _dt.tzinfo = _dt.timezone.utc   # the portal's UTC offset, once seen
         self.started = False
+        self.lock = threading.RLock()   # poll() in one thread, ack() and to_state() in others
 
     # -- state ----------------------------------------------------------------
+    @_locked
     def to_state(self) -> dict:
         return {"version": 1, "cursors": dict(self.cursors), "floor_id": self.floor_id,
                 "watermark": self._committed_watermark,
                 "dialogs": {d: i.to_json() for d, i in self.dialogs.items() if d in self.cursors}}
 
+    @_locked
     def load_state(self, state: Mapping | None) -> None:
         if not state:
             return
@@ -1536,6 +1548,7 @@ class Poller:
         return out, failed
 
     # -- cycle ----------------------------------------------------------------------
+    @_locked
     def start(self) -> list:
         """Begin from "now": remember where every dialog stands, deliver nothing.
 
@@ -1556,6 +1569,7 @@ class Poller:
         self.started = True
         return []
 
+    @_locked
     def rewind(self, *, since: float | None = None, count: int | None = None) -> None:
         """Move known cursors back so the next poll replays recent history.
 
@@ -1594,6 +1608,7 @@ class Poller:
             points.append(point)
         return min(points) if points else self.cursors.get(did, 0)
 
+    @_locked
     def poll(self, *, auto_ack: bool = True) -> list:
         """One cycle: new messages since the cursors, oldest first (each once)."""
         if not self.started:
@@ -1648,6 +1663,7 @@ class Poller:
         self._page = max(self.page_min, min(RECENT_PAGE_MAX, 2 * len(changed) + self.page_min))
         return out
 
+    @_locked
     def ack(self, message: Message) -> None:
         """Mark *message* delivered: its dialog's cursor moves up to it.
 

@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""A local stand-in for your bot, for end-to-end checks of b24_ol_bridge.py (stdlib only).
+
+It answers every POSTed message with ``Echo: <text>`` in the reply shape you
+choose, optionally slowly, failing, or only with the right Authorization
+header::
+
+    python3 mock_bot_server.py [--port 0] [--shape reply_text] [--delay 0] [--token T]
+
+The first line on stdout is ``BOT_HTTP_URL=<url>``.  Importable too:
+:class:`BotServer` keeps every request it got in ``.received``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+SHAPES = ("reply_text", "response", "text", "message", "replies", "messages", "rasa", "string", "none")
+PATH = "/webhook/whatsapp"
+
+
+def shaped(texts: list, shape: str) -> Any:
+    """The reply *texts* in one of the shapes bots use."""
+    if shape in ("reply_text", "response", "text", "message"):
+        return {shape: "\n".join(texts)}
+    if shape in ("replies", "messages"):
+        return {shape: texts}
+    if shape == "rasa":
+        return [{"recipient_id": "customer", "text": t} for t in texts]
+    if shape == "string":
+        return "\n".join(texts)
+    return {}
+
+
+class BotServer(ThreadingHTTPServer):
+    """The mock bot on 127.0.0.1.  Behaviour can be changed while it runs:
+
+    ``shape``, ``delay`` (seconds, or a dict text -> seconds), ``token``,
+    ``fail_next`` (answer the next N requests with HTTP 500), ``replies``
+    (a function text -> list of reply texts).
+    """
+
+    daemon_threads = True
+
+    def __init__(self, port: int = 0, shape: str = "reply_text", delay: float = 0.0, token: str = ""):
+        super().__init__(("127.0.0.1", port), _Handler)
+        self.shape, self.delay, self.token = shape, delay, token
+        self.fail_next = 0
+        self.replies = lambda text: ["Echo: %s" % text]
+        self.received: list = []
+        self.lock = threading.Lock()
+
+    def handle_error(self, request, client_address) -> None:  # a client that gave up: fine
+        pass
+
+    @property
+    def url(self) -> str:
+        return "http://127.0.0.1:%d%s" % (self.server_address[1], PATH)
+
+    def start(self) -> BotServer:
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True,
+                         name="mock-bot").start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: BotServer
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        pass
+
+    def _answer(self, status: int, body: Any) -> None:
+        raw = b"" if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        if raw:
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def do_POST(self) -> None:
+        bot = self.server
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            payload = json.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            self._answer(400, {"error": "expected a JSON body"})
+            return
+        with bot.lock:
+            bot.received.append({"payload": payload, "authorization": self.headers.get("Authorization"),
+                                 "path": self.path, "t": time.time()})
+            failing = bot.fail_next > 0
+            if failing:
+                bot.fail_next -= 1
+        if bot.token and self.headers.get("Authorization") != bot.token:
+            self._answer(401, {"error": "unauthorized"})
+            return
+        if failing:
+            self._answer(500, {"error": "the bot is having a bad day"})
+            return
+        text = str(payload.get("text") or payload.get("message") or "") if isinstance(payload, dict) else ""
+        delay = bot.delay.get(text, 0.0) if isinstance(bot.delay, dict) else bot.delay
+        if delay:
+            time.sleep(delay)
+        if bot.shape == "none":
+            self._answer(204, None)
+            return
+        self._answer(200, shaped(bot.replies(text), bot.shape))
+
+    def do_GET(self) -> None:
+        self._answer(200, {"ok": True, "post_to": PATH})
+
+
+def main(argv: list | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mock_bot_server.py",
+                                     description="A local echo bot for end-to-end checks of the bridge.")
+    parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--shape", choices=SHAPES, default="reply_text", help="reply shape (default reply_text)")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds to think before answering")
+    parser.add_argument("--token", default="", help="require this exact Authorization header")
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error("--port: expected 0..65535")
+    if args.delay < 0:
+        parser.error("--delay: expected a number of seconds, 0 or more")
+    try:
+        bot = BotServer(args.port, args.shape, args.delay, args.token).start()
+    except OSError as exc:
+        sys.stderr.write("mock_bot_server.py: error: cannot listen on 127.0.0.1:%d (%s)\n"
+                         % (args.port, exc.strerror or exc))
+        return 1
+    print("BOT_HTTP_URL=%s" % bot.url, flush=True)
+    sys.stderr.write("mock bot answering in the %r shape; Ctrl-C to stop\n" % args.shape)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        bot.stop()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
