@@ -256,12 +256,7 @@ class Bridge:
 
 def _banner(client: bc.Client) -> int:
     me = client.whoami()
-    scopes = client.scopes()
-    if "im" not in scopes:
-        raise bc.ConfigError("the webhook lacks the 'im' scope: create an incoming webhook with scopes im "
-                             "and imopenlines, and put it in B24_WEBHOOK_BASE")
-    if "imopenlines" not in scopes:
-        log.warning("the webhook lacks the 'imopenlines' scope: --take and queue details need it")
+    bc.check_scopes(client)
     log.info("signed in as %s (id %s) on %s", me["name"], me["id"], client.host)
     return me["id"]
 
@@ -271,27 +266,16 @@ def main(argv: list | None = None) -> int:
     bc.setup_logging(-1 if args.quiet else args.verbose)
 
     def body() -> int:
-        environ: Any = dict(os.environ)
+        environ, demo = bc.environment_or_demo(args)
         servers: list = []
-        demo = args.demo
-        if not demo:
-            path = bc.find_env_file(args.env_file)
-            if path:
-                bc.load_dotenv(path, strict=True, environ=environ)
-            if not environ.get("B24_WEBHOOK_BASE") and not args.env_file:
-                log.warning("B24_WEBHOOK_BASE is not set: running the built-in demo instead (see README)")
-                demo = True
         if demo:
-            import mock_b24_portal
             import mock_bot_server
-            portal = mock_b24_portal.serve(simulate=True, interval=4.0)
             bot = mock_bot_server.BotServer().start()
-            servers = [portal, bot]
-            environ.update(B24_WEBHOOK_BASE=portal.webhook_base, BOT_HTTP_URL=bot.url)
+            servers = [bc.start_demo_portal(environ), bot]
+            environ["BOT_HTTP_URL"] = bot.url
             environ.pop("BOT_HTTP_AUTH", None)
-            environ.setdefault("B24_POLL_SEC", "1")
-            args.demo = args.take = True
             environ.setdefault("B24_STATE_DIR", os.path.join(bc.default_state_dir(environ), "demo"))
+            args.demo = args.take = True
             log.info("demo: an emulator stands in for the portal and an echo bot for yours; simulated "
                      "customers write every few seconds and get answers (Ctrl-C to stop)")
         try:

@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, TextIO
+from typing import TextIO
 
 import b24common as bc
 
@@ -114,15 +114,8 @@ class Reader:
         me = self.client.whoami()
         log.info("signed in as %s (id %s) on %s; polling every %g s",
                  me["name"], me["id"], self.client.host, self.interval)
-        scopes = self.client.scopes()
-        if "im" not in scopes:
-            raise bc.ConfigError("the webhook lacks the 'im' scope: create an incoming webhook with "
-                                 "scopes im and imopenlines, and put it in B24_WEBHOOK_BASE")
-        if "imopenlines" not in scopes:
-            log.warning("the webhook lacks the 'imopenlines' scope: line and queue details are "
-                        "not shown (add imopenlines to the webhook)")
-            return
-        report_queues(self.client, me["id"])
+        if "imopenlines" in bc.check_scopes(self.client):
+            report_queues(self.client, me["id"])
 
     def make_poller(self, me: int) -> bc.Poller:
         poller = bc.Poller(self.client, self_id=me)
@@ -202,35 +195,18 @@ def report_queues(client: bc.Client, me: int) -> None:
                     "this user to the line's queue, or Join the chat in Bitrix24")
 
 
-def _demo_server(interval: float):
-    import mock_b24_portal
-    server = mock_b24_portal.serve(simulate=True, interval=interval)
-    log.info("demo: a built-in emulator stands in for the portal; simulated customers write "
-             "every few seconds (Ctrl-C to stop)")
-    return server
-
-
 def main(argv: list | None = None, out: TextIO | None = None) -> int:
     args = _parse_args(argv)
     out = out or sys.stdout
     bc.setup_logging(-1 if args.quiet else args.verbose)
 
     def body() -> int:
+        environ, demo = bc.environment_or_demo(args)
         server = None
-        environ: Any = dict(os.environ)
-        demo = args.demo
-        if not demo:
-            path = bc.find_env_file(args.env_file)
-            if path:
-                bc.load_dotenv(path, strict=True, environ=environ)
-            if not environ.get("B24_WEBHOOK_BASE") and not args.env_file:
-                log.warning("B24_WEBHOOK_BASE is not set: running the built-in demo instead "
-                            "(see README: Configure)")
-                demo = True
         if demo:
-            server = _demo_server(3.0)
-            environ["B24_WEBHOOK_BASE"] = server.webhook_base
-            environ.setdefault("B24_POLL_SEC", "1")
+            server = bc.start_demo_portal(environ, interval=3.0)
+            log.info("demo: a built-in emulator stands in for the portal; simulated customers write "
+                     "every few seconds (Ctrl-C to stop)")
         try:
             cfg = bc.Config.from_env(environ)
             interval = args.interval or cfg.poll_sec

@@ -41,6 +41,7 @@ __all__ = [
     "BotClient", "BotError", "reply_template_id", "PollerStore", "poll_forever", "sd_notify",
     "watchdog_seconds",
     "add_common_arguments", "load_config_from_args", "run_main", "setup_logging",
+    "environment_or_demo", "start_demo_portal", "check_scopes",
     "format_error",
 ]
 
@@ -738,6 +739,15 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+def _opener_for(host: str) -> urllib.request.OpenerDirector:
+    """Redirects are reported, not followed (urllib would turn a POST into a bare GET);
+    a loopback host never goes through a proxy from the environment."""
+    handlers: list = [_NoRedirect()]
+    if _is_loopback(host):
+        handlers.append(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener(*handlers)
+
+
 class Client:
     """Bitrix24 REST over an incoming webhook (urllib, JSON bodies).
 
@@ -758,10 +768,7 @@ class Client:
                                               config.operating_limit, sleep=sleep)
         self._sleep = sleep
         self._rng = rng or random.Random()
-        handlers: list = [_NoRedirect()]
-        if _is_loopback(self.host):
-            handlers.append(urllib.request.ProxyHandler({}))
-        self._opener = urllib.request.build_opener(*handlers)
+        self._opener = _opener_for(self.host)
         self.requests = 0
         self.bytes_in = 0
         self._me: dict | None = None
@@ -1852,10 +1859,7 @@ class BotClient:
         self.host = urllib.parse.urlsplit(self.url).hostname or "?"
         self._sleep = sleep
         self._rng = rng or random.Random()
-        handlers: list = [_NoRedirect()]
-        if _is_loopback(self.host):
-            handlers.append(urllib.request.ProxyHandler({}))
-        self._opener = urllib.request.build_opener(*handlers)
+        self._opener = _opener_for(self.host)
 
     def __repr__(self) -> str:
         return "BotClient(host=%s)" % self.host
@@ -2111,6 +2115,45 @@ def find_env_file(explicit: str | None) -> str | None:
         if os.path.isfile(candidate):
             return candidate
     return None
+
+
+def environment_or_demo(args: argparse.Namespace) -> tuple:
+    """The environment with the .env file applied (real variables win), and whether to run the demo.
+
+    The demo runs when asked (``--demo``) or when no portal is configured at all
+    (no ``B24_WEBHOOK_BASE`` anywhere and no ``--env-file``).
+    """
+    environ = dict(os.environ)
+    if getattr(args, "demo", False):
+        return environ, True
+    path = find_env_file(getattr(args, "env_file", None))
+    if path:
+        load_dotenv(path, strict=True, environ=environ)
+    if not environ.get("B24_WEBHOOK_BASE") and not getattr(args, "env_file", None):
+        log.warning("B24_WEBHOOK_BASE is not set: running the built-in demo instead (see README: Setup)")
+        return environ, True
+    return environ, False
+
+
+def start_demo_portal(environ: dict, interval: float = 4.0) -> Any:
+    """Start the emulator in-process with simulated customers and point *environ* at it."""
+    import mock_b24_portal  # only the demo needs it
+    server = mock_b24_portal.serve(simulate=True, interval=interval)
+    environ["B24_WEBHOOK_BASE"] = server.webhook_base
+    environ.setdefault("B24_POLL_SEC", "1")
+    return server
+
+
+def check_scopes(client: Client) -> list:
+    """``im`` is required (ConfigError naming the fix); a missing ``imopenlines`` is a warning."""
+    scopes = client.scopes()
+    if "im" not in scopes:
+        raise ConfigError("the webhook lacks the 'im' scope: create an incoming webhook with scopes im "
+                          "and imopenlines, and put it in B24_WEBHOOK_BASE")
+    if "imopenlines" not in scopes:
+        log.warning("the webhook lacks the 'imopenlines' scope: Open Lines queue details and taking "
+                    "dialogs need it (add imopenlines to the webhook)")
+    return scopes
 
 
 def load_config_from_args(args: argparse.Namespace, *, require_bot: bool = False,
