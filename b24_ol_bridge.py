@@ -39,7 +39,7 @@ import b24common as bc
 
 log = logging.getLogger("b24_ol_bridge")
 
-SEND_RETRIES = 3          # a reply the portal refused for a passing reason is tried again
+SEND_PATIENCE_SEC = 600.0  # how long a reply is retried through portal trouble before giving up
 STOP_GRACE_SEC = 20.0     # on SIGTERM, how long replies in progress may still finish
 STATUS_EVERY_SEC = 10.0   # systemd's status line is refreshed this often (watchdog or not)
 
@@ -113,13 +113,17 @@ class Bridge:
                     msg = self.pending[dialog][0]
                     self.busy += 1
                 try:
-                    self.handle(msg)
+                    finished = self.handle(msg)
                 except Exception:  # noqa: BLE001 - one bad message must not stop the bridge
                     log.exception("%s #%d: unexpected failure; message skipped",
                                   bc.display_dialog_id(msg.dialog_id), msg.id)
+                    finished = True
                 with self.lock:
-                    self.pending[dialog].popleft()
                     self.busy -= 1
+                    if finished:
+                        self.pending[dialog].popleft()
+                if not finished:
+                    continue          # stopping: left unacknowledged, redone at the next start
                 self.poller.ack(msg)
                 self.store.save()
             else:
@@ -151,9 +155,10 @@ class Bridge:
                 "line_id": msg.line_id, "business_phone": self.cfg.business_phone or None,
                 "new_dialog": msg.new_dialog}
 
-    def handle(self, msg: bc.Message) -> None:
+    def handle(self, msg: bc.Message) -> bool:
+        """Ask the bot and post its replies; False if stopping interrupted it (redo later)."""
         if msg.author_kind != "customer":
-            return
+            return True
         where = "%s #%d" % (bc.display_dialog_id(msg.dialog_id), msg.id)
         self.stats["forwarded"] += 1
         started = time.monotonic()
@@ -162,7 +167,7 @@ class Bridge:
         except bc.BotError as exc:
             self.stats["bot_failures"] += 1
             log.error("%s: %s; no reply for this message", where, exc)
-            return
+            return True
         log.info("%s: bot answered in %.1f s with %d repl%s", where, time.monotonic() - started,
                  len(replies), "y" if len(replies) == 1 else "ies")
         if self.args.demo:      # a demo shows the conversation; a real journal keeps texts out
@@ -171,13 +176,26 @@ class Bridge:
                 log.info("  bot: %s", text)
         parts = [p for text in replies for p in bc.split_text(text)]
         for index, part in enumerate(parts):
-            if not self.post(msg, index, part, where):
-                return
+            posted = self.post(msg, index, part, where)
+            if posted is None:
+                return False
+            if not posted:
+                return True
+        return True
 
-    def post(self, msg: bc.Message, index: int, text: str, where: str) -> bool:
+    def post(self, msg: bc.Message, index: int, text: str, where: str) -> bool | None:
+        """Post one reply: True posted, False given up, None interrupted by stopping.
+
+        Passing trouble (rate limits, 5xx, the portal unreachable, an answer
+        lost on the way) is retried with backoff for up to ``SEND_PATIENCE_SEC``,
+        always with the same ``TEMPLATE_ID``, so a reply that did arrive is
+        recognised by the portal rather than posted twice.
+        """
         template = bc.reply_template_id(self.client.host, msg.dialog_id, msg.id, index)
         took = False
-        for attempt in range(SEND_RETRIES + 1):
+        delay = max(1.0, self.interval)
+        deadline = time.monotonic() + SEND_PATIENCE_SEC
+        while True:
             try:
                 bc.send_text(self.client, msg.dialog_id, text, template_id=template)
                 self.stats["replies"] += 1
@@ -195,17 +213,20 @@ class Bridge:
                 log.error("%s: reply not posted: the webhook user is not a member of this dialog (it waits "
                           "in the queue or its session was closed)%s", where,
                           "" if self.args.take else "; --take lets the bridge take queued dialogs")
-            except (bc.RateLimitError, bc.ServerError) as exc:
-                if attempt < SEND_RETRIES and not self.stop.is_set():
-                    log.warning("%s: reply not posted yet (%s); trying again", where, exc)
-                    self.stop.wait(min(60.0, 5.0 * 2 ** attempt))
+            except (bc.RateLimitError, bc.ServerError, bc.TransportError) as exc:
+                if self.stop.is_set():
+                    return None
+                if time.monotonic() + delay < deadline:
+                    log.warning("%s: reply not posted yet (%s); trying again in %.0f s", where, exc, delay)
+                    self.stop.wait(delay)
+                    delay = min(60.0, delay * 2)
                     continue
-                log.error("%s: reply not posted: %s", where, exc)
+                log.error("%s: reply not posted after %.0f minutes of trying: %s", where,
+                          SEND_PATIENCE_SEC / 60, exc)
             except bc.B24Error as exc:
                 log.error("%s: reply not posted: %s", where, bc.format_error(exc))
             self.stats["send_failures"] += 1
             return False
-        return False
 
     # -- the loop -------------------------------------------------------------------
     def cycle(self) -> None:

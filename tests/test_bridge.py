@@ -165,6 +165,18 @@ class Bridge(PortalCase):
         self.assertEqual(self.texts(chat).count("Echo: slow"), 1)
         self.assertEqual(proc.stop(), 0)
 
+    def test_portal_trouble_while_replying_is_waited_out(self) -> None:
+        chat = self.ids["lines_member"]
+        self.portal.fault("http502", count=2, method="im.message.add")
+        proc = self.start_bridge(B24_MAX_RETRIES=0)
+        self.portal.customer_message(chat, "through the storm")
+        self.wait_for(lambda: "Echo: through the storm" in self.texts(chat), timeout=20, what="the reply")
+        self.assertTrue(proc.wait_stderr("reply not posted yet", 1), proc.all_output())
+        time.sleep(0.5)
+        self.assertEqual(self.texts(chat).count("Echo: through the storm"), 1)
+        self.assertEqual(len(self.bot.received), 1, "the bot is asked once; only the posting is retried")
+        self.assertEqual(proc.stop(), 0)
+
     def test_a_reply_sent_twice_after_a_crash_is_posted_once(self) -> None:
         chat = self.ids["lines_member"]
         self.portal.fault("drop_after", count=1, method="im.message.add")   # posted, answer lost
