@@ -93,6 +93,7 @@ class Bridge:
         self.active: set = set()          # dialogs a worker holds
         self.ready: queue.Queue = queue.Queue()
         self.busy = 0
+        self.new_dialogs: set = set()
         self.stats = collections.Counter()
         self.watchdog = bc.watchdog_seconds()
         self.last_ping = 0.0
@@ -132,6 +133,11 @@ class Bridge:
 
     def dispatch(self, msgs: list) -> None:
         for msg in msgs:
+            if msg.new_dialog:               # may be the system note that opens a conversation:
+                self.new_dialogs.add(msg.dialog_id)   # the bot hears it with the first customer words
+            if msg.author_kind == "customer" and msg.dialog_id in self.new_dialogs:
+                self.new_dialogs.discard(msg.dialog_id)
+                msg.new_dialog = True
             if msg.author_kind != "customer":
                 with self.lock:
                     waiting = bool(self.pending[msg.dialog_id])

@@ -56,11 +56,16 @@ class Bridge(PortalCase):
                           "Where is my order?"))
         self.assertEqual((p["customer_phone"], p["phone"], p["business_phone"], p["customer_name"]),
                          ("+10000000101", "+10000000101", "+10000000001", "Ivan Petrov"))
+        self.assertFalse(p["new_dialog"])
         reply = self.portal.chat_messages(chat)[-1]
         self.assertEqual(reply["author_id"], 7)
         self.assertIsNotNone(reply["uuid"], "replies carry a TEMPLATE_ID")
+        self.portal.new_conversation(3, "Nora Example", "+10000000160", "hi, new here")   # waits in the queue
+        self.wait_for(lambda: len(self.bot.received) == 2, what="the new dialog's message")
+        self.assertEqual(self.bot.received[-1]["payload"]["text"], "hi, new here")
+        self.assertTrue(self.bot.received[-1]["payload"]["new_dialog"])
         time.sleep(1)
-        self.assertEqual(len(self.bot.received), 1, "our own reply and operators are not forwarded")
+        self.assertEqual(len(self.bot.received), 2, "our own replies are not forwarded")
         self.assertEqual(proc.stop(), 0)
 
     def test_reply_shapes_and_several_replies_in_order(self) -> None:
