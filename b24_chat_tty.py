@@ -165,6 +165,10 @@ class Chat:
         self.prefill = ""
 
     def setup_terminal(self) -> None:
+        def leave(signum: int, frame: Any) -> None:     # terminal closed, or asked to stop
+            raise SystemExit(bc.EXIT_OK)
+        signal.signal(signal.SIGTERM, leave)
+        signal.signal(signal.SIGHUP, leave)
         if not self.tty:
             return
         signal.signal(signal.SIGUSR1, self._on_usr1)

@@ -98,6 +98,7 @@ MESSAGE_MAX_CHARS = 20000            # longer texts are cut by im.message.add
 BOT_RETRIES = 2                      # extra tries of a bot call that failed on the way
 IDLE_SAVE_SEC = 60.0                 # an idle poller's state file is rewritten at most this often
 POLL_BACKOFF_MAX_SEC = 60.0
+USERS_CACHE_MAX = 5000               # authors remembered for classification (oldest dropped first)
 
 log = logging.getLogger("b24common")
 
@@ -1162,6 +1163,10 @@ def _messages_list(result: Any) -> tuple:
     return msgs, _users_map(res.get("users"))
 
 
+_USER_KEYS = ("id", "name", "first_name", "last_name", "connector", "bot", "type", "external_auth_id",
+              "phones")
+
+
 class _MessageFactory:
     """Turns raw ``im.dialog.messages.get`` rows into :class:`Message` objects."""
 
@@ -1170,9 +1175,10 @@ class _MessageFactory:
         self.users: dict = {}
 
     def learn(self, users: Mapping[int, Mapping], info: DialogInfo | None) -> None:
-        self.users.update(users)
-        if len(self.users) > 5000:
-            for k in list(self.users)[:1000]:
+        # keep only what classification and display need: a daemon sees many customers
+        self.users.update((uid, {k: u[k] for k in _USER_KEYS if k in u}) for uid, u in users.items())
+        if len(self.users) > USERS_CACHE_MAX:
+            for k in list(self.users)[:USERS_CACHE_MAX // 5]:
                 del self.users[k]
         if info and info.customer_id and info.customer_id in users:
             info.learn_customer(users[info.customer_id])

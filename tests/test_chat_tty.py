@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import time
 
@@ -155,6 +156,19 @@ class ChatTTY(PortalCase):
         q.expect("kept in history", start=len(q.text) - 40 if len(q.text) > 40 else 0)
         q.send("\x15\x04")                 # clear the line, Ctrl-D
         self.assertEqual(q.wait(), 0)
+
+    def test_sigterm_and_sighup_leave_quietly_and_keep_history(self) -> None:
+        chat = self.ids["lines_member"]
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            p = self.open_chat("chat%d" % chat)
+            p.expect("/help for commands")
+            p.send("line before %s\r" % sig.name)
+            self.wait_for_text(chat, "line before %s" % sig.name)
+            os.kill(p.pid, sig)
+            self.assertEqual(p.wait(), 0)
+            self.assertNotIn("Traceback", p.text)
+            with open(os.path.join(self.tmp, "state", "chat_history"), encoding="utf-8") as fh:
+                self.assertIn("line before %s" % sig.name, fh.read())
 
     def test_piped_input_sends_lines_plainly(self) -> None:
         chat = self.ids["lines_member"]
