@@ -981,7 +981,7 @@ def display_dialog_id(dialog_id: str) -> str:
 
 
 def normalize_phone(value: Any) -> str:
-    """``79161234567`` / ``+7 916 ...`` / ``7916...@c.us`` -> ``+7916...``; else ``""``."""
+    """``10000000101`` / ``+1 000 000 0101`` / ``10000000101@c.us`` -> ``+10000000101``; else ``""``."""
     if not value or not isinstance(value, (str, int)):
         return ""
     text = str(value).split("@", 1)[0].strip()

@@ -261,7 +261,7 @@ class Portal:
         c = self.new_conversation(1, "Chen Wei", "10000000103", "Price list please", when=now - 1800)
         # c stays in the queue (status 0): readable by queue operators, not writable
         d = self.new_conversation(5, "Telegram User", None, "hi from telegram", when=now - 1200,
-                                  external="209607941")
+                                  external="100000001")
         self._take(d["chat_id"], 9, when=now - 1100)
         e = self.new_conversation(3, "Old Customer", "10000000105", "Thanks, bye", when=now - 86400)
         self._take(e["chat_id"], WEBHOOK_USER_ID, when=now - 86300)
