@@ -62,14 +62,10 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument("--history", type=int, default=20, metavar="N",
                         help="messages shown when a dialog opens (default 20)")
     parser.add_argument("--no-bell", action="store_true", help="no terminal bell on a new customer message")
-    parser.add_argument("--interval", type=float, metavar="SEC",
-                        help="poll interval in seconds (default: B24_POLL_SEC or 2)")
-    bc.add_common_arguments(parser)
+    bc.add_common_arguments(parser, poll=True)
     args = parser.parse_args(argv)
     if not 0 <= args.history <= 1000:
         parser.error("--history: expected a count from 0 to 1000")
-    if args.interval is not None and not (0.1 <= args.interval <= 3600):
-        parser.error("--interval: expected seconds from 0.1 to 3600")
     return args
 
 

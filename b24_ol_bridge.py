@@ -65,16 +65,12 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
                         help="state file (default: bridge.json in $B24_STATE_DIR, systemd's "
                              "$STATE_DIRECTORY, or the XDG state folder)")
     parser.add_argument("--once", action="store_true", help="one poll cycle, handle what came, exit")
-    parser.add_argument("--interval", type=float, metavar="SEC",
-                        help="poll interval in seconds (default: B24_POLL_SEC or 2)")
     parser.add_argument("--demo", action="store_true",
                         help="run against a built-in emulator and echo bot with simulated customers")
-    bc.add_common_arguments(parser)
+    bc.add_common_arguments(parser, poll=True)
     args = parser.parse_args(argv)
     if not 1 <= args.workers <= 64:
         parser.error("--workers: expected 1 to 64")
-    if args.interval is not None and not (0.1 <= args.interval <= 3600):
-        parser.error("--interval: expected seconds from 0.1 to 3600")
     return args
 
 

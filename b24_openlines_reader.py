@@ -30,7 +30,6 @@ import b24common as bc
 log = logging.getLogger("b24_openlines_reader")
 
 
-
 def _parse_args(argv: list | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="b24_openlines_reader.py",
@@ -55,18 +54,14 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument("--state", nargs="?", const="", metavar="FILE",
                         help="resume after the last printed message across restarts; FILE defaults "
                              "to reader.json in $B24_STATE_DIR (or the XDG state folder)")
-    parser.add_argument("--interval", type=float, metavar="SEC",
-                        help="poll interval in seconds (default: B24_POLL_SEC or 2)")
     parser.add_argument("--demo", action="store_true",
                         help="run against a built-in emulator with simulated customers")
-    bc.add_common_arguments(parser)
+    bc.add_common_arguments(parser, poll=True)
     args = parser.parse_args(argv)
     if args.since_minutes is not None and not (0 < args.since_minutes <= 7 * 24 * 60):
         parser.error("--since-minutes: expected a number of minutes from 0 to 10080")
     if args.replay is not None and not (0 < args.replay <= 1000):
         parser.error("--replay: expected a count from 1 to 1000")
-    if args.interval is not None and not (0.1 <= args.interval <= 3600):
-        parser.error("--interval: expected seconds from 0.1 to 3600")
     return args
 
 

@@ -78,6 +78,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 
 # Tuning numbers (each can be overridden through Config / the environment).
 DEFAULT_POLL_SEC = 2.0
+POLL_SEC_MIN, POLL_SEC_MAX = 0.1, 3600.0
 DEFAULT_HTTP_TIMEOUT_SEC = 30.0      # the cloud cuts requests at 60 s
 DEFAULT_BOT_TIMEOUT_SEC = 120.0
 DEFAULT_RATE_PER_SEC = 2.0           # leaky bucket drain, non-Enterprise plans
@@ -584,7 +585,7 @@ class Config:
             raise ConfigError("B24_BUSINESS_PHONE=%r: expected a phone number such as +10000000001" % phone)
         return cls(
             webhook_base=base, portal_host=host, user_id=uid,
-            poll_sec=_number(env, "B24_POLL_SEC", DEFAULT_POLL_SEC, 0.1, 3600),
+            poll_sec=_number(env, "B24_POLL_SEC", DEFAULT_POLL_SEC, POLL_SEC_MIN, POLL_SEC_MAX),
             http_timeout=_number(env, "B24_HTTP_TIMEOUT_SEC", DEFAULT_HTTP_TIMEOUT_SEC, 1, 600),
             rate_per_sec=_number(env, "B24_RATE_PER_SEC", DEFAULT_RATE_PER_SEC, 0.1, 100),
             rate_burst=int(_number(env, "B24_RATE_BURST", DEFAULT_RATE_BURST, 1, 10000, integer=True)),
@@ -771,7 +772,6 @@ class Client:
         self._rng = rng or random.Random()
         self._opener = _opener_for(self.host)
         self.requests = 0
-        self.bytes_in = 0
         self._me: dict | None = None
 
     def __repr__(self) -> str:
@@ -817,7 +817,6 @@ class Client:
             except (OSError, http.client.HTTPException) as exc:
                 raise TransportError("%s: answer cut off (%s)" % (where, type(exc).__name__),
                                      maybe_executed=True) from None
-        self.bytes_in += len(raw)
         return self._decode(method, status, headers, raw)
 
     def _decode(self, method: str, status: int, headers: Any, raw: bytes) -> dict:
@@ -2099,9 +2098,23 @@ def watchdog_seconds() -> float | None:
 # Command-line plumbing shared by the scripts
 # ===========================================================================
 
+def _interval_arg(text: str) -> float:
+    """argparse type for ``--interval``: the range ``B24_POLL_SEC`` accepts."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (POLL_SEC_MIN <= value <= POLL_SEC_MAX):
+        raise argparse.ArgumentTypeError("expected seconds from %g to %g" % (POLL_SEC_MIN, POLL_SEC_MAX))
+    return value
+
+
 def add_common_arguments(parser: argparse.ArgumentParser,
-                         quiet_help: str = "only warnings and errors on stderr") -> None:
-    """``--env-file``, ``-v``, ``-q`` and ``--version``, the same in every script."""
+                         quiet_help: str = "only warnings and errors on stderr", *, poll: bool = False) -> None:
+    """``--env-file``, ``-v``, ``-q``, ``--version`` (and ``--interval`` for polling scripts)."""
+    if poll:
+        parser.add_argument("--interval", type=_interval_arg, metavar="SEC",
+                            help="poll interval in seconds (default: B24_POLL_SEC or 2)")
     parser.add_argument("--env-file", metavar="PATH",
                         help="read settings from PATH (default: ./.env, then .env beside the scripts)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log lines (-vv: debug)")
