@@ -1033,22 +1033,25 @@ def bbcode_to_text(text: Any) -> str:
     return s
 
 
-def _parse_date(value: Any) -> float | None:
+def _parse_iso(value: Any) -> _dt.datetime | None:
     if not value or not isinstance(value, str):
         return None
     try:
-        return _dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00")).timestamp()
+        return _dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:
         return None
+
+
+def _parse_date(value: Any) -> float | None:
+    """An ISO-8601 date of the portal as Unix time (None if absent or unreadable)."""
+    parsed = _parse_iso(value)
+    return parsed.timestamp() if parsed else None
 
 
 def _parse_tz(value: Any) -> _dt.tzinfo | None:
-    if not value or not isinstance(value, str):
-        return None
-    try:
-        return _dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00")).tzinfo
-    except ValueError:
-        return None
+    """The UTC offset an ISO-8601 date of the portal was written in."""
+    parsed = _parse_iso(value)
+    return parsed.tzinfo if parsed else None
 
 
 @dataclass
@@ -2136,6 +2139,13 @@ def find_env_file(explicit: str | None) -> str | None:
     return None
 
 
+def apply_env_file(args: argparse.Namespace, environ: Any) -> None:
+    """Apply ``--env-file`` (or the .env found) to *environ*; variables already set win."""
+    path = find_env_file(getattr(args, "env_file", None))
+    if path:
+        load_dotenv(path, strict=True, environ=environ)
+
+
 def environment_or_demo(args: argparse.Namespace) -> tuple:
     """The environment with the .env file applied (real variables win), and whether to run the demo.
 
@@ -2145,9 +2155,7 @@ def environment_or_demo(args: argparse.Namespace) -> tuple:
     environ = dict(os.environ)
     if getattr(args, "demo", False):
         return environ, True
-    path = find_env_file(getattr(args, "env_file", None))
-    if path:
-        load_dotenv(path, strict=True, environ=environ)
+    apply_env_file(args, environ)
     if not environ.get("B24_WEBHOOK_BASE") and not getattr(args, "env_file", None):
         log.warning("B24_WEBHOOK_BASE is not set: running the built-in demo instead (see README: Setup)")
         return environ, True
@@ -2179,9 +2187,7 @@ def load_config_from_args(args: argparse.Namespace, *, require_bot: bool = False
                           environ: Any = None) -> Config:
     """Apply the .env file (real environment wins) and build the :class:`Config`."""
     environ = os.environ if environ is None else environ
-    path = find_env_file(getattr(args, "env_file", None))
-    if path:
-        load_dotenv(path, strict=True, environ=environ)
+    apply_env_file(args, environ)
     return Config.from_env(environ, require_bot=require_bot)
 
 
