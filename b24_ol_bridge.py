@@ -206,8 +206,7 @@ class Bridge:
                 if self.args.take and not took and msg.dialog_id.startswith("chat"):
                     took = True
                     try:
-                        self.client.call("imopenlines.operator.answer", {"CHAT_ID": int(msg.dialog_id[4:])},
-                                         write=True)
+                        bc.take_dialog(self.client, msg.dialog_id)
                         log.info("%s: took the dialog from the queue to answer it", where)
                         continue
                     except bc.B24Error as exc:

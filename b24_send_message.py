@@ -81,7 +81,7 @@ def send_all(client: bc.Client, dialog_id: str, parts: list, take: bool) -> list
                 if not take or ids:
                     raise
                 # CANCELED means nothing was posted: take the dialog, then send once more
-                client.call("imopenlines.operator.answer", {"CHAT_ID": int(dialog_id[4:])}, write=True)
+                bc.take_dialog(client, dialog_id)
                 take = False
                 ids.append(bc.send_text(client, dialog_id, part))
         except bc.B24Error as exc:

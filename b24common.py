@@ -37,7 +37,7 @@ __all__ = [
     "Config", "Client", "BatchResult", "RateLimiter", "php_query",
     "parse_dialog_id", "display_dialog_id", "Message", "classify", "bbcode_to_text",
     "normalize_phone", "Poller", "DialogReader", "normalize_reply", "ReplyShapeError",
-    "StateFile", "default_state_dir", "send_text", "split_text", "new_template_id",
+    "StateFile", "default_state_dir", "send_text", "split_text", "new_template_id", "take_dialog",
     "BotClient", "BotError", "reply_template_id", "PollerStore", "poll_forever", "sd_notify",
     "watchdog_seconds",
     "add_common_arguments", "load_config_from_args", "run_main", "setup_logging",
@@ -1756,6 +1756,14 @@ def send_text(client: Client, dialog_id: str, text: str, *, template_id: str | N
         raise UnknownOutcomeError("%s: sending to %s: no answer came back and the message is "
                                   "not in the chat yet; check the chat before sending again"
                                   % ("im.message.add", display_dialog_id(dialog_id))) from None
+
+
+def take_dialog(client: Client, dialog_id: str) -> None:
+    """Take an Open Lines dialog waiting in the queue (``imopenlines.operator.answer``): after it
+    the webhook user is a member and may post."""
+    if not dialog_id.startswith("chat"):
+        raise UsageError("only Open Lines chats (chatN) can be taken, not %s" % display_dialog_id(dialog_id))
+    client.call("imopenlines.operator.answer", {"CHAT_ID": int(dialog_id[4:])}, write=True)
 
 
 # ===========================================================================
