@@ -109,7 +109,7 @@ class Screen:
         who = {"self": "You", "system": "*"}.get(msg.author_kind, msg.author_name)
         if msg.author_kind in ("operator", "bot"):
             who = "%s (%s)" % (msg.author_name, msg.author_kind)
-        text_lines = (msg.text or "").split("\n")
+        text_lines = (msg.display_text or "").split("\n")
         head = "%s %s: " % (stamp, who)
         role = msg.author_kind
         out.append(self.paint(head, role) + text_lines[0] if role != "system"

@@ -155,7 +155,7 @@ class Bridge:
                 "phone": msg.customer_phone or None, "customer_phone": msg.customer_phone or None,
                 "customer_name": msg.customer_name or msg.author_name, "author_id": msg.author_id,
                 "line_id": msg.line_id, "business_phone": self.cfg.business_phone or None,
-                "new_dialog": msg.new_dialog}
+                "attachments": list(msg.attachments), "new_dialog": msg.new_dialog}
 
     def handle(self, msg: bc.Message) -> bool:
         """Ask the bot and post its replies; False if stopping interrupted it (redo later)."""
@@ -173,7 +173,7 @@ class Bridge:
         log.info("%s: bot answered in %.1f s with %d repl%s", where, time.monotonic() - started,
                  len(replies), "y" if len(replies) == 1 else "ies")
         if self.args.demo:      # a demo shows the conversation; a real journal keeps texts out
-            log.info("  customer %s: %s", msg.author_name, msg.text)
+            log.info("  customer %s: %s", msg.author_name, msg.display_text)
             for text in replies:
                 log.info("  bot: %s", text)
         parts = [p for text in replies for p in bc.split_text(text)]

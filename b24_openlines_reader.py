@@ -87,7 +87,7 @@ def format_message(msg: bc.Message) -> str:
     """``[chatN] text -- who, when``; continuation lines indented under the text."""
     tag = "[NEW DIALOG %s]" % bc.display_dialog_id(msg.dialog_id) if msg.new_dialog else \
         "[%s]" % bc.display_dialog_id(msg.dialog_id)
-    lines = (msg.text or "").replace("\r\n", "\n").split("\n") or [""]
+    lines = (msg.display_text or "").replace("\r\n", "\n").split("\n") or [""]
     pad = " " * (len(tag) + 1)
     head = "%s %s  -- %s, %s" % (tag, lines[0], _who(msg), _when(msg))
     return "\n".join([head] + [pad + line for line in lines[1:]])

@@ -33,11 +33,12 @@ __all__ = [
     "B24Error", "ConfigError", "UsageError", "TransportError", "UnknownOutcomeError",
     "APIError", "AuthError", "ScopeError", "AccessDeniedError", "NotMemberError",
     "NotFoundError", "RateLimitError", "ServerError", "BadRequestError", "PortalMovedError",
+    "DuplicateUuidError", "attachment_of", "describe_attachment",
     "redact", "register_secret", "dotenv_values", "load_dotenv", "parse_dotenv",
     "Config", "Client", "BatchResult", "RateLimiter", "php_query",
     "parse_dialog_id", "display_dialog_id", "Message", "classify", "bbcode_to_text",
     "normalize_phone", "Poller", "DialogReader", "normalize_reply", "ReplyShapeError",
-    "StateFile", "default_state_dir", "send_text", "split_text", "new_template_id", "take_dialog",
+    "StateFile", "default_state_dir", "send_text", "find_by_uuid", "split_text", "new_template_id", "take_dialog",
     "BotClient", "BotError", "reply_template_id", "PollerStore", "poll_forever", "sd_notify",
     "watchdog_seconds",
     "add_common_arguments", "load_config_from_args", "run_main", "setup_logging",
@@ -51,6 +52,7 @@ import hashlib
 import http.client
 import json
 import logging
+import mimetypes
 import os
 import random
 import re
@@ -95,7 +97,10 @@ MESSAGES_PAGE = 50                   # im.dialog.messages.get caps LIMIT at 50
 RECENT_PAGE_MIN = 8                  # recent items read on an idle cycle
 RECENT_PAGE_MAX = 200
 SYNC_MAX_AGE_SEC = 6 * 86400         # im.recent.get LAST_SYNC_DATE looks back 7 days at most
+SYNC_MARGIN_SEC = 60.0               # recent rows are written after their message: ask back this far
+SESSION_ANSWERED = 10                # Open Lines session status from which an operator has it
 MESSAGE_MAX_CHARS = 20000            # longer texts are cut by im.message.add
+SEND_PATIENCE_SEC = 30.0             # how long send_text resends (same TEMPLATE_ID) an unknown outcome
 BOT_RETRIES = 2                      # extra tries of a bot call that failed on the way
 IDLE_SAVE_SEC = 60.0                 # an idle poller's state file is rewritten at most this often
 POLL_BACKOFF_MAX_SEC = 60.0
@@ -259,6 +264,11 @@ class BadRequestError(APIError):
     """Any other 4xx: the request itself was wrong."""
 
 
+class DuplicateUuidError(APIError):
+    """``MESSAGE_DUPLICATED_BY_UUID``: a message with this ``TEMPLATE_ID`` is being (or was
+    meant to be) written -- its outcome is not known yet, not a failure (fact sheet §9)."""
+
+
 class PortalMovedError(APIError):
     """The portal answered with a redirect (e.g. its domain was renamed)."""
 
@@ -279,6 +289,8 @@ def api_error(code: Any, description: Any = "", status: int = 0, method: str = "
         cls = ScopeError
     elif key == "CANCELED":
         cls = NotMemberError
+    elif key == "MESSAGE_DUPLICATED_BY_UUID":
+        cls = DuplicateUuidError
     elif key in _RATE_CODES:
         cls = RateLimitError
     elif key in _AUTH_CODES:
@@ -1067,6 +1079,7 @@ class DialogInfo:
     customer_name: str = ""
     customer_phone: str = ""
     is_lines: bool = True
+    session_id: int = 0
 
     @classmethod
     def from_chat(cls, dialog_id: str, chat: Mapping | None, title: str = "") -> DialogInfo:
@@ -1078,6 +1091,9 @@ class DialogInfo:
         info = cls(dialog_id, _int(chat.get("id")), str(title or chat.get("name") or ""),
                    entity_id, None, 0, is_lines=is_lines)
         parts = entity_id.split("|")
+        data1 = str(chat.get("entity_data_1") or "").split("|")
+        if is_lines and len(data1) >= 6:
+            info.session_id = _int(data1[5])      # 0 once the session is closed
         if is_lines and len(parts) >= 4:
             info.line_id = _int(parts[1], 0) or None
             info.customer_id = _int(parts[3])
@@ -1096,7 +1112,7 @@ class DialogInfo:
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in ("chat_id", "title", "entity_id", "line_id",
                                               "customer_id", "customer_name", "customer_phone",
-                                              "is_lines")}
+                                              "is_lines", "session_id")}
 
 
 @dataclass
@@ -1117,10 +1133,21 @@ class Message:
     new_dialog: bool = False
     params: dict = field(default_factory=dict)
     uuid: str | None = None
+    attachments: list = field(default_factory=list)   # see attachment_of()
+    caption: str = ""              # what the author typed (for media: the caption, may be "")
+    session_id: int = 0
 
     @property
     def timestamp(self) -> float | None:
         return _parse_date(self.date)
+
+    @property
+    def display_text(self) -> str:
+        """The text as a person reads it: ``[photo: a.jpg, 230 KB] caption`` for media."""
+        if not self.attachments:
+            return self.text
+        tags = " ".join(describe_attachment(a) for a in self.attachments)
+        return "%s %s" % (tags, self.caption) if self.caption else tags
 
     def to_json(self) -> dict:
         return {"dialog_id": display_dialog_id(self.dialog_id), "chat_id": self.chat_id,
@@ -1128,7 +1155,35 @@ class Message:
                 "author_kind": self.author_kind, "author_name": self.author_name,
                 "customer_name": self.customer_name or None,
                 "customer_phone": self.customer_phone or None, "line_id": self.line_id,
-                "text": self.text, "new_dialog": self.new_dialog}
+                "text": self.text, "attachments": list(self.attachments), "new_dialog": self.new_dialog}
+
+
+_MEDIA_WORDS = {"image": "photo", "audio": "audio", "video": "video", "file": "document"}
+
+
+def attachment_of(raw: Mapping) -> dict:
+    """A portal file object (``files[]`` of ``im.dialog.messages.get``) as we pass it on."""
+    name = str(raw.get("name") or "")
+    ext = str(raw.get("extension") or (name.rsplit(".", 1)[-1] if "." in name else "")).lower()
+    kind = str(raw.get("type") or "file").lower()
+    return {"id": _int(raw.get("id")), "type": _MEDIA_WORDS.get(kind, "file"), "portal_type": kind,
+            "name": name, "size": _int(raw.get("size")), "extension": ext,
+            "mime": mimetypes.guess_type(name)[0] or "", "url_download": str(raw.get("urlDownload") or "")}
+
+
+def _human_size(size: int) -> str:
+    if size >= 1024 * 1024:
+        return "%.1f MB" % (size / 1048576.0)
+    if size >= 1024:
+        return "%d KB" % round(size / 1024.0)
+    return "%d B" % size
+
+
+def describe_attachment(att: Mapping) -> str:
+    """``[photo: a.jpg, 230 KB]`` -- what a text-only reader (or bot) sees of a file."""
+    bits = [x for x in (str(att.get("name") or ""), _human_size(_int(att.get("size"))) if att.get("size") else "")
+            if x]
+    return "[%s%s]" % (att.get("type") or "file", ": " + ", ".join(bits) if bits else "")
 
 
 def classify(raw: Mapping, users: Mapping[int, Mapping], *, self_id: int,
@@ -1158,11 +1213,15 @@ def _users_map(users: Any) -> dict:
 
 
 def _messages_list(result: Any) -> tuple:
+    """``im.dialog.messages.get``'s result -> (raw messages, {user id: user}, {file id: file})."""
     res = as_map(result)
     msgs = res.get("messages")
     msgs = list(msgs.values()) if isinstance(msgs, Mapping) else msgs if isinstance(msgs, list) else []
     msgs = [m for m in msgs if isinstance(m, Mapping) and _int(m.get("id"))]
-    return msgs, _users_map(res.get("users"))
+    files = res.get("files")
+    files = files.values() if isinstance(files, Mapping) else files if isinstance(files, list) else []
+    return msgs, _users_map(res.get("users")), {_int(f.get("id")): f for f in files
+                                                if isinstance(f, Mapping) and _int(f.get("id"))}
 
 
 _USER_KEYS = ("id", "name", "first_name", "last_name", "connector", "bot", "type", "external_auth_id",
@@ -1175,13 +1234,16 @@ class _MessageFactory:
     def __init__(self, self_id: int):
         self.self_id = self_id
         self.users: dict = {}
+        self.files: dict = {}
 
-    def learn(self, users: Mapping[int, Mapping], info: DialogInfo | None) -> None:
+    def learn(self, users: Mapping[int, Mapping], info: DialogInfo | None, files: Mapping | None = None) -> None:
         # keep only what classification and display need: a daemon sees many customers
         self.users.update((uid, {k: u[k] for k in _USER_KEYS if k in u}) for uid, u in users.items())
-        if len(self.users) > USERS_CACHE_MAX:
-            for k in list(self.users)[:USERS_CACHE_MAX // 5]:
-                del self.users[k]
+        self.files.update((fid, attachment_of(f)) for fid, f in (files or {}).items())
+        for cache in (self.users, self.files):
+            if len(cache) > USERS_CACHE_MAX:
+                for k in list(cache)[:USERS_CACHE_MAX // 5]:
+                    del cache[k]
         if info and info.customer_id and info.customer_id in users:
             info.learn_customer(users[info.customer_id])
 
@@ -1193,15 +1255,27 @@ class _MessageFactory:
             info.customer_id = author
             info.learn_customer(self.users.get(author))
         params = raw.get("params")
+        params = params if isinstance(params, dict) else {}
+        file_ids = params.get("FILE_ID")
+        file_ids = list(file_ids.values()) if isinstance(file_ids, Mapping) else \
+            file_ids if isinstance(file_ids, list) else [file_ids] if file_ids else []
+        attachments = [self.files.get(_int(f)) or {"id": _int(f), "type": "file", "name": "", "size": 0,
+                                                   "extension": "", "mime": "", "url_download": ""}
+                       for f in file_ids if _int(f)]
+        caption = bbcode_to_text(raw.get("text"))
+        text = caption
+        if attachments and not caption.strip():
+            # text-only consumers (and bots) still see that something came
+            text = " ".join(describe_attachment(a) for a in attachments)
         return Message(
             dialog_id=dialog_id, chat_id=_int(raw.get("chat_id")) or (info.chat_id if info else 0),
             id=_int(raw.get("id")), date=str(raw.get("date") or ""), author_id=author,
             author_kind=kind, author_name=_user_name(self.users.get(author), author),
-            text=bbcode_to_text(raw.get("text")),
+            text=text, caption=caption, attachments=attachments,
             customer_name=info.customer_name if info else "",
             customer_phone=info.customer_phone if info else "",
-            line_id=info.line_id if info else None,
-            params=params if isinstance(params, dict) else {},
+            line_id=info.line_id if info else None, session_id=info.session_id if info else 0,
+            params=params,
             uuid=raw.get("uuid") if isinstance(raw.get("uuid"), str) else None)
 
 
@@ -1231,8 +1305,8 @@ class DialogReader:
 
     def _get(self, params: dict) -> list:
         params = dict(params, DIALOG_ID=self.dialog_id)
-        msgs, users = _messages_list(self.client.call("im.dialog.messages.get", params))
-        self.factory.learn(users, self.info)
+        msgs, users, files = _messages_list(self.client.call("im.dialog.messages.get", params))
+        self.factory.learn(users, self.info, files)
         msgs.sort(key=lambda m: _int(m.get("id")))
         return [self.factory.make(m, self.dialog_id, self.info) for m in msgs]
 
@@ -1295,6 +1369,68 @@ def _locked(method: Callable) -> Callable:
     return wrapper
 
 
+class _Want:
+    """What one dialog's fetch is after, and what it found (see :meth:`Poller._fetch`).
+
+    *forward*: ``FIRST_ID`` pages after the cursor, ascending.  *tail*:
+    ``LAST_ID`` pages back from the newest message, descending, until the
+    cursor or the cut -- for a dialog that comes into sight with history we
+    must not replay.  Messages dated before *cut* (the previous scan minus
+    :data:`SYNC_MARGIN_SEC`) are passed over: they were written while the
+    dialog was out of our sight, not since we last looked.
+    """
+
+    def __init__(self, first: int, target: int, *, cut: float | None = None, tail: bool = False):
+        self.first = first            # only ids above this are ours
+        self.target = target          # the newest id the recent list showed
+        self.cut = cut
+        self.tail = tail
+        self.after = first            # forward: the next FIRST_ID
+        self.before = 0               # tail: the next LAST_ID (0 = the newest)
+        self.keep: dict = {}          # id -> raw message to deliver
+        self.passed = 0               # highest id passed over (older than the cut)
+        self.highest = 0
+
+    def params(self) -> dict:
+        if self.tail:
+            return {"LAST_ID": self.before, "LIMIT": MESSAGES_PAGE}
+        return {"FIRST_ID": self.after, "LIMIT": MESSAGES_PAGE}
+
+    def _recent(self, raw: Mapping) -> bool:
+        date = _parse_date(raw.get("date"))
+        return self.cut is None or date is None or date >= self.cut
+
+    def take(self, msgs: list) -> bool:
+        """Take one page; True if another page is needed."""
+        full = len(msgs) >= MESSAGES_PAGE
+        rows = sorted((m for m in msgs if _int(m.get("id")) > (self.first if self.tail else self.after)),
+                      key=lambda m: _int(m.get("id")))
+        for m in rows:
+            mid = _int(m.get("id"))
+            self.highest = max(self.highest, mid)
+            if self._recent(m):
+                self.keep[mid] = m
+            else:
+                self.passed = max(self.passed, mid)
+        if not rows:
+            return False
+        if self.tail:
+            oldest = _int(rows[0].get("id"))
+            if full and len(rows) == len(msgs) and self._recent(rows[0]):
+                self.before = oldest
+                return True
+            return False
+        self.after = _int(rows[-1].get("id"))
+        if full and self.cut is not None and not any(self._recent(m) for m in rows):
+            # a long stretch written while the dialog was out of sight: read back from its end
+            self.tail, self.first, self.before = True, self.after, 0
+            return True
+        return full or self.after < self.target
+
+    def messages(self) -> list:
+        return [self.keep[i] for i in sorted(self.keep)]
+
+
 class Poller:
     """New messages of every Open Lines dialog the webhook user can read.
 
@@ -1303,6 +1439,12 @@ class Poller:
     then fetches every changed dialog strictly after its cursor with
     ``FIRST_ID`` (one ``batch`` for up to 50 dialogs), looping until caught
     up.  Messages come back oldest first, across dialogs.
+
+    A dialog that comes into sight mid-life (a chat transferred to us, a
+    supervisor adding the webhook user) starts where it became visible:
+    messages older than the previous scan (less a margin for the portal's
+    late-written rows) are history, not news -- except a waiting session
+    nobody answered yet, whose messages since the session began are news.
 
     Cursors advance when the caller :meth:`ack`-s a message (``poll()`` acks
     by itself unless ``auto_ack=False``), so a state file saved after each
@@ -1320,17 +1462,19 @@ class Poller:
         self.fetched: dict = {}       # dialog_id -> last fetched message id (in memory)
         self.last_seen: dict = {}     # dialog_id -> last message id the recent list showed
         self.dialogs: dict = {}       # dialog_id -> DialogInfo
-        self.watermark: float | None = None   # activity date of the last completed scan
+        self.watermark: float | None = None   # the portal's clock when the last completed scan began
         self.floor_id = 0             # new dialogs start after this id
         self._committed_watermark: float | None = None   # the watermark a restart may trust
         self._unacked: set = set()    # (dialog, id) delivered by poll() but not acked yet
         self._acked: dict = {}        # dialog -> highest acked id
         self._page = page_min
         self._unreadable: dict = {}  # dialog -> target we could not read
+        self._rewound: set = set()   # dialogs replaying history on purpose (no cut)
         self._use_sync = True        # until the portal shows it ignores LAST_SYNC_DATE
         self._newest: float | None = None
         self._read_time: float | None = None
         self._tz: _dt.tzinfo = _dt.timezone.utc   # the portal's UTC offset, once seen
+        self.requests_last_cycle = 0
         self.started = False
         self.lock = threading.RLock()   # poll() in one thread, ack() and to_state() in others
 
@@ -1360,6 +1504,13 @@ class Poller:
                 self.dialogs[str(d)] = info
         self.started = self.watermark is not None
 
+    @_locked
+    def forget(self, dialog_id: str) -> None:
+        """Drop what is known of a dialog (it comes back as a dialog first seen, from then on)."""
+        for table in (self.cursors, self.fetched, self.last_seen, self.dialogs, self._unreadable, self._acked):
+            table.pop(dialog_id, None)
+        self._rewound.discard(dialog_id)
+
     # -- recent list ------------------------------------------------------------
     def _note_read_time(self, block: Any) -> None:
         """Remember the portal's clock when a scan began: later changes are dated after it."""
@@ -1379,26 +1530,28 @@ class Poller:
         self._note_read_time(env.get("time"))
         res = env.get("result")
         if isinstance(res, list):          # tolerate a bare list
-            return res, False, None
+            return res, False
         res = as_map(res)
         items = res.get("items")
         items = list(items.values()) if isinstance(items, Mapping) else items or []
         more = bool(res.get("hasMore", res.get("hasMorePages", False)))
-        nxt = env.get("next")
-        return [i for i in items if isinstance(i, Mapping)], more, _int(nxt, 0) or None
+        return [i for i in items if isinstance(i, Mapping)], more
+
+    @staticmethod
+    def _in_queue(item: Mapping) -> bool:
+        """An in-queue (undistributed) chat appended to every recent answer: no ``last_id``."""
+        return "last_id" not in item and "date_last_activity" not in item
 
     def _consider(self, item: Mapping, changed: dict, seen: set, *, full: bool = False) -> tuple:
         """Look at one recent item; return ``(unchanged, activity date, in-queue)``."""
         did = _dialog_of(item)
-        date = _parse_date(item.get("date_last_activity"))
-        updated = _parse_date(item.get("date_update"))
-        queued = date is None and "last_id" not in item     # an in-queue chat, appended to pages
+        queued = self._in_queue(item)
+        date = _parse_date(item.get("date_last_activity") or item.get("date_update"))
         if not did or did in seen:
             return True, date, queued
         seen.add(did)
-        for d in (date, updated):
-            if d is not None:
-                self._newest = d if self._newest is None else max(self._newest, d)
+        if date is not None:
+            self._newest = date if self._newest is None else max(self._newest, date)
         info = self._learn_dialog(did, item)
         relevant = info.is_lines or not self.lines_only
         mid = _int(as_map(item.get("message")).get("id"))
@@ -1408,8 +1561,9 @@ class Poller:
         was = self.last_seen.get(did)
         if not mid or (was is not None and mid <= was):
             return True, date, queued
-        if was is None and date is not None and self.watermark is not None and date < self.watermark:
-            # a dialog we had not met, quiet since before our last scan: nothing new in it
+        if was is None and not queued and date is not None and self.watermark is not None \
+                and date < self.watermark - SYNC_MARGIN_SEC:
+            # a dialog we had not met, quiet since well before our last scan: nothing new in it
             self.last_seen[did] = mid
             if relevant:
                 self.cursors.setdefault(did, mid)
@@ -1422,15 +1576,17 @@ class Poller:
         return False, date, queued
 
     def _scan(self, full: bool) -> tuple:
-        """Find changed dialogs; return ``({dialog: recent item}, newest date seen)``.
+        """Find changed dialogs; return ``({dialog: recent item}, the scan's watermark)``.
 
-        Normally one ``batch``: ``im.recent.list LIMIT=1`` (it carries every
-        in-queue chat) and ``im.recent.get LAST_SYNC_DATE=<newest date of the
-        last scan>`` (what changed since).  A portal that ignores
-        ``LAST_SYNC_DATE`` is read the other way from then on: ``im.recent.list``
-        in activity order, only down to the first item that has not changed
-        and is older than the last scan -- everything below it is older still.
-        ``full`` reads every page and returns every dialog.
+        Normally one ``batch``: ``im.recent.list LIMIT=1`` and ``im.recent.get
+        LAST_SYNC_DATE=<last scan less a margin>`` (what changed since; every
+        in-queue chat comes with both, whatever the date).  A portal that
+        ignores ``LAST_SYNC_DATE`` is read the other way from then on:
+        ``im.recent.list`` in activity order, only down to the first item that
+        has not changed and is older than the last scan -- everything below it
+        is older still.  Pages move by ``OFFSET += LIMIT`` (the portal's
+        ``next`` also counts the in-queue items, and following it skips
+        dialogs).  ``full`` reads every page and returns every dialog.
         """
         self._newest = None
         self._read_time = None
@@ -1445,19 +1601,17 @@ class Poller:
         offset = 0
         limit = RECENT_PAGE_MAX if full else self._page
         while True:
-            items, more, nxt = self._recent_page(offset, limit)
-            paged = 0
+            items, more = self._recent_page(offset, limit)
             boundary = False
             for item in items:
                 unchanged, date, queued = self._consider(item, changed, seen, full=full)
-                if not queued:
-                    paged += 1
                 if unchanged and not full and not queued and not item.get("pinned") \
-                        and date is not None and self.watermark is not None and date < self.watermark:
+                        and date is not None and self.watermark is not None \
+                        and date < self.watermark - SYNC_MARGIN_SEC:
                     boundary = True     # read the rest of this page: in-queue chats come last
             if boundary or not more or not items:
                 break
-            offset = nxt if nxt and nxt > offset else offset + max(paged, 1)
+            offset += limit
             limit = RECENT_PAGE_MAX
         return changed, self._scan_time()
 
@@ -1466,13 +1620,15 @@ class Poller:
         if self._read_time is not None:
             return max(self._read_time, self.watermark or 0.0)
         return self._newest
+
     def _scan_sync(self, changed: dict) -> bool:
         """The one-request scan; False if the portal did not honour ``LAST_SYNC_DATE``."""
+        since = self.watermark - SYNC_MARGIN_SEC
         # in the portal's own UTC offset, so even a portal comparing strings gets it right
-        since = _dt.datetime.fromtimestamp(self.watermark, self._tz).isoformat(timespec="seconds")
+        text = _dt.datetime.fromtimestamp(since, self._tz).isoformat(timespec="seconds")
         br = self.client.batch({
             "head": ("im.recent.list", {"LIMIT": 1}),
-            "sync": ("im.recent.get", {"LAST_SYNC_DATE": since, "SKIP_DIALOG": "N" if not self.lines_only else "Y"}),
+            "sync": ("im.recent.get", {"LAST_SYNC_DATE": text, "SKIP_DIALOG": "N" if not self.lines_only else "Y"}),
         })
         self._note_read_time(br.time)
         for name in ("head", "sync"):
@@ -1484,11 +1640,12 @@ class Poller:
             self._use_sync = False
         else:
             for item in sync:
-                if not isinstance(item, Mapping):
+                # judge the filter on member rows only: in-queue chats come whatever the date
+                if not isinstance(item, Mapping) or self._in_queue(item):
                     continue
                 updated = _parse_date(item.get("date_update") or item.get("date_last_activity")
                                       or as_map(item.get("message")).get("date"))
-                if updated is not None and updated < self.watermark - 1:
+                if updated is not None and updated < since - 1:
                     self._use_sync = False      # the filter was ignored: older items came back
                     break
         if not self._use_sync:
@@ -1510,35 +1667,36 @@ class Poller:
                 fresh.customer_name = fresh.customer_name or info.customer_name
                 fresh.customer_phone = fresh.customer_phone or info.customer_phone
             info = self.dialogs[did] = fresh
+        lines = as_map(item.get("lines"))
+        if lines.get("id") is not None:
+            info.session_id = _int(lines.get("id"))
         user = item.get("user")
         if isinstance(user, Mapping) and info.customer_id and _int(user.get("id")) == info.customer_id:
             info.learn_customer(user)
         return info
 
     # -- fetching -----------------------------------------------------------------
-    def _fetch(self, wants: dict) -> tuple:
-        """``{dialog: (first_id, target_id)}`` -> ``({dialog: [raw...]}, {failed dialogs})``.
+    def _fetch(self, wants: dict) -> set:
+        """Read each ``{dialog: _Want}`` until it is satisfied; return the dialogs we may not read.
 
-        A dialog is read until a short page comes back and its target (the
-        newest id the recent list showed) is reached.  Dialogs we may not read
-        are reported as failed; rate limits and server errors propagate.
+        Up to 50 dialogs go in one ``batch``; a dialog whose page was full
+        goes round again.  Rate limits and server errors propagate.
         """
-        out: dict = {d: [] for d in wants}
-        pending = {d: v[0] for d, v in wants.items()}
+        pending = dict(wants)
         failed: set = set()
         while pending:
             names = list(pending)[:BATCH_MAX]
             if len(names) == 1:
                 d = names[0]
                 try:
-                    results = {d: self.client.call("im.dialog.messages.get", {
-                        "DIALOG_ID": d, "FIRST_ID": pending[d], "LIMIT": MESSAGES_PAGE})}
+                    results = {d: self.client.call("im.dialog.messages.get",
+                                                   dict(pending[d].params(), DIALOG_ID=d))}
                     errors: dict = {}
                 except (AccessDeniedError, NotFoundError, BadRequestError) as exc:
                     results, errors = {}, {d: exc}
             else:
-                br = self.client.batch({d: ("im.dialog.messages.get", {
-                    "DIALOG_ID": d, "FIRST_ID": pending[d], "LIMIT": MESSAGES_PAGE}) for d in names})
+                br = self.client.batch({d: ("im.dialog.messages.get", dict(pending[d].params(), DIALOG_ID=d))
+                                        for d in names})
                 results, errors = br.results, br.errors
             for d in names:
                 if d in errors or d not in results:
@@ -1549,18 +1707,25 @@ class Poller:
                     pending.pop(d)
                     failed.add(d)
                     continue
-                msgs, users = _messages_list(results[d])
-                self.factory.learn(users, self.dialogs.get(d))
-                first = pending[d]
-                page_size = len(msgs)
-                msgs = sorted((m for m in msgs if _int(m.get("id")) > first),
-                              key=lambda m: _int(m.get("id")))
-                out[d].extend(msgs)
-                if msgs and (page_size >= MESSAGES_PAGE or _int(msgs[-1].get("id")) < wants[d][1]):
-                    pending[d] = _int(msgs[-1].get("id"))
-                else:
+                msgs, users, files = _messages_list(results[d])
+                self.factory.learn(users, self.dialogs.get(d), files)
+                if not pending[d].take(msgs):
                     pending.pop(d)
-        return out, failed
+        return failed
+
+    def _want(self, did: str, item: Mapping) -> _Want:
+        """How to read a changed dialog: after its cursor, or -- first seen -- from where it came into sight."""
+        target = _int(as_map(item.get("message")).get("id"))
+        cut = None if self.watermark is None or did in self._rewound else self.watermark - SYNC_MARGIN_SEC
+        if did in self.cursors:
+            return _Want(max(self.cursors[did], self.fetched.get(did, 0)), target, cut=cut)
+        lines = as_map(item.get("lines"))
+        began = _parse_date(lines.get("date_create"))
+        if cut is not None and self._in_queue(item) and began is not None \
+                and _int(lines.get("status"), 99) < SESSION_ANSWERED:
+            # a waiting session nobody has answered: what the customer wrote in it is news
+            cut = min(cut, began - 1)
+        return _Want(self.floor_id, target, cut=cut, tail=True)
 
     # -- cycle ----------------------------------------------------------------------
     @_locked
@@ -1601,6 +1766,7 @@ class Poller:
                 continue
             self.cursors[did] = self.fetched[did] = min(self.cursors[did], point)
             self._unreadable.pop(did, None)
+            self._rewound.add(did)
 
     def _replay_point(self, did: str, since: float | None, count: int | None) -> int:
         """The id after which the replay of *did* starts (pages back with ``LAST_ID``)."""
@@ -1608,8 +1774,8 @@ class Poller:
         for by_count in ([True] if count else []) + ([False] if since is not None else []):
             last, seen, point = 0, 0, 0
             while True:
-                msgs, _users = _messages_list(self.client.call(
-                    "im.dialog.messages.get", {"DIALOG_ID": did, "LAST_ID": last, "LIMIT": MESSAGES_PAGE}))
+                msgs = _messages_list(self.client.call(
+                    "im.dialog.messages.get", {"DIALOG_ID": did, "LAST_ID": last, "LIMIT": MESSAGES_PAGE}))[0]
                 rows = sorted(((_int(m.get("id")), _parse_date(m.get("date"))) for m in msgs), reverse=True)
                 for mid, date in rows:
                     seen += 1
@@ -1628,43 +1794,43 @@ class Poller:
         """One cycle: new messages since the cursors, oldest first (each once)."""
         if not self.started:
             raise RuntimeError("call start() first")
+        before = self.client.requests
         changed, newest = self._scan(full=False)
         wants: dict = {}
-        new_dialogs = set()
         for did, item in changed.items():
-            target = _int(as_map(item.get("message")).get("id"))
-            if did in self.cursors:
-                first = max(self.cursors[did], self.fetched.get(did, 0))
-            else:
-                first = self.floor_id
-                new_dialogs.add(did)
-            wants[did] = (first, target)
+            wants[did] = self._want(did, item)
         # dialogs rewound, or not caught up last time, are read even if the list is quiet
         for did, cur in self.cursors.items():
             done = max(cur, self.fetched.get(did, cur))
             target = self.last_seen.get(did, done)
             if did not in wants and done < target and self._unreadable.get(did) != target:
-                wants[did] = (done, target)
-        raw, failed = self._fetch(wants) if wants else ({}, set())
+                wants[did] = _Want(done, target, cut=None if did in self._rewound or self.watermark is None
+                                   else self.watermark - SYNC_MARGIN_SEC)
+        failed = self._fetch(wants) if wants else set()
         out: list = []
-        for did, (first, target) in wants.items():
+        for did, want in wants.items():
             if did in failed:
-                self._unreadable[did] = target
-                self.last_seen[did] = max(self.last_seen.get(did, 0), target)
+                self._unreadable[did] = want.target
+                self.last_seen[did] = max(self.last_seen.get(did, 0), want.target)
                 continue
             self._unreadable.pop(did, None)
-            msgs = raw.get(did) or []
+            msgs = want.messages()
             info = self.dialogs.get(did)
-            is_new = did in new_dialogs
+            is_new = did not in self.cursors
             for m in msgs:
                 msg = self.factory.make(m, did, info)
                 msg.new_dialog, is_new = is_new, False
                 out.append(msg)
-            last = _int(msgs[-1].get("id")) if msgs else 0
-            self.fetched[did] = max(self.fetched.get(did, 0), first, target, last)
+            self.fetched[did] = max(self.fetched.get(did, 0), want.first, want.target, want.highest)
             self.last_seen[did] = max(self.last_seen.get(did, 0), self.fetched[did])
+            if self.fetched[did] >= self.last_seen[did]:
+                self._rewound.discard(did)
+            # the cursor moves past what was passed over (history), never past what is out
+            start = (min(want.keep) - 1) if want.keep else max(want.passed, self.fetched[did])
             if did not in self.cursors:
-                self.cursors[did] = first
+                self.cursors[did] = start
+            elif start > self.cursors[did] and not any(d == did for d, _i in self._unacked):
+                self.cursors[did] = start
         out.sort(key=lambda m: m.id)
         if newest is not None:
             self.watermark = max(self.watermark or newest, newest)
@@ -1676,6 +1842,7 @@ class Poller:
             self._committed_watermark = self.watermark
         # the page read next time follows the traffic: idle cycles read a small page
         self._page = max(self.page_min, min(RECENT_PAGE_MAX, 2 * len(changed) + self.page_min))
+        self.requests_last_cycle = self.client.requests - before
         return out
 
     @_locked
@@ -1731,31 +1898,64 @@ def split_text(text: str, limit: int = MESSAGE_MAX_CHARS) -> list:
     return out
 
 
-def send_text(client: Client, dialog_id: str, text: str, *, template_id: str | None = None) -> int:
+def find_by_uuid(client: Client, dialog_id: str, template_id: str) -> int:
+    """The id of the message carrying *template_id* among the dialog's newest 50, else 0."""
+    res = client.call("im.dialog.messages.get", {"DIALOG_ID": dialog_id, "LAST_ID": 0, "LIMIT": MESSAGES_PAGE})
+    for m in _messages_list(res)[0]:
+        if m.get("uuid") == template_id:
+            return _int(m.get("id"))
+    return 0
+
+
+def send_text(client: Client, dialog_id: str, text: str, *, template_id: str | None = None,
+              patience: float = SEND_PATIENCE_SEC, sleep: Callable[[float], None] | None = None) -> int:
     """Post one message (``im.message.add``); return its id.
 
-    If the outcome is unknown (the request went out, the answer did not come
-    back), the dialog's newest messages are searched for our ``TEMPLATE_ID``:
-    found -> its id; not found -> :class:`UnknownOutcomeError` (never resent blindly).
+    The ``TEMPLATE_ID`` makes a resend safe: the portal answers a repeat with
+    the id of the message it already has.  So when the outcome is unknown --
+    the request went out and no usable answer came back, or the portal says
+    ``MESSAGE_DUPLICATED_BY_UUID`` (an attempt with this uuid is still running,
+    or died after recording it) -- the dialog is searched for the uuid and,
+    if it is not there yet, the same message is sent again with the same
+    ``TEMPLATE_ID`` after a pause, for up to *patience* seconds.  Past that,
+    :class:`UnknownOutcomeError`: never a blind resend, never a silent loss.
     """
     template_id = template_id or new_template_id()
     params = {"DIALOG_ID": dialog_id, "MESSAGE": text, "TEMPLATE_ID": template_id}
-    try:
-        return _int(client.call("im.message.add", params, write=True))
-    except UnknownOutcomeError as exc:
+    pause = sleep or client._sleep
+    deadline = time.monotonic() + patience
+    delay = 0.5
+    what = ""
+    while True:
         try:
-            res = client.call("im.dialog.messages.get", {"DIALOG_ID": dialog_id, "LAST_ID": 0,
-                                                         "LIMIT": MESSAGES_PAGE})
-        except B24Error:
-            raise exc from None
-        msgs, _users = _messages_list(res)
-        for m in msgs:
-            if m.get("uuid") == template_id:
-                log.info("%s: the message did arrive (id %s)", display_dialog_id(dialog_id), m.get("id"))
-                return _int(m.get("id"))
-        raise UnknownOutcomeError("%s: sending to %s: no answer came back and the message is "
-                                  "not in the chat yet; check the chat before sending again"
-                                  % ("im.message.add", display_dialog_id(dialog_id))) from None
+            return _int(client.call("im.message.add", params, write=True))
+        except UnknownOutcomeError as exc:
+            what = "no usable answer came back (%s)" % _cause(exc)
+        except DuplicateUuidError:
+            what = "the portal is still writing it (MESSAGE_DUPLICATED_BY_UUID)"
+        try:
+            found = find_by_uuid(client, dialog_id, template_id)
+        except (TransportError, ServerError, RateLimitError):
+            found = 0
+        if found:
+            log.info("%s: the message did arrive (id %d)", display_dialog_id(dialog_id), found)
+            return found
+        if time.monotonic() + delay > deadline:
+            raise UnknownOutcomeError(
+                "im.message.add to %s: %s, and after %.0f s the message is still not in the chat; it may "
+                "yet appear -- check the chat before sending again" % (display_dialog_id(dialog_id), what,
+                                                                         patience))
+        log.debug("%s: %s; sending again with the same TEMPLATE_ID in %.1f s",
+                  display_dialog_id(dialog_id), what, delay)
+        pause(delay)
+        delay = min(delay * 2, 10.0)
+
+
+def _cause(exc: BaseException) -> str:
+    """The short reason inside an UnknownOutcomeError ("HTTP 500", "connection dropped ...")."""
+    text = str(exc)
+    m = re.search(r"\((.*)\); it may", text)
+    return m.group(1) if m else text
 
 
 def take_dialog(client: Client, dialog_id: str) -> None:

@@ -31,6 +31,12 @@ name, usable directly from Python::
     POST /_control/webhook            {"scopes": ["im"], "active": true}
     POST /_control/add_dialogs        {"count": 1000}
     GET  /_control/world
+    POST /_control/customer_media     {"chat_id": 1771, "kind": "image", "name": "a.jpg", "size": 1000, "caption": ""}
+    POST /_control/pin                {"chat_id": 1771, "user_id": 7, "pinned": true}
+    POST /_control/add_line           {"line_id": 8, "name": "Strict", "queue": [9, 7], "offer": "one"}
+    POST /_control/offer              {"chat_id": 1771, "user_id": 7}
+    POST /_control/behave             {"row_lag": 1.5, "uuid_ttl": 3600, "message_add_delay": 2, "fail_after_uuid": 1}
+    POST /_control/forget_uuids
 """
 from __future__ import annotations
 
@@ -169,7 +175,16 @@ class Portal:
         self.chats: dict = {}
         self.messages: dict = {}          # id -> message (global, increasing ids)
         self.sessions: dict = {}
-        self.uuids: dict = {}             # TEMPLATE_ID -> message id
+        self.uuids: dict = {}             # TEMPLATE_ID -> {"mid": id or None, "at": time}
+        self.files: dict = {}             # file id -> file record (media messages)
+        self.next_file_id = 5200
+        # portal behaviours a test may tune (fact sheet §7.2, §9)
+        self.row_lag = 0.0                # seconds between a message and its recent-list row
+        self._rows_due: list = []         # [(due, chat_id, message id, date)] rows not written yet
+        self.uuid_ttl = 3600.0            # a uuid record that never got a message blocks this long
+        self.message_add_delay = 0.0      # im.message.add processing time (the uuid is recorded first)
+        self.fail_after_uuid = 0          # the next N im.message.add die after recording the uuid
+        self.public_url = "https://portal.example.invalid"   # set by PortalServer to its own URL
         self.next_message_id = 88000
         self.next_chat_id = 1770
         self.next_session_id = 3300
@@ -201,10 +216,14 @@ class Portal:
                                "color": "#%06x" % self.rng.randrange(0x222222, 0xdddddd)}
             return uid
 
-    def add_line(self, line_id: int, name: str, queue: list, connector: str = "whatsappbyedna") -> None:
+    def add_line(self, line_id: int, name: str, queue: list, connector: str = "whatsappbyedna",
+                 offer: str = "all") -> dict:
+        """An Open Line; ``offer="one"``: a waiting chat is offered to one queue operator at a
+        time (the first one, then whoever :meth:`offer` names), as strict/evenly queues do."""
         with self.lock:
-            self.lines[line_id] = {"id": line_id, "name": name, "queue": list(queue),
-                                   "connector": connector, "active": True}
+            self.lines[int(line_id)] = {"id": int(line_id), "name": name, "queue": [int(u) for u in queue],
+                                        "connector": connector, "active": True, "offer": offer}
+            return {"line_id": int(line_id)}
 
     def _new_chat(self, **fields) -> dict:
         self.next_chat_id += self.rng.randint(1, 9)
@@ -212,7 +231,8 @@ class Portal:
                 "owner": 0, "members": {}, "entity_type": "", "entity_id": "", "line_id": None,
                 "customer_id": 0, "session_id": 0, "created": self.clock(), "activity": self.clock(),
                 "color": "#%06x" % self.rng.randrange(0x222222, 0xdddddd), "crm_lead": 0,
-                "private_pair": None, "message_ids": []}
+                "private_pair": None, "message_ids": [], "row_mid": 0, "offered_to": None,
+                "offered_at": 0.0}
         chat.update(fields)
         self.chats[chat["id"]] = chat
         return chat
@@ -235,10 +255,28 @@ class Portal:
                "params": params or {}, "uuid": uuid}
         self.messages[mid] = msg
         chat["message_ids"].append(mid)
-        chat["activity"] = max(chat["activity"], ts)
+        if self.row_lag > 0 and when is None:
+            # the recent row is written after the message (fact sheet §7.2)
+            self._rows_due.append((time.monotonic() + self.row_lag, chat["id"], mid, ts))
+        else:
+            self._write_row(chat, mid, ts)
         if author in chat["members"]:
             chat["members"][author]["last_read"] = mid
         return msg
+
+    def _write_row(self, chat: dict, mid: int, ts: float) -> None:
+        chat["row_mid"] = max(chat["row_mid"], mid)
+        chat["activity"] = max(chat["activity"], ts)
+
+    def _apply_rows(self) -> None:
+        """Write the recent rows whose lag has passed."""
+        now = time.monotonic()
+        due = [r for r in self._rows_due if r[0] <= now]
+        if due:
+            self._rows_due = [r for r in self._rows_due if r[0] > now]
+            for _due, chat_id, mid, ts in due:
+                if chat_id in self.chats:
+                    self._write_row(self.chats[chat_id], mid, ts)
 
     def _build_world(self) -> None:
         """The standing world: see the module docstring."""
@@ -320,6 +358,9 @@ class Portal:
         self.sessions[sid] = {"id": sid, "chat_id": chat["id"], "line_id": chat["line_id"],
                               "status": SESSION_NEW, "operator": 0, "created": ts}
         chat["session_id"] = sid
+        line = self.lines.get(chat["line_id"]) or {}
+        chat["offered_to"] = (line.get("queue") or [None])[0] if line.get("offer") == "one" else None
+        chat["offered_at"] = ts
         self._post(chat, 0, "Conversation started", when=ts)
         return self._post(chat, chat["customer_id"], text, when=ts,
                           params={"CONNECTOR_MID": ["wamid.%s" % secrets.token_hex(6)]})
@@ -406,6 +447,63 @@ class Portal:
             chat["owner"] = 0
             chat["session_id"] = 0
             return {"chat_id": chat["id"]}
+
+    def offer(self, chat_id: int, user_id: int) -> dict:
+        """Offer a waiting chat of a one-at-a-time line to another queue operator (now)."""
+        with self.lock:
+            chat = self._chat(chat_id)
+            chat["offered_to"] = int(user_id)
+            chat["offered_at"] = self.clock()
+            return {"chat_id": chat["id"], "offered_to": chat["offered_to"]}
+
+    def pin(self, chat_id: int, user_id: int = WEBHOOK_USER_ID, pinned: bool = True) -> dict:
+        """Pin (or unpin) a chat in a member's recent list; bumps its row's date_update."""
+        with self.lock:
+            member = self._chat(chat_id)["members"].get(int(user_id))
+            if not member:
+                raise RestError(400, "CHAT_ID", "not a member")
+            member["pinned"] = bool(pinned)
+            member["bumped"] = self.clock()
+            return {"chat_id": int(chat_id), "pinned": member["pinned"]}
+
+    MEDIA_TYPES = {"image": "image/jpeg", "audio": "audio/ogg", "video": "video/mp4", "file": "application/pdf"}
+
+    def customer_media(self, chat_id: int, kind: str = "image", name: str = "photo.jpg",
+                       size: int = 235520, caption: str = "") -> dict:
+        """The customer sends a photo, voice note, video or document (``text`` = caption or "")."""
+        with self.lock:
+            if kind not in self.MEDIA_TYPES:
+                raise RestError(400, "BAD_KIND", "kind must be one of " + ", ".join(self.MEDIA_TYPES))
+            chat = self._chat(chat_id)
+            self.next_file_id += 1
+            fid = self.next_file_id
+            ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+            self.files[fid] = {"id": fid, "chatId": chat["id"], "date": self.clock(), "type": kind,
+                               "name": name, "extension": ext, "size": int(size),
+                               "authorId": chat["customer_id"], "mime": self.MEDIA_TYPES[kind]}
+            msg = self._post(chat, chat["customer_id"], caption, params={
+                "FILE_ID": [fid], "CONNECTOR_MID": ["wamid.%s" % secrets.token_hex(6)]})
+            return {"chat_id": chat["id"], "message_id": msg["id"], "file_id": fid}
+
+    def behave(self, row_lag: float | None = None, uuid_ttl: float | None = None,
+               message_add_delay: float | None = None, fail_after_uuid: int | None = None) -> dict:
+        """Tune portal behaviours: recent-row lag, uuid record TTL, slow or dying im.message.add."""
+        with self.lock:
+            for name, value in (("row_lag", row_lag), ("uuid_ttl", uuid_ttl),
+                                ("message_add_delay", message_add_delay)):
+                if value is not None:
+                    setattr(self, name, float(value))
+            if fail_after_uuid is not None:
+                self.fail_after_uuid = int(fail_after_uuid)
+            return {"row_lag": self.row_lag, "uuid_ttl": self.uuid_ttl,
+                    "message_add_delay": self.message_add_delay, "fail_after_uuid": self.fail_after_uuid}
+
+    def forget_uuids(self) -> dict:
+        """Drop every uuid record (a portal past the records' lifetime)."""
+        with self.lock:
+            n = len(self.uuids)
+            self.uuids.clear()
+            return {"forgotten": n}
 
     def chat_messages(self, chat_id: int) -> list:
         """Every message of a chat, oldest first (including what the API posted)."""
@@ -546,7 +644,9 @@ class Portal:
             return False
         status = self._session_status(chat)
         line = self.lines.get(chat["line_id"])
-        return status is not None and status < SESSION_ANSWERED and bool(line) and uid in line["queue"]
+        if not line or status is None or status >= SESSION_ANSWERED or uid not in line["queue"]:
+            return False
+        return line.get("offer") != "one" or chat["offered_to"] == uid
 
     def _can_read(self, chat: dict, uid: int) -> bool:
         if uid in chat["members"] or self._in_queue_for(chat, uid):
@@ -596,16 +696,25 @@ class Portal:
             })
         return out
 
+    def _row_date(self, chat: dict, viewer: int) -> float:
+        """The recent row's ``date_update`` for *viewer* (fact sheet §7.2): the last message's
+        time, bumped by pins; for an in-queue chat also the time it was offered."""
+        member = chat["members"].get(viewer)
+        if member is None:
+            return max(chat["activity"], chat["offered_at"])
+        return max(chat["activity"], member.get("bumped", 0.0))
+
     def _recent_item(self, chat: dict, viewer: int, original_text: bool = False) -> dict:
         ids = chat["message_ids"]
-        last = self.messages[ids[-1]] if ids else None
+        last = self.messages.get(chat["row_mid"])
         member = chat["members"].get(viewer)
         queued = member is None
         text = last["text"] if last else ""
         if not original_text:      # by default BB-codes are stripped and newlines become spaces
             text = re.sub(r"\[/?[^\]]+\]", "", text).replace("\n", " ")
         message = {"id": last["id"] if last else 0, "text": text,
-                   "file": False, "author_id": last["author_id"] if last else 0, "attach": False}
+                   "file": bool(last and (last["params"] or {}).get("FILE_ID")),
+                   "author_id": last["author_id"] if last else 0, "attach": False}
         if not queued:
             message["sticker"] = None
         message.update({"date": _iso(last["date"]) if last else _iso(chat["created"]),
@@ -618,11 +727,12 @@ class Portal:
                 "message": message}
         if queued:
             item["counter"] = 1
+            item["date_update"] = _iso(self._row_date(chat, viewer))
         else:
             counter = sum(1 for i in ids if i > member["last_read"] and self.messages[i]["author_id"] != viewer)
             item.update({"counter": counter, "last_id": member["last_read"], "pinned": member["pinned"],
                          "unread": False, "has_reminder": False,
-                         "date_update": _iso(chat["activity"]),
+                         "date_update": _iso(self._row_date(chat, viewer)),
                          "date_last_activity": _iso(chat["activity"])})
         item["chat"] = self._chat_out(chat, viewer, full=not queued)
         if chat["type"] == "lines":
@@ -636,7 +746,8 @@ class Portal:
 
     def _recent_for(self, uid: int) -> tuple:
         """(member chats sorted pinned first then activity desc, in-queue chats)."""
-        member = [c for c in self.chats.values() if uid in c["members"] and c["message_ids"]]
+        self._apply_rows()
+        member = [c for c in self.chats.values() if uid in c["members"] and c["row_mid"]]
         member.sort(key=lambda c: (not c["members"][uid]["pinned"], -c["activity"], -c["id"]))
         queued = [c for c in self.chats.values() if self._in_queue_for(c, uid)]
         queued.sort(key=lambda c: -c["activity"])
@@ -735,7 +846,9 @@ class Portal:
             result["birthdayList"] = []
         extra = {"total": -1}
         if has_more:
-            extra["next"] = offset + len(page)
+            # the portal counts the appended in-queue items too (fact sheet §7.1): a client that
+            # follows `next` skips one member dialog per waiting dialog at every page break
+            extra["next"] = offset + len(items)
         return result, extra
 
     def m_im_recent_get(self, ctx: dict, p: dict) -> Any:
@@ -749,11 +862,14 @@ class Portal:
             cut = now - 30 * 86400
             if sync:
                 try:
-                    cut = max(_dt.datetime.fromisoformat(str(sync)).timestamp(), now - 7 * 86400)
+                    cut = max(_dt.datetime.fromisoformat(str(sync).replace("Z", "+00:00")).timestamp(),
+                              now - 7 * 86400)
                 except ValueError:
-                    raise RestError(400, "ERROR_ARGUMENT", "LAST_SYNC_DATE has a wrong format") from None
-            chats = [c for c in member + queued if c["activity"] >= cut]
-            chats.sort(key=lambda c: (not (c["members"].get(uid) or {}).get("pinned", False), -c["activity"]))
+                    pass      # the portal parses it in a try/catch: an unreadable date is ignored
+            # only member rows are filtered; in-queue chats are appended whatever the date
+            chats = [c for c in member if self._row_date(c, uid) >= cut] + queued
+            chats.sort(key=lambda c: (not (c["members"].get(uid) or {}).get("pinned", False),
+                                      -self._row_date(c, uid)))
             if _yes(p.get("SKIP_OPENLINES")):
                 chats = [c for c in chats if c["type"] != "lines"]
             if _yes(p.get("SKIP_CHAT")):
@@ -804,8 +920,21 @@ class Portal:
         for m in msgs:
             if m["author_id"] and m["author_id"] not in authors:
                 authors.append(m["author_id"])
+        # media: the files of these messages, in the same order as the messages
+        files = [self._file_out(f) for m in msgs for f in (m["params"] or {}).get("FILE_ID", [])
+                 if isinstance(m["params"], dict) and f in self.files]
         return {"chat_id": chat["id"], "messages": msgs,
-                "users": [self._user_out(a) for a in authors if a in self.users], "files": []}
+                "users": [self._user_out(a) for a in authors if a in self.users], "files": files}
+
+    def _file_out(self, fid: int) -> dict:
+        f = self.files[fid]
+        url = "%s/bitrix/services/main/ajax.php?action=disk.api.file.download&fileId=%d" % (self.public_url, fid)
+        return {"id": fid, "chatId": f["chatId"], "date": _iso(f["date"]), "type": f["type"],
+                "name": f["name"], "extension": f["extension"], "size": f["size"], "image": (
+                    {"width": 1280, "height": 960} if f["type"] == "image" else False),
+                "status": "done", "progress": 100, "authorId": f["authorId"],
+                "authorName": self._full_name(f["authorId"]), "urlPreview": url if f["type"] == "image" else "",
+                "urlShow": url + "&show=1", "urlDownload": url, "viewerAttrs": None}
 
     def m_im_message_add(self, ctx: dict, p: dict) -> Any:
         uid = ctx["user"]
@@ -837,8 +966,25 @@ class Portal:
             raise RestError(400, "CANCELED", "Action was canceled: you are not a member of this chat")
         template = p.get("TEMPLATE_ID")
         if isinstance(template, str) and re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", template):
-            if template in self.uuids:
-                return self.uuids[template]
+            # the uuid record is written before the message (fact sheet §9): a repeat while the
+            # first attempt runs, or after it died, is refused until the record expires
+            record = self.uuids.get(template)
+            if record and record["mid"]:
+                return record["mid"]
+            if record and self.clock() - record["at"] < self.uuid_ttl:
+                raise RestError(400, "MESSAGE_DUPLICATED_BY_UUID", "Message with this uuid already exists")
+            record = self.uuids[template] = {"mid": None, "at": self.clock()}
+            if self.fail_after_uuid > 0:
+                self.fail_after_uuid -= 1
+                raise RestError(500, "INTERNAL_SERVER_ERROR", "Internal server error")
+            if self.message_add_delay > 0:
+                # processing takes time; other requests go on meanwhile (handle_rest holds the
+                # lock once, so releasing it here lets them in)
+                self.lock.release()
+                try:
+                    time.sleep(self.message_add_delay)
+                finally:
+                    self.lock.acquire()
         else:
             template = None
         if len(text) > 20000:
@@ -849,7 +995,7 @@ class Portal:
             params = {"SENDING": "Y", "SENDING_TS": int(self.clock())}
         msg = self._post(chat, author, text, params=params, uuid=template)
         if template:
-            self.uuids[template] = msg["id"]
+            self.uuids[template] = {"mid": msg["id"], "at": self.clock()}
         if author:
             self._touch_session(chat, author)
         return msg["id"]
@@ -1288,6 +1434,9 @@ class Portal:
                 if n % 7 == 0 or not lines_chats:
                     self.new_conversation(self.rng.choice([1, 3]), "Demo Customer%d" % n,
                                           "1000000%04d" % (200 + n), self.rng.choice(phrases))
+                elif n % 5 == 0:
+                    self.customer_media(self.rng.choice(lines_chats[:4]), "image", "photo_%d.jpg" % n,
+                                        self.rng.randint(40, 900) * 1024, self.rng.choice(["", "like this one"]))
                 else:
                     self.customer_message(self.rng.choice(lines_chats[:4]), self.rng.choice(phrases))
 
@@ -1302,6 +1451,8 @@ _CONTROL = {  # endpoint -> (Portal method, HTTP verbs)
     "close_session": "close_session", "messages": "chat_messages", "stats": "stats",
     "reset_stats": "reset_stats", "fault": "fault", "clear_faults": "clear_faults",
     "limits": "set_limits", "webhook": "set_webhook", "add_dialogs": "add_dialogs", "world": "world",
+    "offer": "offer", "pin": "pin", "customer_media": "customer_media", "behave": "behave",
+    "add_line": "add_line", "forget_uuids": "forget_uuids",
 }
 
 
@@ -1451,6 +1602,7 @@ class PortalServer(ThreadingHTTPServer):
     def __init__(self, portal: Portal | None = None, port: int = 0):
         self.portal = portal or Portal()
         super().__init__(("127.0.0.1", port), _Handler)
+        self.portal.public_url = self.url
         self._thread: threading.Thread | None = None
         self._sim_stop = threading.Event()
 

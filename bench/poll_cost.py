@@ -5,9 +5,11 @@ Our poller (b24common.Poller) against a naive one -- the whole recent list
 every cycle, one im.dialog.messages.get per changed dialog, no batch -- run
 side by side in this one process, each on a fresh emulator with the same
 world.  Scenarios: idle with 10 and with 1,000 dialogs; 1, 10 and 50
-dialogs changing per cycle (1,000 dialogs).
+dialogs changing per cycle (1,000 dialogs).  In every scenario some
+dialogs wait in the webhook user's queue (``--waiting``, default 4): a
+real portal appends them to every recent-list answer, whatever is asked.
 
-    python3 bench/poll_cost.py [--cycles N]
+    python3 bench/poll_cost.py [--cycles N] [--waiting N]
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ class NaivePoller:
             items.extend(res["items"])
             if not res.get("hasMore"):
                 return items
-            offset = env.get("next") or offset + 200
+            offset += 200     # the docs' way: `next` also counts the in-queue items
 
     def start(self) -> None:
         for item in self._all_items():
@@ -62,12 +64,14 @@ class NaivePoller:
         return out
 
 
-def measure(dialogs: int, changing: int, cycles: int, kind: str) -> tuple:
+def measure(dialogs: int, changing: int, cycles: int, kind: str, waiting: int) -> tuple:
     server = mp.serve()
     try:
         portal = server.portal
         portal.set_limits(rate=1000, burst=100000)   # measure cost, not pacing
         chats = portal.add_dialogs(max(0, dialogs - 3))  # the world has 3 LINES dialogs of ours
+        for i in range(max(0, waiting - 1)):              # ... and one waiting in the queue
+            portal.new_conversation(1, "Waiting Customer%d" % i, None, "anyone there?")
         client = bc.Client(bc.Config.from_env({"B24_WEBHOOK_BASE": server.webhook_base,
                                                "B24_RATE_PER_SEC": "100", "B24_RATE_BURST": "10000"}))
         poller = bc.Poller(client, self_id=7) if kind == "ours" else NaivePoller(client)
@@ -93,19 +97,21 @@ def measure(dialogs: int, changing: int, cycles: int, kind: str) -> tuple:
 def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=5, help="cycles measured per scenario (default 5)")
+    parser.add_argument("--waiting", type=int, default=4, help="dialogs waiting in the queue (default 4)")
     args = parser.parse_args(argv)
     logging.getLogger("b24common").addHandler(logging.NullHandler())
     logging.getLogger("b24common").propagate = False
     scenarios = [("idle, 10 dialogs", 10, 0), ("idle, 1000 dialogs", 1000, 0),
                  ("1 of 1000 changing", 1000, 1), ("10 of 1000 changing", 1000, 10),
                  ("50 of 1000 changing", 1000, 50)]
-    print("per poll cycle, mean of %d cycles; requests and response bytes counted by the emulator" % args.cycles)
+    print("per poll cycle, mean of %d cycles, %d dialogs waiting in the queue; requests and response bytes "
+          "counted by the emulator" % (args.cycles, max(1, args.waiting)))
     print("%-22s %10s %12s %10s %12s %9s %9s" % ("scenario", "ours req", "ours bytes", "naive req",
                                                 "naive bytes", "req x", "bytes x"))
     ours_idle = {}
     for name, dialogs, changing in scenarios:
-        o_req, o_bytes = measure(dialogs, changing, args.cycles, "ours")
-        n_req, n_bytes = measure(dialogs, changing, args.cycles, "naive")
+        o_req, o_bytes = measure(dialogs, changing, args.cycles, "ours", args.waiting)
+        n_req, n_bytes = measure(dialogs, changing, args.cycles, "naive", args.waiting)
         if changing == 0:
             ours_idle[dialogs] = (o_req, o_bytes)
         print("%-22s %10.1f %12.0f %10.1f %12.0f %8.1fx %8.1fx" % (

@@ -197,12 +197,18 @@ class Faults(PortalCase):
         self.portal.fault("drop_after", count=1, method="im.message.add")
         mid = bc.send_text(self.quick(), "chat%d" % chat, "arrived anyway")
         self.assertEqual([m["id"] for m in self._texts(chat, "arrived anyway")], [mid])
-        # dropped before it ran: not in the chat, reported, never sent twice
+        # dropped before it ran: not in the chat, so sent again with the same TEMPLATE_ID -- once
         self.portal.fault("drop", count=1, method="im.message.add")
+        mid = bc.send_text(self.quick(), "chat%d" % chat, "dropped, resent")
+        self.assertEqual([m["id"] for m in self._texts(chat, "dropped, resent")], [mid])
+        # the attempt died after the portal recorded its uuid: "not known yet" until the record
+        # expires; past the patience it is reported, never posted twice
+        self.portal.behave(fail_after_uuid=1, uuid_ttl=3600)
         with self.assertRaises(bc.UnknownOutcomeError) as ctx:
-            bc.send_text(self.quick(), "chat%d" % chat, "lost")
+            bc.send_text(self.quick(), "chat%d" % chat, "stuck", patience=1.0)
         self.assertIn("check the chat", str(ctx.exception))
-        self.assertEqual(self._texts(chat, "lost"), [])
+        self.assertIn("MESSAGE_DUPLICATED_BY_UUID", str(ctx.exception))
+        self.assertEqual(self._texts(chat, "stuck"), [])
 
     def test_write_refused_by_the_rate_limit_is_retried_once_posted(self) -> None:
         chat = self.ids["lines_member"]

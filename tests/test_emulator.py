@@ -120,13 +120,16 @@ class Raw(PortalCase):
 
     def test_recent_list_shapes_and_queue_items(self) -> None:
         status, body = self.http("im.recent.list", {"LIMIT": 1})
-        self.assertEqual((body["total"], body["next"]), (-1, 1))
+        # fact sheet §7.1: `next` counts the appended in-queue item too (1 paged + 1 waiting)
+        self.assertEqual((body["total"], body["next"]), (-1, 2))
         items = body["result"]["items"]
         self.assertTrue(body["result"]["hasMore"])
         queued = [i for i in items if i["chat_id"] == self.ids["queued"]]
         self.assertEqual(len(items), 2, "one paged item plus the in-queue chat appended")
         self.assertEqual(queued[0]["counter"], 1)
         self.assertNotIn("date_last_activity", queued[0])
+        self.assertNotIn("last_id", queued[0])
+        self.assertIn("date_update", queued[0])
         self.assertEqual(queued[0]["user"], {"id": 0})
         top = items[0]
         self.assertEqual(top["chat_id"], self.chat)
