@@ -5,43 +5,76 @@ Usage examples::
 
     python3 b24_ol_bridge.py                 # with BOT_HTTP_URL and B24_WEBHOOK_BASE set
     python3 b24_ol_bridge.py --take          # also take dialogs waiting in the queue to answer them
+    python3 b24_ol_bridge.py --replay-dead   # re-deliver the dead letters, then run as usual
     python3 b24_ol_bridge.py --demo          # built-in emulator + echo bot, no portal needed
 
 For each customer message the bot gets one JSON POST (``BOT_HTTP_URL``, with
 ``Authorization: $BOT_HTTP_AUTH`` when set)::
 
     {"platform": "bitrix24", "direction": "inbound", "dialog_id": "chat1778",
-     "message_id": 88213, "text": "hello", "phone": "+1...", "message": "hello",
-     "customer_phone": "+1...", "customer_name": "...", "business_phone": "+1...", ...}
+     "sender": "chat1778", "message_id": 88213, "event_id": "...", "attempt": 1,
+     "text": "hello", "attachments": [], "session_id": 3310, "new_dialog": false,
+     "customer_phone": "+1...", "customer_name": "...", "metadata": {...}, ...}
 
 and may answer ``{"reply_text": ...}``, ``{"response": ...}``, ``{"text": ...}``,
-``{"replies": [...]}``, ``{"messages": [...]}``, a string, a list, or nothing.
-Messages of one dialog are handled in order; dialogs run side by side. The
-state file remembers what was handled, so a restart neither loses nor
-repeats a message; a reply re-sent after a crash carries the same
-``TEMPLATE_ID`` and is not posted twice. Runs under systemd with
-``Type=notify`` and ``WatchdogSec=`` (see README).
+``{"replies": [...]}``, ``{"messages": [...]}``, Rasa's list, a string,
+nothing, or ``{"handoff": true}``.
+
+What it promises: messages of one dialog are handled in order, dialogs side
+by side; a message is written to the state database before the portal's
+cursor moves past it; the bot's answer is written there before any of it is
+posted, and each part carries its own ``TEMPLATE_ID``, so a restart posts the
+rest of the *same* answer and never a part twice.  A bot outage is waited out
+(``BRIDGE_RETRY_HOURS``); what cannot be delivered goes to the dead-letter
+file, from which ``--replay-dead`` re-delivers it.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import fcntl
+import heapq
+import json
 import logging
 import os
 import queue
+import random
+import shutil
 import signal
+import sqlite3
 import sys
+import tempfile
 import threading
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import b24common as bc
 
 log = logging.getLogger("b24_ol_bridge")
 
-SEND_PATIENCE_SEC = 600.0  # how long a reply is retried through portal trouble before giving up
-STOP_GRACE_SEC = 20.0     # on SIGTERM, how long replies in progress may still finish
-STATUS_EVERY_SEC = 10.0   # systemd's status line is refreshed this often (watchdog or not)
+STOP_GRACE_SEC = 20.0       # on SIGTERM, how long replies in progress may still finish
+STATUS_EVERY_SEC = 10.0     # systemd's status line is refreshed this often (watchdog or not)
+BACKOFF_FIRST_SEC = 1.0     # a dialog's first wait after a failure ...
+BACKOFF_CAP_SEC = 300.0     # ... doubling up to this
+UNUSABLE_TRIES = 3          # an unusable bot answer is asked again this often before a dead letter
+MAX_PARTS = 10              # messages one answer may become
+PRUNE_EVERY_SEC = 3600.0    # how often dialogs idle for BRIDGE_FORGET_DAYS are forgotten
+FALLBACK_INDEX = 1000       # TEMPLATE_ID index of the fallback text (replies use 0..MAX_PARTS-1)
+
+
+# ===========================================================================
+# Settings
+# ===========================================================================
+
+class Settings:
+    """The bridge's own settings (the shared ones live in :class:`b24common.Config`)."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self.retry_hours = bc.env_number(env, "BRIDGE_RETRY_HOURS", 24.0, 0.0001, 24 * 30)
+        self.fallback_text = (env.get("BRIDGE_FALLBACK_TEXT") or "").strip()
+        self.max_chars = int(bc.env_number(env, "BRIDGE_MAX_REPLY_CHARS", 4096, 100, bc.MESSAGE_MAX_CHARS,
+                                           integer=True))
+        self.forget_days = bc.env_number(env, "BRIDGE_FORGET_DAYS", 7.0, 0.0001, 3650)
 
 
 def _parse_args(argv: list | None) -> argparse.Namespace:
@@ -53,48 +86,352 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
         epilog="examples:\n"
                "  b24_ol_bridge.py                  run (settings from .env / the environment)\n"
                "  b24_ol_bridge.py --take           take queued dialogs so the bot can answer them\n"
+               "  b24_ol_bridge.py --replay-dead    re-deliver dead letters, then run\n"
                "  b24_ol_bridge.py --demo           built-in emulator and echo bot, no portal\n"
                "\nsettings: B24_WEBHOOK_BASE, BOT_HTTP_URL (required); BOT_HTTP_AUTH, "
-               "BOT_HTTP_TIMEOUT_SEC (120),\nB24_BUSINESS_PHONE, B24_POLL_SEC (2), B24_STATE_DIR")
+               "BOT_HTTP_TIMEOUT_SEC (120),\nBOT_MAX_REPLY_BYTES (1 MiB), BRIDGE_RETRY_HOURS (24), "
+               "BRIDGE_FALLBACK_TEXT, BRIDGE_MAX_REPLY_CHARS (4096),\nBRIDGE_FORGET_DAYS (7), "
+               "B24_BUSINESS_PHONE, B24_POLL_SEC (2), B24_STATE_DIR")
     parser.add_argument("--take", action="store_true",
                         help="when a dialog waits in the queue, take it (imopenlines.operator.answer) "
                              "so the reply can be posted")
     parser.add_argument("--workers", type=int, default=4, metavar="N",
                         help="dialogs handled side by side (default 4)")
     parser.add_argument("--state", metavar="FILE",
-                        help="state file (default: bridge.json in $B24_STATE_DIR, systemd's "
+                        help="state database (default: bridge.db in $B24_STATE_DIR, systemd's "
                              "$STATE_DIRECTORY, or the XDG state folder)")
-    parser.add_argument("--once", action="store_true", help="one poll cycle, handle what came, exit")
+    parser.add_argument("--replay-dead", action="store_true",
+                        help="put the dead letters back in line (all, or those of --dialog), then run")
+    parser.add_argument("--dialog", metavar="chatN", help="with --replay-dead: only this dialog's")
+    parser.add_argument("--once", action="store_true",
+                        help="one poll cycle, handle what is ready, exit (retries wait for the next run)")
     parser.add_argument("--demo", action="store_true",
                         help="run against a built-in emulator and echo bot with simulated customers")
     bc.add_common_arguments(parser, poll=True)
     args = parser.parse_args(argv)
     if not 1 <= args.workers <= 64:
         parser.error("--workers: expected 1 to 64")
+    if args.dialog and not args.replay_dead:
+        parser.error("--dialog goes with --replay-dead")
+    if args.dialog:
+        try:
+            args.dialog = bc.parse_dialog_id(args.dialog)
+        except bc.UsageError as exc:
+            parser.error("--dialog: %s" % exc)
     return args
 
 
-class Bridge:
-    """Poll, queue customer messages per dialog, ask the bot, post replies, remember."""
+# ===========================================================================
+# Durable state: SQLite (WAL), one row per dialog and per message in flight
+# ===========================================================================
 
-    def __init__(self, client: bc.Client, bot: bc.BotClient, store: bc.PollerStore,
-                 args: argparse.Namespace, interval: float):
-        self.client, self.bot, self.store, self.args = client, bot, store, args
-        self.poller = store.poller
-        self.interval = interval
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS dialogs (
+    dialog TEXT PRIMARY KEY, cursor INTEGER NOT NULL, info TEXT NOT NULL DEFAULT '{}',
+    session_seen INTEGER NOT NULL DEFAULT 0, touched REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS dialogs_touched ON dialogs (touched);
+CREATE TABLE IF NOT EXISTS inbox (
+    dialog TEXT NOT NULL, message_id INTEGER NOT NULL, payload TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'new', answer TEXT, posted INTEGER NOT NULL DEFAULT 0,
+    handoff INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
+    first_try REAL, next_try REAL NOT NULL DEFAULT 0, error TEXT,
+    PRIMARY KEY (dialog, message_id));
+"""
+
+
+class Row:
+    """One message in flight (a row of ``inbox``)."""
+
+    __slots__ = ("dialog", "message_id", "payload", "state", "answer", "posted", "handoff", "attempts",
+                 "first_try", "next_try", "error")
+
+    def __init__(self, values: tuple):
+        (self.dialog, self.message_id, payload, self.state, answer, self.posted, handoff, self.attempts,
+         self.first_try, self.next_try, self.error) = values
+        self.payload = json.loads(payload)
+        self.answer = json.loads(answer) if answer else []
+        self.handoff = bool(handoff)
+
+    @property
+    def where(self) -> str:
+        return "%s #%d" % (bc.display_dialog_id(self.dialog), self.message_id)
+
+
+class Store:
+    """The bridge's state database.  Every thread has its own connection; every change is one
+    short transaction, so one message's bookkeeping costs the same at 50k dialogs as at 100."""
+
+    COLUMNS = "dialog, message_id, payload, state, answer, posted, handoff, attempts, first_try, next_try, error"
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self._local = threading.local()
+        folder = os.path.dirname(self.path)
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            # 0600 before SQLite opens it: its -wal and -shm files take the same mode
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            self.db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise bc.ConfigError("%s: cannot open the state database (%s)" % (self.path, exc)) from None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._local.conn = conn
+        return conn
+
+    def _tx(self, statements: list) -> None:
+        """Run ``[(sql, params)]`` as one transaction."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params in statements:
+                db.execute(sql, params)
+            db.execute("COMMIT")
+        except BaseException:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+
+    # -- the poller's state ------------------------------------------------------
+    def get_meta(self) -> dict:
+        return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
+
+    def poller_state(self) -> dict:
+        meta = self.get_meta()
+        cursors, dialogs = {}, {}
+        for did, cursor, info in self.db.execute("SELECT dialog, cursor, info FROM dialogs"):
+            cursors[did] = cursor
+            dialogs[did] = json.loads(info)
+        return {"cursors": cursors, "dialogs": dialogs, "watermark": meta.get("watermark"),
+                "floor_id": meta.get("floor_id", 0), "portal": meta.get("portal"), "user_id": meta.get("user_id")}
+
+    def commit_cycle(self, rows: list, changes: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+        """New messages, the dialogs whose cursor moved past them, and the scan watermark: at once.
+
+        A dialog's ``session_seen`` starts at its session when it is first stored and follows the
+        session of the customer messages written since (a change means a new conversation)."""
+        now = time.time()
+        st: list = []
+        for r in rows:
+            st.append(("INSERT OR IGNORE INTO inbox (dialog, message_id, payload, next_try) VALUES (?, ?, ?, 0)",
+                       (r["dialog"], r["message_id"], json.dumps(r["payload"], ensure_ascii=False))))
+        for did, change in changes.items():
+            if change is None:
+                st.append(("DELETE FROM dialogs WHERE dialog = ?", (did,)))
+            else:
+                st.append(("INSERT INTO dialogs (dialog, cursor, info, session_seen, touched) VALUES (?, ?, ?, ?, ?) "
+                           "ON CONFLICT (dialog) DO UPDATE SET cursor = excluded.cursor, info = excluded.info, "
+                           "touched = excluded.touched",
+                           (did, change["cursor"], json.dumps(change["info"], ensure_ascii=False),
+                            bc._int(bc.as_map(change["info"]).get("session_id")), now)))
+        for r in rows:
+            if r.get("session"):
+                st.append(("UPDATE dialogs SET session_seen = ? WHERE dialog = ?", (r["session"], r["dialog"])))
+        for key, value in meta.items():
+            st.append(("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+                       "value = excluded.value", (key, json.dumps(value))))
+        self._tx(st)
+
+    def session_seen(self, dialog: str) -> int:
+        row = self.db.execute("SELECT session_seen FROM dialogs WHERE dialog = ?", (dialog,)).fetchone()
+        return row[0] if row else 0
+
+    def idle_dialogs(self, before: float) -> list:
+        return [d for (d,) in self.db.execute(
+            "SELECT dialog FROM dialogs WHERE touched < ? AND dialog NOT IN (SELECT dialog FROM inbox)", (before,))]
+
+    # -- messages in flight --------------------------------------------------------
+    def head(self, dialog: str) -> Row | None:
+        got = self.db.execute("SELECT %s FROM inbox WHERE dialog = ? ORDER BY message_id LIMIT 1"
+                              % self.COLUMNS, (dialog,)).fetchone()
+        return Row(got) if got else None
+
+    def dialogs_with_work(self) -> list:
+        return [(d, t) for d, t in self.db.execute("SELECT dialog, MIN(next_try) FROM inbox GROUP BY dialog")]
+
+    def update(self, row: Row, **fields: Any) -> None:
+        for k, v in fields.items():
+            setattr(row, k, v)
+        cols = ", ".join("%s = ?" % k for k in fields)
+        values = [json.dumps(v, ensure_ascii=False) if k == "answer" else v for k, v in fields.items()]
+        self._tx([("UPDATE inbox SET %s WHERE dialog = ? AND message_id = ?" % cols,
+                   values + [row.dialog, row.message_id])])
+
+    def finish(self, row: Row) -> None:
+        self._tx([("DELETE FROM inbox WHERE dialog = ? AND message_id = ?", (row.dialog, row.message_id))])
+
+    def requeue(self, entry: Mapping) -> None:
+        answer = entry.get("answer") or []
+        self._tx([("INSERT OR REPLACE INTO inbox (dialog, message_id, payload, state, answer, posted, attempts, "
+                   "next_try) VALUES (?, ?, ?, ?, ?, ?, 0, 0)",
+                   (entry["dialog"], entry["message_id"], json.dumps(entry["payload"], ensure_ascii=False),
+                    "answered" if entry.get("stage") == "post" else "new", json.dumps(answer, ensure_ascii=False),
+                    int(entry.get("posted") or 0)))])
+
+    def backlog(self) -> dict:
+        return dict(self.db.execute("SELECT dialog, COUNT(*) FROM inbox GROUP BY dialog"))
+
+
+def migrate_json_state(store: Store, json_path: str) -> None:
+    """A state file of an earlier version (bridge.json): its cursors move into the database, once."""
+    if not os.path.exists(json_path) or store.get_meta():
+        return
+    doc = bc.StateFile(json_path).load()
+    changes = {str(d): {"cursor": bc._int(c), "info": bc.as_map(bc.as_map(doc.get("dialogs")).get(d))}
+               for d, c in bc.as_map(doc.get("cursors")).items()}
+    meta = {"watermark": doc.get("watermark"), "floor_id": bc._int(doc.get("floor_id")),
+            "portal": doc.get("portal"), "user_id": doc.get("user_id")}
+    store.commit_cycle([], changes, meta)
+    os.replace(json_path, json_path + ".migrated")
+    log.info("moved %d dialog cursors from %s into %s", len(changes), json_path, store.path)
+
+
+# ===========================================================================
+# One bridge per state: a lock file naming its holder
+# ===========================================================================
+
+class InstanceLock:
+    """``flock`` on ``<state>.lock``; the file holds the pid of the bridge that has it."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                pid = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise bc.ConfigError("another bridge (pid %s) is already running on this state (%s): stop it "
+                                 "first, or give this one its own --state" % (pid, self.path)) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+# ===========================================================================
+# Dead letters: JSON Lines beside the database
+# ===========================================================================
+
+class DeadLetters:
+    """What could not be delivered, one JSON object per line, with the payload and the reason."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lock = threading.Lock()
+
+    def add(self, row: Row, reason: str, stage: str) -> None:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dialog_id": bc.display_dialog_id(row.dialog),
+                 "dialog": row.dialog, "message_id": row.message_id, "stage": stage, "reason": reason,
+                 "payload": row.payload, "answer": row.answer, "posted": row.posted}
+        line = json.dumps(entry, ensure_ascii=False) + "\n"
+        with self.lock:      # appends from several workers must not interleave
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, line.encode("utf-8"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def take(self, dialog: str | None = None) -> list:
+        """Remove and return the dead letters (of one dialog); the rest stay in the file."""
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                lines = fh.readlines()
+        except FileNotFoundError:
+            return []
+        taken, kept = [], []
+        for n, line in enumerate(lines, 1):
+            try:
+                entry = json.loads(line)
+                ok = isinstance(entry, dict) and "dialog" in entry and "message_id" in entry
+            except ValueError:
+                ok = False
+            if not ok:
+                if line.strip():
+                    log.warning("%s:%d: not a dead letter; left in the file", self.path, n)
+                kept.append(line)
+            elif dialog is None or entry["dialog"] == dialog:
+                taken.append(entry)
+            else:
+                kept.append(line)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(kept)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        return taken
+
+
+# ===========================================================================
+# The bridge: poll -> inbox -> workers (bot, then replies)
+# ===========================================================================
+
+class Bridge:
+    """The main thread polls and writes new customer messages to the inbox; workers take one
+    dialog at a time, oldest message first: ask the bot, keep its answer, post it part by part."""
+
+    def __init__(self, client: bc.Client, bot: bc.BotClient, poller: bc.Poller, store: Store,
+                 dead: DeadLetters, args: argparse.Namespace, settings: Settings, interval: float):
+        self.client, self.bot, self.poller, self.store, self.dead = client, bot, poller, store, dead
+        self.args, self.settings, self.interval = args, settings, interval
         self.cfg = client.config
         self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.pending: dict = collections.defaultdict(collections.deque)   # dialog -> messages
-        self.active: set = set()          # dialogs a worker holds
+        self.lock = threading.Lock()          # guards the scheduling sets below; no I/O under it
         self.ready: queue.Queue = queue.Queue()
+        self.queued: set = set()              # dialogs in `ready`
+        self.held: set = set()                # dialogs a worker is on
+        self.delayed: list = []               # heap of (monotonic due, dialog)
         self.busy = 0
-        self.new_dialogs: set = set()
         self.stats = collections.Counter()
+        self.cannot_post: dict = {}           # dialog -> session id in which posting was refused
+        self.uncommitted: list = []           # rows whose save failed; retried before polling on
+        self.save_error = ""
         self.watchdog = bc.watchdog_seconds()
         self.last_ping = 0.0
+        self.last_prune = time.monotonic()
+        self.rng = random.Random()
 
-    # -- workers ------------------------------------------------------------------
+    # -- scheduling ------------------------------------------------------------------
+    def wake(self, dialog: str, at: float | None = None) -> None:
+        with self.lock:
+            if at is not None and at > time.monotonic():
+                heapq.heappush(self.delayed, (at, dialog))
+            elif dialog not in self.held and dialog not in self.queued:
+                self.queued.add(dialog)
+                self.ready.put(dialog)
+
+    def release_due(self) -> float:
+        """Move dialogs whose wait is over to the ready queue; seconds until the next one."""
+        now = time.monotonic()
+        due = []
+        with self.lock:
+            while self.delayed and self.delayed[0][0] <= now:
+                due.append(heapq.heappop(self.delayed)[1])
+            wait = self.delayed[0][0] - now if self.delayed else 3600.0
+        for dialog in due:
+            self.wake(dialog)
+        return wait
+
     def start_workers(self) -> None:
         for n in range(self.args.workers):
             threading.Thread(target=self._worker, name="bridge-worker-%d" % n, daemon=True).start()
@@ -102,185 +439,369 @@ class Bridge:
     def _worker(self) -> None:
         while True:
             dialog = self.ready.get()
-            while not self.stop.is_set():
+            with self.lock:
+                self.queued.discard(dialog)
+                if dialog in self.held:
+                    continue
+                self.held.add(dialog)
+            retry_at = None
+            try:
+                retry_at = self._serve(dialog)
+            except Exception as exc:  # noqa: BLE001 - a worker survives everything; the work waits
+                log.exception("%s: unexpected failure (%s); trying this dialog again in 30 s",
+                              bc.display_dialog_id(dialog), exc)
+                retry_at = time.monotonic() + 30
+            finally:
                 with self.lock:
-                    if not self.pending[dialog]:
-                        self.active.discard(dialog)
-                        break
-                    msg = self.pending[dialog][0]
-                    self.busy += 1
-                try:
-                    finished = self.handle(msg)
-                except Exception:  # noqa: BLE001 - one bad message must not stop the bridge
-                    log.exception("%s #%d: unexpected failure; message skipped",
-                                  bc.display_dialog_id(msg.dialog_id), msg.id)
-                    finished = True
+                    self.held.discard(dialog)
+            if retry_at is not None:
+                self.wake(dialog, retry_at)
+
+    def _serve(self, dialog: str) -> float | None:
+        """Handle *dialog*'s messages in order; return when to come back (None: nothing left)."""
+        while not self.stop.is_set():
+            try:
+                row = self.store.head(dialog)
+            except sqlite3.Error as exc:
+                self._note_save_error(exc)
+                return time.monotonic() + 5
+            if row is None:
+                return None
+            wait = row.next_try - time.time()
+            if wait > 0:
+                return time.monotonic() + wait
+            with self.lock:
+                self.busy += 1
+            try:
+                self.step(row)
+            except sqlite3.Error as exc:
+                self._note_save_error(exc)
+                return time.monotonic() + 5
+            finally:
                 with self.lock:
                     self.busy -= 1
-                    if finished:
-                        self.pending[dialog].popleft()
-                if not finished:
-                    continue          # stopping: left unacknowledged, redone at the next start
-                self.poller.ack(msg)
-                self.store.save()
-            else:
-                with self.lock:
-                    self.active.discard(dialog)
+        return None
 
-    def dispatch(self, msgs: list) -> None:
-        for msg in msgs:
-            if msg.new_dialog:               # may be the system note that opens a conversation:
-                self.new_dialogs.add(msg.dialog_id)   # the bot hears it with the first customer words
-            if msg.author_kind == "customer" and msg.dialog_id in self.new_dialogs:
-                self.new_dialogs.discard(msg.dialog_id)
-                msg.new_dialog = True
-            if msg.author_kind != "customer":
-                with self.lock:
-                    waiting = bool(self.pending[msg.dialog_id])
-                if not waiting:
-                    self.poller.ack(msg)     # nothing to do for it
-                    continue
-            with self.lock:
-                self.pending[msg.dialog_id].append(msg)
-                if msg.dialog_id not in self.active:
-                    self.active.add(msg.dialog_id)
-                    self.ready.put(msg.dialog_id)
-        self.store.save(idle=not msgs)
-
-    # -- one message ----------------------------------------------------------------
-    def payload(self, msg: bc.Message) -> dict:
-        return {"platform": "bitrix24", "direction": "inbound",
-                "dialog_id": bc.display_dialog_id(msg.dialog_id), "chat_id": msg.chat_id,
-                "message_id": msg.id, "date": msg.date, "text": msg.text, "message": msg.text,
+    # -- one message -------------------------------------------------------------------
+    def payload(self, msg: bc.Message, new_dialog: bool) -> dict:
+        did = bc.display_dialog_id(msg.dialog_id)
+        return {"platform": "bitrix24", "direction": "inbound", "dialog_id": did, "sender": did,
+                "chat_id": msg.chat_id, "message_id": msg.id, "date": msg.date, "text": msg.text,
+                "message": msg.text, "attachments": list(msg.attachments),
                 "phone": msg.customer_phone or None, "customer_phone": msg.customer_phone or None,
                 "customer_name": msg.customer_name or msg.author_name, "author_id": msg.author_id,
-                "line_id": msg.line_id, "business_phone": self.cfg.business_phone or None,
-                "attachments": list(msg.attachments), "new_dialog": msg.new_dialog}
+                "line_id": msg.line_id, "session_id": msg.session_id or None,
+                "business_phone": self.cfg.business_phone or None, "new_dialog": new_dialog,
+                "event_id": bc.reply_template_id(self.client.host, msg.dialog_id, msg.id, -1),
+                "waiting": msg.waiting,
+                "metadata": {"dialog_id": did, "message_id": msg.id, "line_id": msg.line_id,
+                             "session_id": msg.session_id or None, "customer_name": msg.customer_name or None,
+                             "customer_phone": msg.customer_phone or None, "portal": self.client.host}}
 
-    def handle(self, msg: bc.Message) -> bool:
-        """Ask the bot and post its replies; False if stopping interrupted it (redo later)."""
-        if msg.author_kind != "customer":
-            return True
-        where = "%s #%d" % (bc.display_dialog_id(msg.dialog_id), msg.id)
-        self.stats["forwarded"] += 1
-        started = time.monotonic()
-        try:
-            replies = self.bot.ask(self.payload(msg))
-        except bc.BotError as exc:
-            self.stats["bot_failures"] += 1
-            log.error("%s: %s; no reply for this message", where, exc)
-            return True
-        log.info("%s: bot answered in %.1f s with %d repl%s", where, time.monotonic() - started,
-                 len(replies), "y" if len(replies) == 1 else "ies")
-        if self.args.demo:      # a demo shows the conversation; a real journal keeps texts out
-            log.info("  customer %s: %s", msg.author_name, msg.display_text)
-            for text in replies:
-                log.info("  bot: %s", text)
-        parts = [p for text in replies for p in bc.split_text(text)]
-        for index, part in enumerate(parts):
-            posted = self.post(msg, index, part, where)
-            if posted is None:
-                return False
-            if not posted:
-                return True
+    def step(self, row: Row) -> None:
+        if row.state == "new":
+            self.ask(row)
+        elif row.state == "answered":
+            self.post(row)
+        else:
+            self.store.finish(row)
+
+    def _backoff(self, row: Row) -> float:
+        base = min(BACKOFF_CAP_SEC, BACKOFF_FIRST_SEC * (2 ** min(row.attempts, 20)))
+        return base * self.rng.uniform(0.8, 1.0)
+
+    def _retry_later(self, row: Row, error: str, *, unusable: bool = False) -> bool:
+        """Schedule another try; False when this message's time (or patience) is up."""
+        first = row.first_try or time.time()
+        attempts = row.attempts + 1
+        over = time.time() - first >= self.settings.retry_hours * 3600 or (unusable and attempts >= UNUSABLE_TRIES)
+        if over:
+            return False
+        delay = self._backoff(row)
+        self.stats["retries"] += 1
+        self.store.update(row, attempts=attempts, first_try=first, next_try=time.time() + delay, error=error)
+        log.warning("%s: %s; trying again in %.0f s (attempt %d)", row.where, error, delay, attempts + 1)
         return True
 
-    def post(self, msg: bc.Message, index: int, text: str, where: str) -> bool | None:
-        """Post one reply: True posted, False given up, None interrupted by stopping.
-
-        Passing trouble (rate limits, 5xx, the portal unreachable, an answer
-        lost on the way) is retried with backoff for up to ``SEND_PATIENCE_SEC``,
-        always with the same ``TEMPLATE_ID``, so a reply that did arrive is
-        recognised by the portal rather than posted twice.
-        """
-        template = bc.reply_template_id(self.client.host, msg.dialog_id, msg.id, index)
-        took = False
-        delay = max(1.0, self.interval)
-        deadline = time.monotonic() + SEND_PATIENCE_SEC
-        while True:
+    def _bury(self, row: Row, reason: str, stage: str) -> None:
+        """Dead letter, fallback text (if set), and the row is done."""
+        self.dead.add(row, reason, stage)
+        self.stats["dead_letters"] += 1
+        log.error("%s: %s -- moved to the dead letters (%s); b24_ol_bridge.py --replay-dead re-delivers it",
+                  row.where, reason, self.dead.path)
+        if stage == "bot" and self.settings.fallback_text and row.dialog not in self.cannot_post:
+            template = bc.reply_template_id(self.client.host, row.dialog, row.message_id, FALLBACK_INDEX)
             try:
-                bc.send_text(self.client, msg.dialog_id, text, template_id=template)
-                self.stats["replies"] += 1
-                return True
-            except bc.NotMemberError:
-                if self.args.take and not took and msg.dialog_id.startswith("chat"):
-                    took = True
-                    try:
-                        bc.take_dialog(self.client, msg.dialog_id)
-                        log.info("%s: took the dialog from the queue to answer it", where)
-                        continue
-                    except bc.B24Error as exc:
-                        log.error("%s: could not take the dialog: %s", where, exc)
-                log.error("%s: reply not posted: the webhook user is not a member of this dialog (it waits "
-                          "in the queue or its session was closed)%s", where,
-                          "" if self.args.take else "; --take lets the bridge take queued dialogs")
-            except (bc.RateLimitError, bc.ServerError, bc.TransportError) as exc:
-                if self.stop.is_set():
-                    return None
-                if time.monotonic() + delay < deadline:
-                    log.warning("%s: reply not posted yet (%s); trying again in %.0f s", where, exc, delay)
-                    self.stop.wait(delay)
-                    delay = min(60.0, delay * 2)
-                    continue
-                log.error("%s: reply not posted after %.0f minutes of trying: %s", where,
-                          SEND_PATIENCE_SEC / 60, exc)
+                bc.send_text(self.client, row.dialog, self.settings.fallback_text, template_id=template)
+                log.info("%s: posted BRIDGE_FALLBACK_TEXT instead", row.where)
             except bc.B24Error as exc:
-                log.error("%s: reply not posted: %s", where, bc.format_error(exc))
-            self.stats["send_failures"] += 1
+                log.error("%s: BRIDGE_FALLBACK_TEXT not posted: %s", row.where, bc.format_error(exc))
+        self.store.finish(row)
+
+    def _can_answer(self, row: Row) -> bool:
+        """The bot is not asked for a dialog we cannot post to (logged once per dialog)."""
+        dialog, session = row.dialog, row.payload.get("session_id") or 0
+        if dialog in self.cannot_post and self.cannot_post[dialog] == session:
             return False
+        if row.payload.get("waiting") and not self.args.take:
+            self._cannot_post(row, "it waits in the queue and the webhook user has not taken it "
+                                   "(--take lets the bridge take queued dialogs)")
+            return False
+        return True
 
-    # -- the loop -------------------------------------------------------------------
+    def _cannot_post(self, row: Row, why: str) -> None:
+        session = row.payload.get("session_id") or 0
+        if self.cannot_post.get(row.dialog) != session:
+            log.warning("%s: the bot is not asked while the webhook user cannot post in %s: %s", row.where,
+                        bc.display_dialog_id(row.dialog), why)
+        self.cannot_post[row.dialog] = session
+
+    def _already_posted(self, row: Row) -> bool:
+        """A message asked about before (a crash, a retry): did replies of ours already go out?"""
+        ours = {bc.reply_template_id(self.client.host, row.dialog, row.message_id, i) for i in range(MAX_PARTS)}
+        try:
+            res = self.client.call("im.dialog.messages.get", {"DIALOG_ID": row.dialog, "FIRST_ID": row.message_id,
+                                                              "LIMIT": 50})
+        except bc.B24Error:
+            return False
+        found = [m for m in bc.as_map(res).get("messages") or [] if isinstance(m, Mapping) and m.get("uuid") in ours]
+        return bool(found)
+
+    def ask(self, row: Row) -> None:
+        if not self._can_answer(row):
+            self.stats["skipped"] += 1
+            self.store.finish(row)
+            return
+        if row.payload.get("waiting") and self.args.take:
+            try:
+                bc.take_dialog(self.client, row.dialog)
+                log.info("%s: took the dialog from the queue to answer it", row.where)
+                row.payload["waiting"] = False
+            except (bc.RateLimitError, bc.ServerError, bc.TransportError) as exc:
+                if not self._retry_later(row, "could not take the dialog yet (%s)" % exc):
+                    self._bury(row, "could not take the dialog: %s" % exc, "bot")
+                return
+            except bc.B24Error as exc:
+                log.info("%s: not taken (%s); answering if we can", row.where, exc)
+        if row.attempts and self._already_posted(row):
+            log.info("%s: its replies are already in the dialog; not asking the bot again", row.where)
+            self.store.finish(row)
+            return
+        payload = dict(row.payload, attempt=row.attempts + 1)
+        payload.pop("waiting", None)
+        started = time.monotonic()
+        self.stats["forwarded"] += 1
+        try:
+            answer = self.bot.ask(payload, headers={"Idempotency-Key": row.payload.get("event_id") or ""})
+        except bc.BotError as exc:
+            self.stats["bot_failures"] += 1
+            if not self._retry_later(row, str(exc), unusable=not exc.retryable):
+                why = ("the bot's answer stayed unusable after %d tries: %s" % (UNUSABLE_TRIES, exc)
+                       if not exc.retryable else "the bot did not answer for %g hours: %s"
+                       % (self.settings.retry_hours, exc))
+                self._bury(row, why, "bot")
+            return
+        self.stats["bot_seconds"] += time.monotonic() - started
+        parts: list = []
+        for text in answer.texts:
+            parts.extend(bc.split_text(text, self.settings.max_chars))
+        if len(parts) > MAX_PARTS:
+            log.warning("%s: the answer makes %d messages; posting the first %d, the rest is cut", row.where,
+                        len(parts), MAX_PARTS)
+            parts = parts[:MAX_PARTS]
+        log.info("%s: bot answered in %.1f s with %d message%s%s", row.where, time.monotonic() - started,
+                 len(parts), "" if len(parts) == 1 else "s", " and hands over to a person" if answer.handoff else "")
+        if self.args.demo:      # a demo shows the conversation; a real journal keeps texts out
+            log.info("  customer %s: %s", row.payload.get("customer_name"), row.payload.get("text"))
+            for text in parts:
+                log.info("  bot: %s", text)
+        # the answer is kept before any of it is posted: a restart posts the rest of the same answer
+        self.store.update(row, state="answered", answer=parts, posted=0, handoff=int(answer.handoff),
+                          attempts=0, first_try=None, next_try=0, error=None)
+        self.post(row)
+
+    def post(self, row: Row) -> None:
+        while row.posted < len(row.answer):     # an answer under way is finished, even when stopping
+            index = row.posted
+            template = bc.reply_template_id(self.client.host, row.dialog, row.message_id, index)
+            try:
+                bc.send_text(self.client, row.dialog, row.answer[index], template_id=template)
+                self.stats["replies"] += 1
+            except bc.NotMemberError:
+                self._cannot_post(row, "the portal says it is not a member (CANCELED): the dialog waits in "
+                                       "the queue or its session was closed")
+                self._bury(row, "not posted: the webhook user is not a member of the dialog", "post")
+                return
+            except (bc.RateLimitError, bc.ServerError, bc.TransportError, bc.DuplicateUuidError) as exc:
+                if not self._retry_later(row, "reply %d/%d not posted yet (%s)" % (index + 1, len(row.answer), exc)):
+                    self._bury(row, "reply %d/%d not posted for %g hours: %s" % (
+                        index + 1, len(row.answer), self.settings.retry_hours, exc), "post")
+                return
+            except bc.B24Error as exc:
+                # this part is refused for good: a dead letter for it, the rest goes on
+                self.stats["send_failures"] += 1
+                self.dead.add(row, "reply %d/%d refused: %s" % (index + 1, len(row.answer), bc.format_error(exc)),
+                              "post")
+                self.stats["dead_letters"] += 1
+                log.error("%s: reply %d/%d refused (%s); it is in the dead letters, the rest goes on",
+                          row.where, index + 1, len(row.answer), exc)
+            self.store.update(row, posted=index + 1, attempts=0, first_try=None)
+        if row.handoff:
+            log.info("%s: the bot handed the dialog over to a person", row.where)
+        self.store.finish(row)
+
+    # -- the main loop -----------------------------------------------------------------
+    def dispatch(self, msgs: list) -> list:
+        """Customer messages -> inbox rows (new session = new_dialog); the rest needs nothing."""
+        rows = []
+        sessions: dict = {}
+        for msg in msgs:
+            if msg.author_kind != "customer":
+                continue
+            seen = sessions.get(msg.dialog_id)
+            if seen is None:
+                seen = self.store.session_seen(msg.dialog_id)
+            new = msg.new_dialog or bool(msg.session_id and msg.session_id != seen)
+            sessions[msg.dialog_id] = msg.session_id or seen
+            rows.append({"dialog": msg.dialog_id, "message_id": msg.id, "payload": self.payload(msg, new),
+                         "session": msg.session_id})
+        return rows
+
+    def commit(self) -> bool:
+        """Write what the last polls found; False (and nothing lost) if the disk said no."""
+        rows = self.uncommitted
+        changes = self.poller.take_dirty()
+        meta = dict(self.poller.meta(), portal=self.client.host, user_id=self.poller.self_id)
+        try:
+            self.store.commit_cycle(rows, changes, meta)
+        except sqlite3.Error as exc:
+            self.poller.mark_dirty(changes)
+            self._note_save_error(exc)
+            return False
+        self.uncommitted = []
+        if self.save_error:
+            log.info("the state database is writable again")
+            self.save_error = ""
+        for dialog in {r["dialog"] for r in rows}:
+            self.stats["received"] += sum(1 for r in rows if r["dialog"] == dialog)
+            self.wake(dialog)
+        return True
+
+    def _note_save_error(self, exc: Exception) -> None:
+        text = "cannot write the state database %s (%s); the work waits and is retried" % (self.store.path, exc)
+        if text != self.save_error:
+            log.error(text)
+        self.save_error = text
+
     def cycle(self) -> None:
-        self.dispatch(self.poller.poll(auto_ack=False))
+        if self.uncommitted and not self.commit():
+            return              # do not read further while what we read is not safe yet
+        self.uncommitted.extend(self.dispatch(self.poller.poll(auto_ack=True)))
+        self.commit()
 
-    def on_success(self) -> None:
-        """After a good cycle: ping systemd's watchdog (if on) and refresh the status line."""
+    def prune(self) -> None:
+        """Forget dialogs idle for BRIDGE_FORGET_DAYS (they come back as first seen, from then on)."""
+        try:
+            idle = self.store.idle_dialogs(time.time() - self.settings.forget_days * 86400)
+        except sqlite3.Error as exc:
+            self._note_save_error(exc)
+            return
+        for dialog in idle:
+            self.poller.forget(dialog)
+            self.cannot_post.pop(dialog, None)
+        if idle:
+            log.info("forgot %d dialog(s) idle for %g days", len(idle), self.settings.forget_days)
+
+    def tick(self) -> None:
+        """Housekeeping after each loop turn: the watchdog, the status line, pruning."""
         now = time.monotonic()
         if now - self.last_ping >= (self.watchdog or STATUS_EVERY_SEC):
             fields = {"WATCHDOG": 1} if self.watchdog else {}
             bc.sd_notify(**fields, STATUS=self.status())
             self.last_ping = now
+        if now - self.last_prune >= PRUNE_EVERY_SEC:
+            self.last_prune = now
+            self.prune()
 
     def status(self) -> str:
         with self.lock:
-            waiting = sum(len(q) for q in self.pending.values())
-        return "polling %s; %d forwarded, %d replies, %d bot failures, %d waiting" % (
-            self.client.host, self.stats["forwarded"], self.stats["replies"], self.stats["bot_failures"], waiting)
+            delayed = len(self.delayed)
+        text = "polling %s; %d forwarded, %d replies, %d bot failures, %d dead letters, %d dialogs waiting to retry" % (
+            self.client.host, self.stats["forwarded"], self.stats["replies"], self.stats["bot_failures"],
+            self.stats["dead_letters"], delayed)
+        return text + ("; " + self.save_error if self.save_error else "")
 
-    def drained(self, timeout: float, *, in_flight_only: bool = False) -> bool:
-        """Wait until every queued message is handled (or only those being handled now)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with self.lock:
-                if (self.busy == 0) if in_flight_only else not any(self.pending.values()):
-                    return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
+    def idle(self) -> bool:
+        """Nothing ready and nothing being handled (delayed retries may remain)."""
+        with self.lock:
+            return not self.queued and not self.held and self.ready.empty()
 
     def run(self) -> int:
         self.start_workers()
+        try:
+            for dialog, _due in self.store.dialogs_with_work():
+                self.wake(dialog)
+        except sqlite3.Error as exc:
+            self._note_save_error(exc)
         bc.sd_notify(READY=1, STATUS=self.status())
         log.info("bridging Open Lines on %s to the bot on %s (%d dialogs side by side)",
                  self.client.host, self.bot.host, self.args.workers)
-        bc.poll_forever(self.cycle, interval=self.interval, stop=self.stop, once=self.args.once,
-                        on_success=self.on_success)
-        if self.args.once:
-            self.drained(self.cfg.bot_timeout * (self.bot.retries + 1) + 60)
+        failures = 0
+        next_poll = 0.0
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if now >= next_poll:
+                try:
+                    self.cycle()
+                    failures = 0
+                    next_poll = now + self.interval
+                except (bc.RateLimitError, bc.ServerError, bc.TransportError) as exc:
+                    failures += 1
+                    delay = min(bc.POLL_BACKOFF_MAX_SEC, self.interval * (2 ** min(failures, 6)))
+                    log.warning("%s -- trying again in %.0f s", exc, delay)
+                    next_poll = now + delay
+            wait = self.release_due()
+            self.tick()
+            if self.args.once:
+                time.sleep(0.05)
+                if self.idle() and self.busy == 0:
+                    break
+                continue
+            self.stop.wait(max(0.02, min(next_poll - time.monotonic(), wait)))
         bc.sd_notify(STOPPING=1, STATUS="stopping")
         self.stop.set()
-        if not self.drained(STOP_GRACE_SEC, in_flight_only=True):
+        deadline = time.monotonic() + STOP_GRACE_SEC
+        while self.busy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.busy:
             log.warning("leaving with replies still in progress; they are redone at the next start")
-        self.store.save()
+        if self.uncommitted:
+            self.commit()
         log.info(self.status().replace("polling", "stopped; was polling"))
         return bc.EXIT_OK
 
 
-def _banner(client: bc.Client) -> int:
+# ===========================================================================
+# Start-up
+# ===========================================================================
+
+def _banner(client: bc.Client, bot: bc.BotClient) -> int:
     me = client.whoami()
     bc.check_scopes(client)
     log.info("signed in as %s (id %s) on %s", me["name"], me["id"], client.host)
+    if bot.insecure_remote:
+        log.warning("BOT_HTTP_URL is plain http:// to %s: the bot's token and your customers' messages "
+                    "cross the network unencrypted -- use https://", bot.host)
     return me["id"]
+
+
+def replay_dead(store: Store, dead: DeadLetters, dialog: str | None) -> int:
+    entries = dead.take(dialog)
+    for entry in entries:
+        store.requeue(entry)
+    log.info("put %d dead letter(s)%s back in line", len(entries),
+             " of %s" % bc.display_dialog_id(dialog) if dialog else "")
+    return len(entries)
 
 
 def main(argv: list | None = None) -> int:
@@ -290,33 +811,50 @@ def main(argv: list | None = None) -> int:
     def body() -> int:
         environ, demo = bc.environment_or_demo(args)
         servers: list = []
+        scratch = None
         if demo:
             import mock_bot_server
-            bot = mock_bot_server.BotServer().start()
-            servers = [bc.start_demo_portal(environ), bot]
-            environ["BOT_HTTP_URL"] = bot.url
+            bot_server = mock_bot_server.BotServer().start()
+            servers = [bc.start_demo_portal(environ), bot_server]
+            environ["BOT_HTTP_URL"] = bot_server.url
             environ.pop("BOT_HTTP_AUTH", None)
-            environ.setdefault("B24_STATE_DIR", os.path.join(bc.default_state_dir(environ), "demo"))
+            # the demo keeps its state in a throwaway folder, never in B24_STATE_DIR
+            scratch = tempfile.mkdtemp(prefix="b24-bridge-demo-")
+            args.state = os.path.join(scratch, "bridge.db")
             args.demo = args.take = True
             log.info("demo: an emulator stands in for the portal and an echo bot for yours; simulated "
                      "customers write every few seconds and get answers (Ctrl-C to stop)")
+        lock = None
         try:
             cfg = bc.Config.from_env(environ, require_bot=True)
+            settings = Settings(environ)
             client = bc.Client(cfg)
             bot_client = bc.BotClient(cfg)
-            path = args.state or os.path.join(cfg.state_dir or bc.default_state_dir(environ), "bridge.json")
-            if demo and not args.state:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                if os.path.exists(path):
-                    os.unlink(path)       # each demo portal is new
-            me = _banner(client)
-            store = bc.PollerStore(bc.Poller(client, self_id=me), bc.StateFile(path), client.host)
-            store.load()
-            if not store.poller.started:
-                store.poller.start()
+            folder = cfg.state_dir or bc.default_state_dir(environ)
+            path = args.state or os.path.join(folder, "bridge.db")
+            base = path[:-3] if path.endswith(".db") else path
+            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+            lock = InstanceLock(base + ".lock")
+            lock.acquire()
+            store = Store(path)
+            if not args.state:
+                migrate_json_state(store, os.path.join(folder, "bridge.json"))
+            dead = DeadLetters(base + ".dead-letters.jsonl")
+            me = _banner(client, bot_client)
+            saved = store.poller_state()
+            if saved.get("portal") is not None and (saved["portal"], saved["user_id"]) != (client.host, me):
+                raise bc.ConfigError("%s belongs to user %s on %s, not to user %s on %s: use another --state"
+                                     % (store.path, saved["user_id"], saved["portal"], me, client.host))
+            poller = bc.Poller(client, self_id=me)
+            poller.load_state(saved)
+            if not poller.started:
+                poller.start()
                 log.info("starting from now: messages already in the dialogs are not forwarded")
-            store.save()
-            bridge = Bridge(client, bot_client, store, args, args.interval or cfg.poll_sec)
+            bridge = Bridge(client, bot_client, poller, store, dead, args, settings,
+                            args.interval or cfg.poll_sec)
+            bridge.commit()
+            if args.replay_dead:
+                replay_dead(store, dead, args.dialog)
             stopped_by: list = []
 
             def on_signal(signum: int, frame: Any) -> None:
@@ -327,8 +865,12 @@ def main(argv: list | None = None) -> int:
             code = bridge.run()
             return bc.EXIT_INTERRUPTED if signal.SIGINT in stopped_by else code
         finally:
+            if lock is not None:
+                lock.release()
             for server in servers:
                 server.stop()
+            if scratch:
+                shutil.rmtree(scratch, ignore_errors=True)
 
     return bc.run_main(body)
 

@@ -39,11 +39,11 @@ __all__ = [
     "parse_dialog_id", "display_dialog_id", "Message", "classify", "bbcode_to_text",
     "normalize_phone", "Poller", "DialogReader", "normalize_reply", "ReplyShapeError",
     "StateFile", "default_state_dir", "send_text", "find_by_uuid", "split_text", "new_template_id", "take_dialog",
-    "BotClient", "BotError", "reply_template_id", "PollerStore", "poll_forever", "sd_notify",
+    "BotClient", "BotError", "BotAnswer", "parse_bot_answer", "reply_template_id", "PollerStore", "poll_forever", "sd_notify",
     "watchdog_seconds",
     "add_common_arguments", "load_config_from_args", "run_main", "setup_logging",
     "environment_or_demo", "start_demo_portal", "check_scopes",
-    "format_error",
+    "format_error", "env_number",
 ]
 
 import argparse
@@ -82,7 +82,8 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 DEFAULT_POLL_SEC = 2.0
 POLL_SEC_MIN, POLL_SEC_MAX = 0.1, 3600.0
 DEFAULT_HTTP_TIMEOUT_SEC = 30.0      # the cloud cuts requests at 60 s
-DEFAULT_BOT_TIMEOUT_SEC = 120.0
+DEFAULT_BOT_TIMEOUT_SEC = 120.0      # the deadline of a whole bot exchange, not of one read
+DEFAULT_BOT_MAX_BYTES = 1048576      # a bot answer larger than this is refused
 DEFAULT_RATE_PER_SEC = 2.0           # leaky bucket drain, non-Enterprise plans
 DEFAULT_RATE_BURST = 50              # leaky bucket size, non-Enterprise plans
 BUCKET_HEADROOM = 0.9                # we fill at most 90 % of the bucket ourselves
@@ -101,7 +102,6 @@ SYNC_MARGIN_SEC = 60.0               # recent rows are written after their messa
 SESSION_ANSWERED = 10                # Open Lines session status from which an operator has it
 MESSAGE_MAX_CHARS = 20000            # longer texts are cut by im.message.add
 SEND_PATIENCE_SEC = 30.0             # how long send_text resends (same TEMPLATE_ID) an unknown outcome
-BOT_RETRIES = 2                      # extra tries of a bot call that failed on the way
 IDLE_SAVE_SEC = 60.0                 # an idle poller's state file is rewritten at most this often
 POLL_BACKOFF_MAX_SEC = 60.0
 USERS_CACHE_MAX = 5000               # authors remembered for classification (oldest dropped first)
@@ -543,7 +543,7 @@ def normalize_webhook(raw: str, name: str = "B24_WEBHOOK_BASE") -> tuple:
     return base, host, int(uid), code
 
 
-def _number(env: Mapping[str, str], name: str, default: float, lo: float, hi: float,
+def env_number(env: Mapping[str, str], name: str, default: float, lo: float, hi: float,
             integer: bool = False) -> float:
     raw = env.get(name)
     if raw is None or str(raw).strip() == "":
@@ -575,6 +575,7 @@ class Config:
     bot_url: str = ""
     bot_auth: str = field(default="", repr=False)
     bot_timeout: float = DEFAULT_BOT_TIMEOUT_SEC
+    bot_max_bytes: int = DEFAULT_BOT_MAX_BYTES
     business_phone: str = ""
     state_dir: str = ""
 
@@ -597,14 +598,16 @@ class Config:
             raise ConfigError("B24_BUSINESS_PHONE=%r: expected a phone number such as +10000000001" % phone)
         return cls(
             webhook_base=base, portal_host=host, user_id=uid,
-            poll_sec=_number(env, "B24_POLL_SEC", DEFAULT_POLL_SEC, POLL_SEC_MIN, POLL_SEC_MAX),
-            http_timeout=_number(env, "B24_HTTP_TIMEOUT_SEC", DEFAULT_HTTP_TIMEOUT_SEC, 1, 600),
-            rate_per_sec=_number(env, "B24_RATE_PER_SEC", DEFAULT_RATE_PER_SEC, 0.1, 100),
-            rate_burst=int(_number(env, "B24_RATE_BURST", DEFAULT_RATE_BURST, 1, 10000, integer=True)),
-            operating_limit=_number(env, "B24_OPERATING_LIMIT_SEC", DEFAULT_OPERATING_LIMIT_SEC, 1, 100000),
-            max_retries=int(_number(env, "B24_MAX_RETRIES", MAX_RETRIES, 0, 50, integer=True)),
+            poll_sec=env_number(env, "B24_POLL_SEC", DEFAULT_POLL_SEC, POLL_SEC_MIN, POLL_SEC_MAX),
+            http_timeout=env_number(env, "B24_HTTP_TIMEOUT_SEC", DEFAULT_HTTP_TIMEOUT_SEC, 1, 600),
+            rate_per_sec=env_number(env, "B24_RATE_PER_SEC", DEFAULT_RATE_PER_SEC, 0.1, 100),
+            rate_burst=int(env_number(env, "B24_RATE_BURST", DEFAULT_RATE_BURST, 1, 10000, integer=True)),
+            operating_limit=env_number(env, "B24_OPERATING_LIMIT_SEC", DEFAULT_OPERATING_LIMIT_SEC, 1, 100000),
+            max_retries=int(env_number(env, "B24_MAX_RETRIES", MAX_RETRIES, 0, 50, integer=True)),
             bot_url=bot_url, bot_auth=bot_auth,
-            bot_timeout=_number(env, "BOT_HTTP_TIMEOUT_SEC", DEFAULT_BOT_TIMEOUT_SEC, 1, 3600),
+            bot_timeout=env_number(env, "BOT_HTTP_TIMEOUT_SEC", DEFAULT_BOT_TIMEOUT_SEC, 1, 3600),
+            bot_max_bytes=int(env_number(env, "BOT_MAX_REPLY_BYTES", DEFAULT_BOT_MAX_BYTES, 1024, 64 * 1048576,
+                                      integer=True)),
             business_phone=phone,
             state_dir=(env.get("B24_STATE_DIR") or "").strip(),
         )
@@ -680,19 +683,30 @@ class RateLimiter:
         self._last = now
 
     def acquire(self, methods: Iterable[str] = ()) -> None:
-        with self._lock:
-            wall = self._wall()
-            until = max([self._blocked_until.get(m.lower(), 0.0) for m in methods] + [0.0])
-            if until > wall:
-                wait = until - wall
-                log.info("waiting %.1f s for the portal's operating-time budget to reset", wait)
-                self._sleep(wait)
-            self._drain()
-            if self._level + 1 > self.capacity:
-                wait = (self._level + 1 - self.capacity) / self.rate
-                self._sleep(wait)
-                self._drain()
-            self._level += 1
+        """Wait until one more request of *methods* is within both limits, then count it.
+
+        The waiting happens outside the lock: a method waiting ten minutes for its
+        time budget never holds up another method, or another thread.
+        """
+        methods = [m.lower() for m in methods]
+        told = False
+        while True:
+            with self._lock:
+                wall = self._wall()
+                until = max([self._blocked_until.get(m, 0.0) for m in methods] + [0.0])
+                if until > wall:
+                    wait = until - wall
+                    if not told:
+                        log.info("waiting %.1f s for the portal's operating-time budget of %s to reset",
+                                 wait, ", ".join(methods))
+                        told = True
+                else:
+                    self._drain()
+                    if self._level + 1 <= self.capacity:
+                        self._level += 1
+                        return
+                    wait = (self._level + 1 - self.capacity) / self.rate
+            self._sleep(min(wait, 5.0))
 
     def note_time(self, method: str, block: Any) -> None:
         """Read a ``time`` block: block a method that used up most of its budget."""
@@ -1080,6 +1094,7 @@ class DialogInfo:
     customer_phone: str = ""
     is_lines: bool = True
     session_id: int = 0
+    waiting: bool = False          # in the webhook user's queue, not taken: readable, not writable
 
     @classmethod
     def from_chat(cls, dialog_id: str, chat: Mapping | None, title: str = "") -> DialogInfo:
@@ -1112,7 +1127,7 @@ class DialogInfo:
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in ("chat_id", "title", "entity_id", "line_id",
                                               "customer_id", "customer_name", "customer_phone",
-                                              "is_lines", "session_id")}
+                                              "is_lines", "session_id", "waiting")}
 
 
 @dataclass
@@ -1136,6 +1151,7 @@ class Message:
     attachments: list = field(default_factory=list)   # see attachment_of()
     caption: str = ""              # what the author typed (for media: the caption, may be "")
     session_id: int = 0
+    waiting: bool = False          # the dialog waited in our queue when this was read
 
     @property
     def timestamp(self) -> float | None:
@@ -1275,6 +1291,7 @@ class _MessageFactory:
             customer_name=info.customer_name if info else "",
             customer_phone=info.customer_phone if info else "",
             line_id=info.line_id if info else None, session_id=info.session_id if info else 0,
+            waiting=info.waiting if info else False,
             params=params,
             uuid=raw.get("uuid") if isinstance(raw.get("uuid"), str) else None)
 
@@ -1369,6 +1386,28 @@ def _locked(method: Callable) -> Callable:
     return wrapper
 
 
+class _TrackedDict(dict):
+    """A dict that remembers which keys changed since :meth:`Poller.take_dirty`."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.dirty: set = set()
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if key not in self or self[key] != value:
+            self.dirty.add(key)
+        super().__setitem__(key, value)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        self.dirty.add(key)
+        return super().pop(key, *default)
+
+
 class _Want:
     """What one dialog's fetch is after, and what it found (see :meth:`Poller._fetch`).
 
@@ -1458,7 +1497,7 @@ class Poller:
         self.lines_only = lines_only
         self.page_min = page_min
         self.factory = _MessageFactory(self_id)
-        self.cursors: dict = {}       # dialog_id -> last delivered (acked) message id
+        self.cursors: dict = _TrackedDict()   # dialog_id -> last delivered (acked) message id
         self.fetched: dict = {}       # dialog_id -> last fetched message id (in memory)
         self.last_seen: dict = {}     # dialog_id -> last message id the recent list showed
         self.dialogs: dict = {}       # dialog_id -> DialogInfo
@@ -1489,7 +1528,7 @@ class Poller:
     def load_state(self, state: Mapping | None) -> None:
         if not state:
             return
-        self.cursors = {str(k): _int(v) for k, v in as_map(state.get("cursors")).items()}
+        self.cursors = _TrackedDict((str(k), _int(v)) for k, v in as_map(state.get("cursors")).items())
         self.fetched = dict(self.cursors)
         self.last_seen = dict(self.cursors)
         self.floor_id = _int(state.get("floor_id"))
@@ -1503,6 +1542,30 @@ class Poller:
                         setattr(info, k, raw[k])
                 self.dialogs[str(d)] = info
         self.started = self.watermark is not None
+
+    @_locked
+    def take_dirty(self) -> dict:
+        """``{dialog: {"cursor": id, "info": {...}} or None (forgotten)}`` for every dialog whose
+        cursor or details changed since the last call -- what an incremental store writes."""
+        out = {}
+        for did in self.cursors.dirty:
+            if did in self.cursors:
+                info = self.dialogs.get(did)
+                out[did] = {"cursor": self.cursors[did], "info": info.to_json() if info else {}}
+            else:
+                out[did] = None
+        self.cursors.dirty = set()
+        return out
+
+    @_locked
+    def mark_dirty(self, dialogs: Iterable[str]) -> None:
+        """Have :meth:`take_dirty` report these again (their save failed)."""
+        self.cursors.dirty.update(dialogs)
+
+    @_locked
+    def meta(self) -> dict:
+        """The scalar state a store keeps beside the per-dialog cursors."""
+        return {"watermark": self._committed_watermark, "floor_id": self.floor_id}
 
     @_locked
     def forget(self, dialog_id: str) -> None:
@@ -1668,8 +1731,12 @@ class Poller:
                 fresh.customer_phone = fresh.customer_phone or info.customer_phone
             info = self.dialogs[did] = fresh
         lines = as_map(item.get("lines"))
+        before = (info.session_id, info.waiting)
         if lines.get("id") is not None:
             info.session_id = _int(lines.get("id"))
+        info.waiting = info.is_lines and self._in_queue(item)
+        if (info.session_id, info.waiting) != before and did in self.cursors:
+            self.cursors.dirty.add(did)
         user = item.get("user")
         if isinstance(user, Mapping) and info.customer_id and _int(user.get("id")) == info.customer_id:
             info.learn_customer(user)
@@ -1874,27 +1941,32 @@ def new_template_id() -> str:
 
 
 def split_text(text: str, limit: int = MESSAGE_MAX_CHARS) -> list:
-    """Split *text* into pieces of at most *limit* characters.
+    """Split *text* into pieces of at most *limit* characters, in linear time.
 
     Cuts at a paragraph break if one is in the second half of the window,
     else at a line break, else at a space, else hard.
     """
     text = text.strip()
     out: list = []
-    while len(text) > limit:
-        window = text[:limit + 1]
+    start, end = 0, len(text)
+    while end - start > limit:
+        stop = start + limit
         cut = -1
         for sep in ("\n\n", "\n", " "):
-            pos = window.rfind(sep, 0, limit + 1)
-            if pos >= limit // 2:
+            pos = text.rfind(sep, start + limit // 2, stop + 1)
+            if pos > start:
                 cut = pos
                 break
-        if cut <= 0:
-            cut = limit
-        out.append(text[:cut].rstrip())
-        text = text[cut:].strip()
-    if text:
-        out.append(text)
+        if cut <= start:
+            cut = stop
+        piece = text[start:cut].rstrip()
+        if piece:
+            out.append(piece)
+        start = cut
+        while start < end and text[start].isspace():
+            start += 1
+    if start < end:
+        out.append(text[start:end])
     return out
 
 
@@ -2047,89 +2119,169 @@ def normalize_reply(body: Any) -> list:
 
 
 class BotError(B24Error):
-    """The bot could not be asked, or its answer was unusable."""
+    """The bot could not be asked (``retryable``: an outage), or its answer was unusable."""
 
     def __init__(self, message: str, *, retryable: bool = False):
         super().__init__(message)
         self.retryable = retryable
 
 
+@dataclass
+class BotAnswer:
+    """What the bot said: texts to post (maybe none), and whether it hands the dialog to a person."""
+
+    texts: list = field(default_factory=list)
+    handoff: bool = False
+
+
+def parse_bot_answer(body: Any) -> BotAnswer:
+    """A decoded bot answer -> :class:`BotAnswer`; ``{"handoff": true, "text": "..."}`` hands over."""
+    try:
+        if isinstance(body, Mapping) and body.get("handoff") is True:
+            rest = {k: v for k, v in body.items() if k != "handoff"}
+            texts = normalize_reply(rest) if any(k in rest for k in _REPLY_KEYS + _REPLY_LIST_KEYS) else []
+            return BotAnswer(texts, True)
+        return BotAnswer(normalize_reply(body))
+    except RecursionError:
+        raise ReplyShapeError("bot reply: nested too deeply to be a reply") from None
+
+
 class BotClient:
-    """POSTs one inbound message to the bot (``BOT_HTTP_URL``) and returns its reply texts.
+    """POSTs one inbound message to the bot (``BOT_HTTP_URL``) and returns its :class:`BotAnswer`.
 
     ``Authorization: <BOT_HTTP_AUTH>`` is sent when set (and never logged).
-    Network errors, timeouts, 429 and 5xx are retried a few times with
-    backoff; any other 4xx is final.  An empty answer (204, empty body)
-    means "no reply"; ``text/plain`` is one reply; JSON goes through
-    :func:`normalize_reply`.
+    ``BOT_HTTP_TIMEOUT_SEC`` is the deadline of the whole exchange -- connect,
+    send, every byte of the answer -- so a bot that trickles its answer cannot
+    hold a dialog forever; an answer over ``BOT_MAX_REPLY_BYTES`` is refused.
+    Connection failures, timeouts, 429 and 5xx are outages (``retryable``);
+    any other 4xx, a body that is not a reply, or one too large is unusable.
+    An empty answer (204, empty body) means "no reply"; ``text/plain`` is one
+    reply; JSON goes through :func:`parse_bot_answer`.  The caller decides
+    about retries.
     """
 
-    def __init__(self, config: Config, *, retries: int = BOT_RETRIES,
-                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None):
+    def __init__(self, config: Config):
         if not config.bot_url:
             raise ConfigError("BOT_HTTP_URL is not set")
         self.url = config.bot_url
         self.auth = config.bot_auth
         self.timeout = config.bot_timeout
-        self.retries = retries
-        self.host = urllib.parse.urlsplit(self.url).hostname or "?"
-        self._sleep = sleep
-        self._rng = rng or random.Random()
-        self._opener = _opener_for(self.host)
+        self.max_bytes = config.bot_max_bytes
+        parts = urllib.parse.urlsplit(self.url)
+        self.scheme = parts.scheme
+        self.host = parts.hostname or "?"
+        try:
+            self.port = parts.port or (443 if self.scheme == "https" else 80)
+        except ValueError:
+            raise ConfigError("BOT_HTTP_URL: the port is not a number from 1 to 65535") from None
+        self.target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        self.insecure_remote = self.scheme == "http" and not _is_loopback(self.host)
 
     def __repr__(self) -> str:
         return "BotClient(host=%s)" % self.host
 
-    def _once(self, payload: Mapping) -> list:
-        headers = {"Content-Type": "application/json", "Accept": "application/json",
-                   "User-Agent": "b24-openlines-toolkit/" + VERSION}
-        if self.auth:
-            headers["Authorization"] = self.auth
-        req = urllib.request.Request(self.url, data=json.dumps(payload, ensure_ascii=False).encode("utf-8"),
-                                     method="POST", headers=headers)
+    def _connect(self, timeout: float) -> tuple:
+        """``(connection, request target)``, through an https/http proxy from the environment if one
+        applies (never for loopback)."""
+        proxy = None
+        if not _is_loopback(self.host) and not urllib.request.proxy_bypass(self.host):
+            proxy = urllib.request.getproxies().get(self.scheme)
+        if self.scheme == "https":
+            ctx = ssl.create_default_context()
+            if proxy:
+                pp = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+                conn = http.client.HTTPSConnection(pp.hostname, pp.port or 8080, timeout=timeout, context=ctx)
+                conn.set_tunnel(self.host, self.port)
+            else:
+                conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=ctx)
+            return conn, self.target
+        if proxy:
+            pp = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+            return http.client.HTTPConnection(pp.hostname, pp.port or 8080, timeout=timeout), self.url
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout), self.target
+
+    def _exchange(self, body: bytes, headers: dict) -> tuple:
+        """One POST under one deadline -> ``(status, content type, raw body)``."""
         where = "bot on %s" % self.host
+        deadline = time.monotonic() + self.timeout
+
+        def left() -> float:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("deadline")
+            return remaining
+
+        conn, target = self._connect(self.timeout)
         try:
-            with self._opener.open(req, timeout=self.timeout) as resp:
-                status, ctype, raw = resp.status, resp.headers.get("Content-Type", ""), resp.read()
-        except urllib.error.HTTPError as exc:
-            with exc:
-                retry = exc.code == 429 or exc.code >= 500
-                raise BotError("%s answered HTTP %d" % (where, exc.code), retryable=retry) from None
-        except urllib.error.URLError as exc:
-            raise BotError("%s: cannot connect: %s" % (where, getattr(exc, "reason", exc)), retryable=True) from None
+            conn.request("POST", target, body=body, headers=headers)
+            if conn.sock is not None:
+                conn.sock.settimeout(left())
+            resp = conn.getresponse()
+            status, ctype = resp.status, resp.getheader("Content-Type", "") or ""
+            declared = resp.getheader("Content-Length")
+            if declared and declared.isdigit() and int(declared) > self.max_bytes:
+                raise BotError("%s: the answer is %s bytes, more than BOT_MAX_REPLY_BYTES=%d"
+                               % (where, declared, self.max_bytes))
+            chunks: list = []
+            size = 0
+            while True:
+                if conn.sock is not None:
+                    conn.sock.settimeout(left())
+                chunk = resp.read1(65536) if hasattr(resp, "read1") else resp.read(65536)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise BotError("%s: the answer is larger than BOT_MAX_REPLY_BYTES=%d"
+                                   % (where, self.max_bytes))
+                chunks.append(chunk)
+                left()
+            return status, ctype, b"".join(chunks)
+        except ssl.SSLCertVerificationError as exc:
+            raise BotError("%s: its TLS certificate could not be verified (%s)"
+                           % (where, getattr(exc, "verify_message", exc)), retryable=True) from None
         except (TimeoutError, socket.timeout):
-            raise BotError("%s: no answer within %g s (raise BOT_HTTP_TIMEOUT_SEC?)" % (where, self.timeout),
-                           retryable=True) from None
+            raise BotError("%s: no complete answer within BOT_HTTP_TIMEOUT_SEC=%g s"
+                           % (where, self.timeout), retryable=True) from None
+        except (ConnectionRefusedError, socket.gaierror) as exc:
+            raise BotError("%s: cannot connect: %s" % (where, exc.strerror or exc), retryable=True) from None
         except (OSError, http.client.HTTPException) as exc:
-            raise BotError("%s: connection dropped (%s)" % (where, type(exc).__name__), retryable=True) from None
+            raise BotError("%s: connection failed or dropped (%s)" % (where, type(exc).__name__),
+                           retryable=True) from None
+        finally:
+            conn.close()
+
+    def ask(self, payload: Mapping, *, headers: Mapping[str, str] | None = None) -> BotAnswer:
+        """One exchange with the bot; raises :class:`BotError`."""
+        all_headers = {"Content-Type": "application/json", "Accept": "application/json",
+                       "User-Agent": "b24-openlines-toolkit/" + VERSION}
+        all_headers.update(headers or {})
+        if self.auth:
+            all_headers["Authorization"] = self.auth
+        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        status, ctype, raw = self._exchange(body, all_headers)
+        where = "bot on %s" % self.host
+        if status == 429 or status >= 500:
+            raise BotError("%s answered HTTP %d" % (where, status), retryable=True)
+        if status >= 300:
+            raise BotError("%s answered HTTP %d" % (where, status))
         if status == 204 or not raw.strip():
-            return []
+            return BotAnswer()
         text = raw.decode("utf-8", "replace")
         if "json" in ctype.lower() or text.lstrip()[:1] in ("{", "["):
             try:
-                body = json.loads(text)
+                decoded = json.loads(text)
+            except RecursionError:
+                raise BotError("%s: the answer is nested too deeply to be a reply" % where) from None
             except ValueError:
                 raise BotError("%s: the answer is not valid JSON" % where) from None
             try:
-                return normalize_reply(body)
+                return parse_bot_answer(decoded)
             except ReplyShapeError as exc:
                 raise BotError("%s: %s" % (where, exc)) from None
         if "html" in ctype.lower():
             raise BotError("%s answered with an HTML page, not a reply" % where)
-        return normalize_reply(text)
-
-    def ask(self, payload: Mapping) -> list:
-        attempt = 0
-        while True:
-            try:
-                return self._once(payload)
-            except BotError as exc:
-                if not exc.retryable or attempt >= self.retries:
-                    raise
-                attempt += 1
-                delay = self._rng.uniform(0.5, 1.0) * min(BACKOFF_CAP_SEC, 2.0 ** attempt)
-                log.warning("%s; asking again in %.1f s (%d/%d)", exc, delay, attempt, self.retries)
-                self._sleep(delay)
+        return BotAnswer(normalize_reply(text))
 
 
 def reply_template_id(portal: str, dialog_id: str, message_id: int, index: int) -> str:

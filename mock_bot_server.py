@@ -52,6 +52,8 @@ class BotServer(ThreadingHTTPServer):
         self.shape, self.delay, self.token = shape, delay, token
         self.fail_next = 0
         self.replies = lambda text: ["Echo: %s" % text]
+        self.raw = None          # text -> (status, content type, body bytes): any answer at all
+        self.trickle = 0.0       # seconds between the bytes of the answer (a bot that trickles)
         self.received: list = []
         self.lock = threading.Lock()
 
@@ -112,6 +114,20 @@ class _Handler(BaseHTTPRequestHandler):
         delay = bot.delay.get(text, 0.0) if isinstance(bot.delay, dict) else bot.delay
         if delay:
             time.sleep(delay)
+        if bot.raw is not None:
+            status, ctype, body = bot.raw(text)
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if bot.trickle:
+                for i in range(len(body)):
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(bot.trickle)
+            else:
+                self.wfile.write(body)
+            return
         if bot.shape == "none":
             self._answer(204, None)
             return
