@@ -74,7 +74,7 @@ class Settings:
         self.fallback_text = (env.get("BRIDGE_FALLBACK_TEXT") or "").strip()
         self.max_chars = int(bc.env_number(env, "BRIDGE_MAX_REPLY_CHARS", 4096, 100, bc.MESSAGE_MAX_CHARS,
                                            integer=True))
-        self.forget_days = bc.env_number(env, "BRIDGE_FORGET_DAYS", 7.0, 0.0001, 3650)
+        self.forget_days = bc.env_number(env, "BRIDGE_FORGET_DAYS", 7.0, 0.00001, 3650)
 
 
 def _parse_args(argv: list | None) -> argparse.Namespace:
@@ -129,7 +129,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS dialogs (
     dialog TEXT PRIMARY KEY, cursor INTEGER NOT NULL, info TEXT NOT NULL DEFAULT '{}',
-    session_seen INTEGER NOT NULL DEFAULT 0, touched REAL NOT NULL);
+    session_seen INTEGER NOT NULL DEFAULT 0, touched REAL NOT NULL, active REAL NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS dialogs_touched ON dialogs (touched);
 CREATE TABLE IF NOT EXISTS inbox (
     dialog TEXT NOT NULL, message_id INTEGER NOT NULL, payload TEXT NOT NULL,
@@ -180,7 +180,7 @@ class Store:
     def db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
+            conn = sqlite3.connect(self.path, timeout=5, isolation_level=None, check_same_thread=True)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             self._local.conn = conn
@@ -214,7 +214,8 @@ class Store:
         return {"cursors": cursors, "dialogs": dialogs, "watermark": meta.get("watermark"),
                 "floor_id": meta.get("floor_id", 0), "portal": meta.get("portal"), "user_id": meta.get("user_id")}
 
-    def commit_cycle(self, rows: list, changes: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+    def commit_cycle(self, rows: list, changes: Mapping[str, Any], meta: Mapping[str, Any],
+                     active: Mapping[str, float] | None = None) -> None:
         """New messages, the dialogs whose cursor moved past them, and the scan watermark: at once.
 
         A dialog's ``session_seen`` starts at its session when it is first stored and follows the
@@ -236,6 +237,8 @@ class Store:
         for r in rows:
             if r.get("session"):
                 st.append(("UPDATE dialogs SET session_seen = ? WHERE dialog = ?", (r["session"], r["dialog"])))
+        for did, when in (active or {}).items():
+            st.append(("UPDATE dialogs SET active = MAX(active, ?) WHERE dialog = ?", (when, did)))
         for key, value in meta.items():
             st.append(("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
                        "value = excluded.value", (key, json.dumps(value))))
@@ -245,9 +248,12 @@ class Store:
         row = self.db.execute("SELECT session_seen FROM dialogs WHERE dialog = ?", (dialog,)).fetchone()
         return row[0] if row else 0
 
-    def idle_dialogs(self, before: float) -> list:
+    def idle_dialogs(self, before: float, quiet_since: float) -> list:
+        """Dialogs unchanged since *before* (our clock) whose last message is older than
+        *quiet_since* (the portal's clock), with nothing in flight."""
         return [d for (d,) in self.db.execute(
-            "SELECT dialog FROM dialogs WHERE touched < ? AND dialog NOT IN (SELECT dialog FROM inbox)", (before,))]
+            "SELECT dialog FROM dialogs WHERE touched < ? AND active < ? "
+            "AND dialog NOT IN (SELECT dialog FROM inbox)", (before, quiet_since))]
 
     # -- messages in flight --------------------------------------------------------
     def head(self, dialog: str) -> Row | None:
@@ -405,6 +411,8 @@ class Bridge:
         self.stats = collections.Counter()
         self.cannot_post: dict = {}           # dialog -> session id in which posting was refused
         self.uncommitted: list = []           # rows whose save failed; retried before polling on
+        self.activity: dict = {}              # dialog -> portal time of its newest message (not saved yet)
+        self.fresh: set = set()               # (dialog, id) written by this process: no crash behind them
         self.save_error = ""
         self.watchdog = bc.watchdog_seconds()
         self.last_ping = 0.0
@@ -499,6 +507,8 @@ class Bridge:
                              "customer_phone": msg.customer_phone or None, "portal": self.client.host}}
 
     def step(self, row: Row) -> None:
+        if not self._reconcile(row):
+            return
         if row.state == "new":
             self.ask(row)
         elif row.state == "answered":
@@ -556,16 +566,45 @@ class Bridge:
                         bc.display_dialog_id(row.dialog), why)
         self.cannot_post[row.dialog] = session
 
-    def _already_posted(self, row: Row) -> bool:
-        """A message asked about before (a crash, a retry): did replies of ours already go out?"""
-        ours = {bc.reply_template_id(self.client.host, row.dialog, row.message_id, i) for i in range(MAX_PARTS)}
+    def _posted_parts(self, row: Row) -> int:
+        """How many parts of this message's answer are already in the dialog (by their TEMPLATE_IDs).
+
+        Asked once for a message left over from an earlier run: a crash between posting a part and
+        recording it must not post it twice, even on a portal that has forgotten the uuid."""
+        ours = {bc.reply_template_id(self.client.host, row.dialog, row.message_id, i): i for i in range(MAX_PARTS)}
+        found, after = -1, row.message_id
+        for _page in range(4):
+            res = self.client.call("im.dialog.messages.get", {"DIALOG_ID": row.dialog, "FIRST_ID": after,
+                                                              "LIMIT": bc.MESSAGES_PAGE})
+            msgs = [m for m in bc.as_map(res).get("messages") or [] if isinstance(m, Mapping)]
+            for m in msgs:
+                if m.get("uuid") in ours:
+                    found = max(found, ours[m["uuid"]])
+            if len(msgs) < bc.MESSAGES_PAGE:
+                break
+            after = max(bc._int(m.get("id")) for m in msgs)
+        return found + 1
+
+    def _reconcile(self, row: Row) -> bool:
+        """For a message left over from an earlier run: False if it needs nothing more."""
+        key = (row.dialog, row.message_id)
+        if key in self.fresh:
+            return True
         try:
-            res = self.client.call("im.dialog.messages.get", {"DIALOG_ID": row.dialog, "FIRST_ID": row.message_id,
-                                                              "LIMIT": 50})
-        except bc.B24Error:
+            done = self._posted_parts(row)
+        except bc.B24Error as exc:
+            log.warning("%s: cannot check the dialog for replies already posted (%s); trying later", row.where, exc)
+            self._retry_later(row, "dialog check failed")
             return False
-        found = [m for m in bc.as_map(res).get("messages") or [] if isinstance(m, Mapping) and m.get("uuid") in ours]
-        return bool(found)
+        self.fresh.add(key)
+        if row.state == "new" and done:
+            log.info("%s: its replies are already in the dialog; not asking the bot again", row.where)
+            self.store.finish(row)
+            return False
+        if row.state == "answered" and done > row.posted:
+            log.info("%s: replies 1-%d are already in the dialog; posting the rest", row.where, done)
+            self.store.update(row, posted=done)
+        return True
 
     def ask(self, row: Row) -> None:
         if not self._can_answer(row):
@@ -583,10 +622,6 @@ class Bridge:
                 return
             except bc.B24Error as exc:
                 log.info("%s: not taken (%s); answering if we can", row.where, exc)
-        if row.attempts and self._already_posted(row):
-            log.info("%s: its replies are already in the dialog; not asking the bot again", row.where)
-            self.store.finish(row)
-            return
         payload = dict(row.payload, attempt=row.attempts + 1)
         payload.pop("waiting", None)
         started = time.monotonic()
@@ -673,12 +708,14 @@ class Bridge:
         changes = self.poller.take_dirty()
         meta = dict(self.poller.meta(), portal=self.client.host, user_id=self.poller.self_id)
         try:
-            self.store.commit_cycle(rows, changes, meta)
+            self.store.commit_cycle(rows, changes, meta, self.activity)
         except sqlite3.Error as exc:
             self.poller.mark_dirty(changes)
             self._note_save_error(exc)
             return False
         self.uncommitted = []
+        self.activity = {}
+        self.fresh.update((r["dialog"], r["message_id"]) for r in rows)
         if self.save_error:
             log.info("the state database is writable again")
             self.save_error = ""
@@ -696,21 +733,36 @@ class Bridge:
     def cycle(self) -> None:
         if self.uncommitted and not self.commit():
             return              # do not read further while what we read is not safe yet
-        self.uncommitted.extend(self.dispatch(self.poller.poll(auto_ack=True)))
+        msgs = self.poller.poll(auto_ack=True)
+        for m in msgs:
+            ts = m.timestamp
+            if ts is not None:
+                self.activity[m.dialog_id] = max(self.activity.get(m.dialog_id, 0.0), ts)
+        self.uncommitted.extend(self.dispatch(msgs))
         self.commit()
 
     def prune(self) -> None:
-        """Forget dialogs idle for BRIDGE_FORGET_DAYS (they come back as first seen, from then on)."""
+        """Forget dialogs idle for BRIDGE_FORGET_DAYS (they come back as first seen, from then on).
+
+        Only dialogs whose last message is well before the last scan: one that comes back is read
+        from that scan on, and must have nothing newer that we already handled."""
+        watermark = self.poller.meta().get("watermark")
+        if watermark is None:
+            return
         try:
-            idle = self.store.idle_dialogs(time.time() - self.settings.forget_days * 86400)
+            idle = self.store.idle_dialogs(time.time() - self.settings.forget_days * 86400,
+                                           watermark - 3 * bc.SYNC_MARGIN_SEC)
         except sqlite3.Error as exc:
             self._note_save_error(exc)
             return
+        # a dialog waiting in the queue comes with every scan: forgetting it would only churn
+        idle = [d for d in idle if not getattr(self.poller.dialogs.get(d), "waiting", False)]
         for dialog in idle:
             self.poller.forget(dialog)
             self.cannot_post.pop(dialog, None)
         if idle:
-            log.info("forgot %d dialog(s) idle for %g days", len(idle), self.settings.forget_days)
+            names = ", ".join(bc.display_dialog_id(d) for d in idle[:5]) + (", ..." if len(idle) > 5 else "")
+            log.info("forgot %d dialog(s) idle for %g days: %s", len(idle), self.settings.forget_days, names)
 
     def tick(self) -> None:
         """Housekeeping after each loop turn: the watchdog, the status line, pruning."""
@@ -719,7 +771,7 @@ class Bridge:
             fields = {"WATCHDOG": 1} if self.watchdog else {}
             bc.sd_notify(**fields, STATUS=self.status())
             self.last_ping = now
-        if now - self.last_prune >= PRUNE_EVERY_SEC:
+        if now - self.last_prune >= min(PRUNE_EVERY_SEC, self.settings.forget_days * 86400 / 4):
             self.last_prune = now
             self.prune()
 

@@ -1,7 +1,6 @@
 """b24_ol_bridge.py as a subprocess: emulator + mock bot in this process, over real HTTP."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -15,7 +14,9 @@ BRIDGE = "b24_ol_bridge.py"
 TOKEN = "Bearer bot-token-s3cr3t"
 
 
-class Bridge(PortalCase):
+class BridgeHarness(PortalCase):
+    """An emulator and a mock bot; the bridge as a subprocess."""
+
     def setUp(self) -> None:
         super().setUp()
         self.bot = mock_bot_server.BotServer(token=TOKEN).start()
@@ -43,6 +44,9 @@ class Bridge(PortalCase):
                 return
             time.sleep(0.05)
         self.fail("timed out waiting for %s" % what)
+
+
+class Bridge(BridgeHarness):
 
     def test_customer_message_gets_the_bots_reply(self) -> None:
         proc = self.start_bridge()
