@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""The bridge's cost per message as the number of known dialogs grows, and its memory over time.
+
+1. Bookkeeping per message -- what the state store does for one message
+   (written to the inbox with its dialog's cursor, answer kept, part posted,
+   done) -- with 100, 10,000 and 50,000 dialogs known, side by side with what
+   the previous bridge did (the whole state rewritten and fsynced per message).
+2. RSS of a running bridge (a subprocess against the emulator and an
+   instant bot) after 1,000 and after 10,000 messages.
+
+    python3 bench/bridge.py [--messages 10000] [--skip-rss]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import b24_ol_bridge as br  # noqa: E402
+import b24common as bc  # noqa: E402
+import mock_b24_portal as mp  # noqa: E402
+import mock_bot_server  # noqa: E402
+
+
+def _info(i: int) -> dict:
+    return {"chat_id": i, "title": "Customer %d - WhatsApp" % i, "entity_id": "wa|3|%d|%d" % (i, i),
+            "line_id": 3, "customer_id": i, "customer_name": "Customer %d" % i,
+            "customer_phone": "+1000%07d" % i, "is_lines": True, "session_id": i, "waiting": False}
+
+
+def bookkeeping_ours(dialogs: int, messages: int) -> float:
+    """Seconds per message for the SQLite store with *dialogs* known."""
+    folder = tempfile.mkdtemp(prefix="bench-bridge-")
+    try:
+        store = br.Store(os.path.join(folder, "bridge.db"))
+        changes = {"chat%d" % i: {"cursor": 1000 + i, "info": _info(i)} for i in range(dialogs)}
+        store.commit_cycle([], changes, {"watermark": time.time(), "floor_id": 1})
+        started = time.perf_counter()
+        for n in range(messages):
+            did = "chat%d" % (n * 7919 % dialogs)
+            mid = 10 ** 6 + n
+            store.commit_cycle([{"dialog": did, "message_id": mid, "session": 5,
+                                 "payload": {"text": "hello %d" % n, "dialog_id": did}}],
+                               {did: {"cursor": mid, "info": _info(n)}}, {"watermark": time.time()},
+                               {did: time.time()})
+            row = store.head(did)
+            store.update(row, state="answered", answer=["Echo: hello %d" % n], posted=0)
+            store.update(row, posted=1)
+            store.finish(row)
+        return (time.perf_counter() - started) / messages
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def bookkeeping_previous(dialogs: int, messages: int) -> float:
+    """Seconds per message for the previous bridge: the whole JSON state rewritten per message."""
+    folder = tempfile.mkdtemp(prefix="bench-bridge-")
+    try:
+        state = bc.StateFile(os.path.join(folder, "bridge.json"))
+        doc = {"version": 1, "cursors": {"chat%d" % i: 1000 + i for i in range(dialogs)},
+               "dialogs": {"chat%d" % i: _info(i) for i in range(dialogs)}, "watermark": time.time(),
+               "floor_id": 1, "portal": "bench", "user_id": 7}
+        started = time.perf_counter()
+        for n in range(messages):
+            doc["cursors"]["chat%d" % (n * 7919 % dialogs)] = 10 ** 6 + n
+            state.save(doc)
+        return (time.perf_counter() - started) / messages
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def rss_kib(pid: int) -> int:
+    with open("/proc/%d/status" % pid) as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def rss_run(total: int, dialogs: int = 200) -> list:
+    """Run a bridge; feed *total* messages; RSS (KiB) after 1,000 and after *total* answers."""
+    server = mp.serve()
+    bot = mock_bot_server.BotServer().start()
+    folder = tempfile.mkdtemp(prefix="bench-bridge-")
+    proc = None
+    try:
+        portal = server.portal
+        portal.set_limits(rate=10000, burst=10 ** 6)
+        chats = portal.add_dialogs(dialogs)
+        env = dict(os.environ, B24_WEBHOOK_BASE=server.webhook_base, BOT_HTTP_URL=bot.url, B24_POLL_SEC="0.2",
+                   B24_STATE_DIR=folder, PYTHON_DOTENV_DISABLED="1", B24_RATE_PER_SEC="100",
+                   B24_RATE_BURST="10000")
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "b24_ol_bridge.py"), "-q", "--workers", "8"],
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(2)
+        figures = []
+        sent = 0
+        for checkpoint in (1000, total):
+            while sent < checkpoint:
+                portal.customer_message(chats[sent % dialogs], "message %d" % sent)
+                sent += 1
+                if sent % 200 == 0:
+                    while len(bot.received) < sent - 400:
+                        time.sleep(0.05)
+            deadline = time.monotonic() + 600
+            while len(bot.received) < checkpoint and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(1)
+            figures.append((checkpoint, len(bot.received), rss_kib(proc.pid)))
+        return figures
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+        bot.stop()
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def main(argv: list | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=10000, help="messages for the RSS run (default 10000)")
+    parser.add_argument("--skip-rss", action="store_true", help="only the bookkeeping figures")
+    args = parser.parse_args(argv)
+    print("bookkeeping per message (ms), SQLite store vs the previous whole-file rewrite")
+    print("%-16s %12s %12s %10s" % ("known dialogs", "ours", "previous", "prev/ours"))
+    ours = {}
+    for dialogs in (100, 10000, 50000):
+        o = bookkeeping_ours(dialogs, 200)
+        p = bookkeeping_previous(dialogs, 200 if dialogs <= 10000 else 40)
+        ours[dialogs] = o
+        print("%-16d %12.2f %12.2f %9.1fx" % (dialogs, o * 1000, p * 1000, p / o))
+    print("ours, 50k vs 100 dialogs: %.2fx" % (ours[50000] / ours[100]))
+    if not args.skip_rss:
+        figures = rss_run(max(args.messages, 1001))
+        print("bridge RSS (KiB) while answering messages over 200 dialogs")
+        for checkpoint, answered, kib in figures:
+            print("  after %6d messages (%d answered): %d KiB" % (checkpoint, answered, kib))
+        print("RSS after %d vs after 1000 messages: %.2fx" % (figures[-1][0], figures[-1][2] / figures[0][2]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
