@@ -562,9 +562,11 @@ def main(argv: list | None = None, stdin: TextIO | None = None, out: TextIO | No
     args = _parse_args(argv)
     stdin = stdin or sys.stdin
     out = out or sys.stdout
-    bc.setup_logging(-1 if args.quiet else args.verbose)
+    bc.setup_logging(-1 if args.quiet else args.verbose, json_lines=args.log_json)
 
     def body() -> int:
+        if args.check:
+            return bc.run_doctor(args)
         dialog_id = bc.parse_dialog_id(args.dialog) if args.dialog else None
         cfg = bc.load_config_from_args(args)
         client = bc.Client(cfg)

@@ -41,12 +41,14 @@ import queue
 import random
 import shutil
 import signal
+import socket
 import sqlite3
 import sys
 import tempfile
 import threading
 import time
-from typing import Any, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Mapping
 
 import b24common as bc
 
@@ -75,6 +77,9 @@ class Settings:
         self.max_chars = int(bc.env_number(env, "BRIDGE_MAX_REPLY_CHARS", 4096, 100, bc.MESSAGE_MAX_CHARS,
                                            integer=True))
         self.forget_days = bc.env_number(env, "BRIDGE_FORGET_DAYS", 7.0, 0.00001, 3650)
+        listen = (env.get("BRIDGE_HTTP_LISTEN") or "").strip()
+        self.http_listen = parse_listen(listen) if listen else None
+        self.stuck_sec = bc.env_number(env, "BRIDGE_STUCK_SEC", 0, 0, 86400)   # 0: from the timeouts
 
 
 def _parse_args(argv: list | None) -> argparse.Namespace:
@@ -396,10 +401,14 @@ class Bridge:
     """The main thread polls and writes new customer messages to the inbox; workers take one
     dialog at a time, oldest message first: ask the bot, keep its answer, post it part by part."""
 
-    def __init__(self, client: bc.Client, bot: bc.BotClient, poller: bc.Poller, store: Store,
-                 dead: DeadLetters, args: argparse.Namespace, settings: Settings, interval: float):
-        self.client, self.bot, self.poller, self.store, self.dead = client, bot, poller, store, dead
+    def __init__(self, client: bc.Client, bot: bc.BotClient, args: argparse.Namespace, settings: Settings,
+                 interval: float, environ: Mapping[str, str] | None = None):
+        self.client, self.bot = client, bot
+        self.poller: bc.Poller = None      # type: ignore[assignment]  -- see attach()
+        self.store: Store = None           # type: ignore[assignment]
+        self.dead: DeadLetters = None      # type: ignore[assignment]
         self.args, self.settings, self.interval = args, settings, interval
+        self.base_environ = dict(os.environ if environ is None else environ)   # SIGHUP re-reads on top of it
         self.cfg = client.config
         self.stop = threading.Event()
         self.lock = threading.Lock()          # guards the scheduling sets below; no I/O under it
@@ -418,6 +427,18 @@ class Bridge:
         self.last_ping = 0.0
         self.last_prune = time.monotonic()
         self.rng = random.Random()
+        self.live = Liveness(settings.stuck_sec or max(self.cfg.bot_timeout, self.cfg.http_timeout) + 60)
+        client.on_progress = self.live.beat
+        self.trouble: tuple = ()             # (since, what) while the portal cannot be reached
+        self.phase = "starting"
+        self.last_poll_ok = 0.0
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.reload_requested = False
+        self.told_stuck = False
+        self.http: HealthServer | None = None
+
+    def attach(self, poller: bc.Poller, store: Store, dead: DeadLetters) -> None:
+        self.poller, self.store, self.dead = poller, store, dead
 
     # -- scheduling ------------------------------------------------------------------
     def wake(self, dialog: str, at: float | None = None) -> None:
@@ -446,7 +467,11 @@ class Bridge:
 
     def _worker(self) -> None:
         while True:
-            dialog = self.ready.get()
+            self.live.beat("waiting for work")
+            try:
+                dialog = self.ready.get(timeout=1.0)
+            except queue.Empty:
+                continue
             with self.lock:
                 self.queued.discard(dialog)
                 if dialog in self.held:
@@ -480,6 +505,7 @@ class Bridge:
                 return time.monotonic() + wait
             with self.lock:
                 self.busy += 1
+            self.live.beat("handling %s" % row.where)
             try:
                 self.step(row)
             except sqlite3.Error as exc:
@@ -626,9 +652,12 @@ class Bridge:
         payload.pop("waiting", None)
         started = time.monotonic()
         self.stats["forwarded"] += 1
+        bot = self.bot                      # SIGHUP may swap it; this message stays with one
+        self.live.beat("asking the bot about %s" % row.where)
         try:
-            answer = self.bot.ask(payload, headers={"Idempotency-Key": row.payload.get("event_id") or ""})
+            answer = bot.ask(payload, headers={"Idempotency-Key": row.payload.get("event_id") or ""})
         except bc.BotError as exc:
+            self.live.beat("handling %s" % row.where)
             self.stats["bot_failures"] += 1
             if not self._retry_later(row, str(exc), unusable=not exc.retryable):
                 why = ("the bot's answer stayed unusable after %d tries: %s" % (UNUSABLE_TRIES, exc)
@@ -636,7 +665,11 @@ class Bridge:
                        % (self.settings.retry_hours, exc))
                 self._bury(row, why, "bot")
             return
-        self.stats["bot_seconds"] += time.monotonic() - started
+        self.live.beat("handling %s" % row.where)
+        took = time.monotonic() - started
+        self.stats["bot_seconds"] += took
+        with self.lock:
+            self.latency[next((i for i, b in enumerate(LATENCY_BUCKETS) if took <= b), len(LATENCY_BUCKETS))] += 1
         parts: list = []
         for text in answer.texts:
             parts.extend(bc.split_text(text, self.settings.max_chars))
@@ -724,6 +757,10 @@ class Bridge:
             self.wake(dialog)
         return True
 
+    def commit_or_raise(self) -> None:
+        if not self.commit():
+            raise bc.StateWriteError(self.save_error)
+
     def _note_save_error(self, exc: Exception) -> None:
         text = "cannot write the state database %s (%s); the work waits and is retried" % (self.store.path, exc)
         if text != self.save_error:
@@ -764,24 +801,157 @@ class Bridge:
             names = ", ".join(bc.display_dialog_id(d) for d in idle[:5]) + (", ..." if len(idle) > 5 else "")
             log.info("forgot %d dialog(s) idle for %g days: %s", len(idle), self.settings.forget_days, names)
 
-    def tick(self) -> None:
-        """Housekeeping after each loop turn: the watchdog, the status line, pruning."""
-        now = time.monotonic()
-        if now - self.last_ping >= (self.watchdog or STATUS_EVERY_SEC):
-            fields = {"WATCHDOG": 1} if self.watchdog else {}
-            bc.sd_notify(**fields, STATUS=self.status())
-            self.last_ping = now
-        if now - self.last_prune >= min(PRUNE_EVERY_SEC, self.settings.forget_days * 86400 / 4):
-            self.last_prune = now
-            self.prune()
+    # -- health ----------------------------------------------------------------------
+    def problem(self) -> str:
+        """Why the bridge is not healthy right now ("" when it is)."""
+        stuck = self.live.stuck()
+        if stuck:
+            name, age, doing = stuck[0]
+            return "%s made no progress for %.0f s (%s)" % (name, age, doing or "?")
+        if self.save_error:
+            return self.save_error
+        if self.trouble:
+            return "portal unreachable since %s: %s" % (time.strftime("%H:%M:%S", time.localtime(self.trouble[0])),
+                                                       self.trouble[1])
+        if self.phase != "running":
+            return self.phase
+        return ""
 
     def status(self) -> str:
+        """systemd's status line: what it is doing, the counts, and what is wrong since when."""
+        problem = self.problem()
+        if self.phase != "running":
+            return self.phase + ("; " + problem if problem and problem != self.phase else "")
         with self.lock:
             delayed = len(self.delayed)
         text = "polling %s; %d forwarded, %d replies, %d bot failures, %d dead letters, %d dialogs waiting to retry" % (
             self.client.host, self.stats["forwarded"], self.stats["replies"], self.stats["bot_failures"],
             self.stats["dead_letters"], delayed)
-        return text + ("; " + self.save_error if self.save_error else "")
+        return text + ("; " + problem if problem else "")
+
+    def metrics(self) -> str:
+        out: list = []
+        counters = [("messages_received", "received", "Customer messages written to the inbox."),
+                    ("bot_requests", "forwarded", "Requests made to the bot."),
+                    ("bot_failures", "bot_failures", "Bot requests that failed or gave an unusable answer."),
+                    ("replies_posted", "replies", "Replies posted into Bitrix24."),
+                    ("retries", "retries", "Messages scheduled for another try."),
+                    ("dead_letters", "dead_letters", "Messages or parts moved to the dead letters."),
+                    ("skipped", "skipped", "Messages not forwarded because the dialog cannot be answered.")]
+        for name, key, help_ in counters:
+            _metric(out, "b24_bridge_%s_total" % name, "counter", help_, [("", self.stats[key])])
+        with self.lock:
+            buckets = list(self.latency)
+        cumulative, samples = 0, []
+        for bound, n in zip(list(LATENCY_BUCKETS) + ["+Inf"], buckets):
+            cumulative += n
+            samples.append(('{le="%s"}' % bound, cumulative))
+        out.append("# HELP b24_bridge_bot_latency_seconds Time the bot took to answer.")
+        out.append("# TYPE b24_bridge_bot_latency_seconds histogram")
+        out.extend("b24_bridge_bot_latency_seconds_bucket%s %d" % (lab, v) for lab, v in samples)
+        out.append("b24_bridge_bot_latency_seconds_sum %r" % float(self.stats["bot_seconds"]))
+        out.append("b24_bridge_bot_latency_seconds_count %d" % cumulative)
+        try:
+            backlog = self.store.backlog() if self.store is not None else {}
+        except sqlite3.Error:
+            backlog = {}
+        _metric(out, "b24_bridge_backlog", "gauge", "Messages in flight per dialog.",
+                [('{dialog="%s"}' % bc.display_dialog_id(d), n) for d, n in sorted(backlog.items())])
+        _metric(out, "b24_bridge_backlog_messages", "gauge", "Messages in flight, all dialogs.",
+                [("", sum(backlog.values()))])
+        _metric(out, "b24_bridge_portal_requests_total", "counter", "HTTP requests made to the portal.",
+                [("", self.client.requests)])
+        _metric(out, "b24_bridge_portal_limit_hits_total", "counter", "Portal answers refused by a rate limit.",
+                [("", self.client.limit_hits)])
+        _metric(out, "b24_bridge_last_poll_success_timestamp_seconds", "gauge",
+                "Unix time of the last successful poll.", [("", self.last_poll_ok)])
+        _metric(out, "b24_bridge_healthy", "gauge", "1 when /healthz says ok.", [("", 0 if self.problem() else 1)])
+        return "\n".join(out) + "\n"
+
+    def _supervise(self) -> None:
+        """Feed systemd's watchdog while every thread makes progress; keep the status line fresh."""
+        while True:
+            stuck = self.live.stuck()
+            now = time.monotonic()
+            if stuck and not self.told_stuck:
+                name, age, doing = stuck[0]
+                log.error("%s made no progress for %.0f s (%s): no more watchdog pings%s", name, age, doing or "?",
+                          "; systemd will restart the bridge" if self.watchdog else "")
+                self.told_stuck = True
+            elif not stuck and self.told_stuck:
+                log.info("every thread makes progress again")
+                self.told_stuck = False
+            if now - self.last_ping >= (self.watchdog or STATUS_EVERY_SEC):
+                fields = {"WATCHDOG": 1} if self.watchdog and not stuck else {}
+                bc.sd_notify(**fields, STATUS=self.status())
+                self.last_ping = now
+            time.sleep(min(0.5, (self.watchdog or 1.0) / 2))
+
+    def start_supervisor(self) -> None:
+        threading.Thread(target=self._supervise, name="bridge-watchdog", daemon=True).start()
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+        bc.sd_notify(STATUS=self.status())
+
+    # -- start-up, reload ------------------------------------------------------------------
+    def wait_out(self, what: str, attempt: Callable[[], Any]) -> Any:
+        """Run *attempt* until the portal answers: outages are waited out with capped backoff while
+        the status line says what is wrong since when; credential and setting errors are raised."""
+        failures = 0
+        while True:
+            self.live.beat(what)
+            try:
+                result = attempt()
+                if self.trouble:
+                    log.info("the portal answers again")
+                self.trouble = ()
+                return result
+            except (bc.RateLimitError, bc.ServerError, bc.TransportError, bc.StateWriteError,
+                    sqlite3.OperationalError) as exc:
+                failures += 1
+                if not self.trouble:
+                    self.trouble = (time.time(), str(exc))
+                delay = min(bc.POLL_BACKOFF_MAX_SEC, 2.0 ** min(failures, 6))
+                log.warning("%s: %s -- trying again in %.0f s", what, exc, delay)
+                bc.sd_notify(STATUS="%s; %s" % (self.phase, self.problem()))
+                if self.stop.wait(delay):
+                    raise KeyboardInterrupt from None
+
+    def reload(self) -> None:
+        """SIGHUP: read the settings file again; take the bot, its auth and the tuning from it.
+        An invalid file changes nothing; in-flight work is untouched."""
+        environ = dict(self.base_environ)
+        try:
+            bc.apply_env_file(self.args, environ)
+            cfg = bc.Config.from_env(environ, require_bot=True)
+            settings = Settings(environ)
+            bot = bc.BotClient(cfg)
+        except bc.B24Error as exc:
+            log.error("reload refused, the running settings stay: %s", bc.format_error(exc))
+            return
+        if cfg.webhook_base != self.cfg.webhook_base:
+            log.warning("reload: B24_WEBHOOK_BASE changed -- that needs a restart; the rest is applied")
+        if settings.http_listen != self.settings.http_listen:
+            log.warning("reload: BRIDGE_HTTP_LISTEN changed -- that needs a restart; the rest is applied")
+        self.bot = bot
+        self.settings = settings
+        self.interval = self.args.interval or cfg.poll_sec
+        self.live.stuck_after = settings.stuck_sec or max(cfg.bot_timeout, cfg.http_timeout) + 60
+        if bot.insecure_remote:
+            log.warning("BOT_HTTP_URL is plain http:// to %s: the bot's token and your customers' messages "
+                        "cross the network unencrypted -- use https://", bot.host)
+        log.info("reloaded the settings: bot on %s, polling every %g s", bot.host, self.interval)
+
+    # -- the loop ------------------------------------------------------------------------
+    def housekeeping(self) -> None:
+        if self.reload_requested:
+            self.reload_requested = False
+            self.reload()
+        now = time.monotonic()
+        if now - self.last_prune >= min(PRUNE_EVERY_SEC, self.settings.forget_days * 86400 / 4):
+            self.last_prune = now
+            self.prune()
 
     def idle(self) -> bool:
         """Nothing ready and nothing being handled (delayed retries may remain)."""
@@ -795,31 +965,41 @@ class Bridge:
                 self.wake(dialog)
         except sqlite3.Error as exc:
             self._note_save_error(exc)
-        bc.sd_notify(READY=1, STATUS=self.status())
+        self.phase = "running"
+        bc.sd_notify(STATUS=self.status())
         log.info("bridging Open Lines on %s to the bot on %s (%d dialogs side by side)",
                  self.client.host, self.bot.host, self.args.workers)
         failures = 0
         next_poll = 0.0
         while not self.stop.is_set():
+            self.live.beat("polling")
             now = time.monotonic()
             if now >= next_poll:
                 try:
                     self.cycle()
                     failures = 0
                     next_poll = now + self.interval
+                    self.last_poll_ok = time.time()
+                    if self.trouble:
+                        log.info("the portal answers again (unreachable since %s)",
+                                 time.strftime("%H:%M:%S", time.localtime(self.trouble[0])))
+                    self.trouble = ()
                 except (bc.RateLimitError, bc.ServerError, bc.TransportError) as exc:
                     failures += 1
+                    if not self.trouble:
+                        self.trouble = (time.time(), str(exc))
                     delay = min(bc.POLL_BACKOFF_MAX_SEC, self.interval * (2 ** min(failures, 6)))
                     log.warning("%s -- trying again in %.0f s", exc, delay)
                     next_poll = now + delay
             wait = self.release_due()
-            self.tick()
+            self.housekeeping()
             if self.args.once:
                 time.sleep(0.05)
                 if self.idle() and self.busy == 0:
                     break
                 continue
-            self.stop.wait(max(0.02, min(next_poll - time.monotonic(), wait)))
+            self.stop.wait(max(0.02, min(next_poll - time.monotonic(), wait, 1.0)))
+        self.phase = "stopping"
         bc.sd_notify(STOPPING=1, STATUS="stopping")
         self.stop.set()
         deadline = time.monotonic() + STOP_GRACE_SEC
@@ -829,8 +1009,119 @@ class Bridge:
             log.warning("leaving with replies still in progress; they are redone at the next start")
         if self.uncommitted:
             self.commit()
-        log.info(self.status().replace("polling", "stopped; was polling"))
+        self.phase = "running"
+        log.info(self.status().replace("polling", "stopped; was polling", 1))
         return bc.EXIT_OK
+
+
+# ===========================================================================
+# Alive means alive: every thread shows progress, or the watchdog goes quiet
+# ===========================================================================
+
+class Liveness:
+    """Heartbeats of the main loop and every worker.
+
+    A thread beats when it waits for work, before and after every request
+    (the REST client's progress hook) and around every bot exchange.  One
+    that has not beaten for *stuck_after* seconds is stuck: systemd's
+    watchdog is no longer fed, so a bridge that only looks alive gets
+    restarted.  Outages do not count -- waiting them out is progress.
+    """
+
+    def __init__(self, stuck_after: float):
+        self.stuck_after = stuck_after
+        self.beats: dict = {}
+        self.doing: dict = {}
+        self.lock = threading.Lock()
+
+    def beat(self, doing: str | None = None) -> None:
+        name = threading.current_thread().name
+        with self.lock:
+            self.beats[name] = time.monotonic()
+            if doing is not None:
+                self.doing[name] = doing
+
+    def stuck(self) -> list:
+        """``[(thread, seconds since its last beat, what it was doing)]`` for the stuck ones."""
+        now = time.monotonic()
+        with self.lock:
+            return [(name, now - t, self.doing.get(name, "")) for name, t in self.beats.items()
+                    if now - t > self.stuck_after]
+
+
+def parse_listen(text: str) -> tuple:
+    """``BRIDGE_HTTP_LISTEN``: ``PORT``, ``:PORT``, ``HOST:PORT`` or ``[V6]:PORT`` -> (host, port)."""
+    text = text.strip()
+    host, port = "127.0.0.1", text
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]")
+        port = port[1:] if port.startswith(":") else ""
+    elif ":" in text:
+        host, port = text.rsplit(":", 1)
+        host = host or "127.0.0.1"
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise bc.ConfigError("BRIDGE_HTTP_LISTEN=%s: expected PORT or HOST:PORT (port 1-65535)" % text)
+    return host, int(port)
+
+
+class HealthServer(ThreadingHTTPServer):
+    """``GET /healthz`` and ``GET /metrics`` (Prometheus text format); nothing else, no secret."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple, bridge: Bridge):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, _HealthHandler)
+        self.bridge = bridge
+
+    def start(self) -> HealthServer:
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2}, name="bridge-http",
+                         daemon=True).start()
+        return self
+
+    def handle_error(self, request, client_address) -> None:   # a scraper that hung up: fine
+        pass
+
+
+class _HealthHandler(BaseHTTPRequestHandler):
+    server: HealthServer
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        pass
+
+    def _send(self, status: int, body: str, ctype: str = "text/plain; charset=utf-8") -> None:
+        raw = body.encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        bridge = self.server.bridge
+        if path == "/healthz":
+            problem = bridge.problem()
+            self._send(503 if problem else 200, (problem or "ok") + "\n")
+        elif path == "/metrics":
+            self._send(200, bridge.metrics(), "text/plain; version=0.0.4; charset=utf-8")
+        else:
+            self._send(404, "not found: only /healthz and /metrics\n")
+
+    def _refuse(self) -> None:
+        self._send(405, "only GET\n")
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = _refuse
+
+
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def _metric(out: list, name: str, kind: str, help_: str, samples: list) -> None:
+    out.append("# HELP %s %s" % (name, help_))
+    out.append("# TYPE %s %s" % (name, kind))
+    for labels, value in samples:
+        out.append("%s%s %s" % (name, labels, repr(float(value)) if isinstance(value, float) else value))
 
 
 # ===========================================================================
@@ -856,11 +1147,48 @@ def replay_dead(store: Store, dead: DeadLetters, dialog: str | None) -> int:
     return len(entries)
 
 
+def _state_paths(args: argparse.Namespace, cfg: bc.Config, environ: Mapping[str, str]) -> tuple:
+    folder = cfg.state_dir or bc.default_state_dir(environ)
+    path = args.state or os.path.join(folder, "bridge.db")
+    return folder, path, (path[:-3] if path.endswith(".db") else path)
+
+
+def check(args: argparse.Namespace) -> int:
+    """``--check``: the shared portal checks, then the state folder and the bot."""
+    def extra(doctor: bc.Doctor, environ: dict, client: bc.Client | None) -> None:
+        try:
+            cfg = bc.Config.from_env(environ, require_bot=True)
+            settings = Settings(environ)
+        except bc.ConfigError as exc:
+            doctor.fail("bridge settings: %s" % exc, "fix the setting")
+            return
+        doctor.ok("bridge settings: retry for %g h, replies up to %d characters%s" % (
+            settings.retry_hours, settings.max_chars,
+            ", health on %s:%d" % settings.http_listen if settings.http_listen else ""))
+        _folder, path, _base = _state_paths(args, cfg, environ)
+        doctor.state_dir(os.path.dirname(os.path.abspath(path)))
+        bot = bc.BotClient(cfg)
+        if bot.insecure_remote:
+            doctor.warn("bot: plain http:// to %s -- the token and messages cross the network unencrypted" % bot.host)
+        status, text = bot.probe()
+        if status is None:
+            doctor.fail("bot: %s" % text, "check BOT_HTTP_URL and that the bot is running")
+        elif status in (401, 403):
+            doctor.fail("bot on %s answers HTTP %d to a probe" % (bot.host, status), "check BOT_HTTP_AUTH")
+        elif status >= 500:
+            doctor.fail("bot on %s answers HTTP %d to a probe" % (bot.host, status), "look at the bot's logs")
+        else:
+            doctor.ok("bot on %s answers (HTTP %d to a GET probe)" % (bot.host, status))
+    return bc.run_doctor(args, require_bot=True, extra=extra)
+
+
 def main(argv: list | None = None) -> int:
     args = _parse_args(argv)
-    bc.setup_logging(-1 if args.quiet else args.verbose)
+    bc.setup_logging(-1 if args.quiet else args.verbose, json_lines=args.log_json)
 
     def body() -> int:
+        if args.check:
+            return check(args)
         environ, demo = bc.environment_or_demo(args)
         servers: list = []
         scratch = None
@@ -877,22 +1205,53 @@ def main(argv: list | None = None) -> int:
             log.info("demo: an emulator stands in for the portal and an echo bot for yours; simulated "
                      "customers write every few seconds and get answers (Ctrl-C to stop)")
         lock = None
+        bridge = None
+        stopped_by: list = []
         try:
             cfg = bc.Config.from_env(environ, require_bot=True)
             settings = Settings(environ)
             client = bc.Client(cfg)
             bot_client = bc.BotClient(cfg)
-            folder = cfg.state_dir or bc.default_state_dir(environ)
-            path = args.state or os.path.join(folder, "bridge.db")
-            base = path[:-3] if path.endswith(".db") else path
-            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+            folder, path, base = _state_paths(args, cfg, environ)
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise bc.ConfigError("%s: cannot create the state folder (%s)" % (path, exc.strerror)) from None
             lock = InstanceLock(base + ".lock")
             lock.acquire()
-            store = Store(path)
-            if not args.state:
-                migrate_json_state(store, os.path.join(folder, "bridge.json"))
+            bridge = Bridge(client, bot_client, args, settings, args.interval or cfg.poll_sec,
+                            environ=os.environ if not demo else environ)
+
+            def on_signal(signum: int, frame: Any) -> None:
+                stopped_by.append(signum)
+                bridge.stop.set()
+
+            def on_hup(signum: int, frame: Any) -> None:
+                bridge.reload_requested = True
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, on_signal)
+            signal.signal(signal.SIGHUP, on_hup)
+            if settings.http_listen:
+                try:
+                    bridge.http = HealthServer(settings.http_listen, bridge).start()
+                except OSError as exc:
+                    raise bc.ConfigError("BRIDGE_HTTP_LISTEN=%s:%d: cannot listen (%s)" % (
+                        settings.http_listen + (exc.strerror or exc,))) from None
+                log.info("health and metrics on http://%s:%d/healthz and /metrics", *settings.http_listen)
+            # systemd hears READY at once: from here on, outages are waited out, not fatal
+            bc.sd_notify(READY=1, STATUS="starting: signing in to %s" % client.host)
+            bridge.start_supervisor()
+            bridge.phase = "signing in to %s" % client.host
+            me = bridge.wait_out("signing in", lambda: _banner(client, bot_client))
+            bridge.phase = "opening the state database"
+
+            def open_store() -> Store:
+                store = Store(path)
+                if not args.state:
+                    migrate_json_state(store, os.path.join(folder, "bridge.json"))
+                return store
+            store = bridge.wait_out("opening the state database", open_store)
             dead = DeadLetters(base + ".dead-letters.jsonl")
-            me = _banner(client, bot_client)
             saved = store.poller_state()
             if saved.get("portal") is not None and (saved["portal"], saved["user_id"]) != (client.host, me):
                 raise bc.ConfigError("%s belongs to user %s on %s, not to user %s on %s: use another --state"
@@ -900,23 +1259,23 @@ def main(argv: list | None = None) -> int:
             poller = bc.Poller(client, self_id=me)
             poller.load_state(saved)
             if not poller.started:
-                poller.start()
+                bridge.phase = "reading where every dialog stands"
+                bridge.wait_out("reading the dialogs", poller.start)
                 log.info("starting from now: messages already in the dialogs are not forwarded")
-            bridge = Bridge(client, bot_client, poller, store, dead, args, settings,
-                            args.interval or cfg.poll_sec)
-            bridge.commit()
+            bridge.attach(poller, store, dead)
+            bridge.wait_out("writing the state", bridge.commit_or_raise)
             if args.replay_dead:
                 replay_dead(store, dead, args.dialog)
-            stopped_by: list = []
-
-            def on_signal(signum: int, frame: Any) -> None:
-                stopped_by.append(signum)
-                bridge.stop.set()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, on_signal)
             code = bridge.run()
             return bc.EXIT_INTERRUPTED if signal.SIGINT in stopped_by else code
+        except KeyboardInterrupt:
+            bc.sd_notify(STOPPING=1, STATUS="stopping")
+            log.info("stopped while starting")
+            return bc.EXIT_INTERRUPTED if signal.SIGINT in stopped_by or bridge is None else bc.EXIT_OK
         finally:
+            if bridge is not None and bridge.http is not None:
+                bridge.http.shutdown()
+                bridge.http.server_close()
             if lock is not None:
                 lock.release()
             for server in servers:

@@ -170,22 +170,13 @@ class Reader:
 def report_queues(client: bc.Client, me: int) -> None:
     """Log, per Open Line, whether the webhook user is in its queue; warn if in none."""
     try:
-        lines = client.call("imopenlines.config.list.get",
-                            {"PARAMS": {"select": ["ID", "LINE_NAME", "ACTIVE"]}, "OPTIONS": {"QUEUE": "Y"}})
+        lines = bc.line_queues(client, me)
     except bc.APIError as exc:
         log.warning("cannot read the Open Lines queues: %s", exc)
         return
-    rows = lines if isinstance(lines, list) else list(bc.as_map(lines).values())
-    member_of = 0
-    for row in rows:
-        if not isinstance(row, dict):
-            continue
-        queue = [bc._int(x) for x in (row.get("QUEUE") or [])]
-        inside = me in queue
-        member_of += inside
-        log.info("line %s %r: %s", row.get("ID"), row.get("LINE_NAME"),
-                 "you are in its queue" if inside else "not in its queue")
-    if not member_of:
+    for lid, name, inside in lines:
+        log.info("line %s %r: %s", lid, name, "you are in its queue" if inside else "not in its queue")
+    if not any(inside for _l, _n, inside in lines):
         log.warning("you are in no Open Lines queue: only dialogs you joined are visible -- add "
                     "this user to the line's queue, or Join the chat in Bitrix24")
 
@@ -193,9 +184,16 @@ def report_queues(client: bc.Client, me: int) -> None:
 def main(argv: list | None = None, out: TextIO | None = None) -> int:
     args = _parse_args(argv)
     out = out or sys.stdout
-    bc.setup_logging(-1 if args.quiet else args.verbose)
+    bc.setup_logging(-1 if args.quiet else args.verbose, json_lines=args.log_json)
+
+    def check_state(doctor: bc.Doctor, environ: dict, client: bc.Client | None) -> None:
+        if args.state is not None:
+            folder = os.path.dirname(os.path.abspath(args.state)) if args.state else bc.default_state_dir(environ)
+            doctor.state_dir(folder)
 
     def body() -> int:
+        if args.check:
+            return bc.run_doctor(args, extra=check_state)
         environ, demo = bc.environment_or_demo(args)
         server = None
         if demo:

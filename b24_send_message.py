@@ -34,7 +34,7 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
                "  b24_send_message.py --take chat1795 \"Hello, I'm looking into it\"\n"
                "\nTexts over %d characters are sent as several messages, split at paragraph, "
                "line or word boundaries." % bc.MESSAGE_MAX_CHARS)
-    parser.add_argument("dialog", metavar="DIALOG", help="chatN, N or userN")
+    parser.add_argument("dialog", metavar="DIALOG", nargs="?", help="chatN, N or userN")
     parser.add_argument("text", metavar="TEXT", nargs="*",
                         help="the message; '-' or nothing (with piped input) reads stdin")
     parser.add_argument("--json", action="store_true",
@@ -44,6 +44,8 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
                              "(imopenlines.operator.answer), then send")
     bc.add_common_arguments(parser, quiet_help="print no message id; only errors, on stderr")
     args = parser.parse_args(argv)
+    if args.dialog is None and not args.check:
+        parser.error("the following arguments are required: DIALOG")
     if args.json and args.quiet:
         parser.error("--json and --quiet contradict each other")
     return args
@@ -120,9 +122,11 @@ def main(argv: list | None = None, stdin: TextIO | None = None, out: TextIO | No
     args = _parse_args(argv)
     stdin = sys.stdin if stdin is None else stdin
     out = out or sys.stdout
-    bc.setup_logging(-1 if args.quiet else args.verbose)
+    bc.setup_logging(-1 if args.quiet else args.verbose, json_lines=args.log_json)
 
     def body() -> int:
+        if args.check:
+            return bc.run_doctor(args)
         dialog_id = bc.parse_dialog_id(args.dialog)
         if args.take and not dialog_id.startswith("chat"):
             raise bc.UsageError("--take works for Open Lines chats (chatN) only, not %s" % args.dialog)

@@ -38,11 +38,11 @@ __all__ = [
     "Config", "Client", "BatchResult", "RateLimiter", "php_query",
     "parse_dialog_id", "display_dialog_id", "Message", "classify", "bbcode_to_text",
     "normalize_phone", "Poller", "DialogReader", "normalize_reply", "ReplyShapeError",
-    "StateFile", "default_state_dir", "send_text", "find_by_uuid", "split_text", "new_template_id", "take_dialog",
+    "StateFile", "StateWriteError", "default_state_dir", "under_systemd", "send_text", "find_by_uuid", "split_text", "new_template_id", "take_dialog",
     "BotClient", "BotError", "BotAnswer", "parse_bot_answer", "reply_template_id", "PollerStore", "poll_forever", "sd_notify",
     "watchdog_seconds",
     "add_common_arguments", "load_config_from_args", "run_main", "setup_logging",
-    "environment_or_demo", "start_demo_portal", "check_scopes",
+    "environment_or_demo", "start_demo_portal", "check_scopes", "Doctor", "line_queues", "run_doctor",
     "format_error", "env_number",
 ]
 
@@ -149,14 +149,35 @@ class _RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
-def setup_logging(verbose: int = 0, stream=None, timestamps: bool | None = None) -> None:
-    """Configure the root logger once, for a script's ``main()``: stderr, redacted."""
+_WHERE = re.compile(r"^((?:chat|user)\d+|\d+)(?: #(\d+))?: ")
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, dialog, message_id, event (redacted)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = redact(record.getMessage())
+        m = _WHERE.match(text)
+        out = {"time": _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc).isoformat(timespec="milliseconds"),
+               "level": record.levelname.lower(), "logger": record.name,
+               "dialog": m.group(1) if m else None, "message_id": int(m.group(2)) if m and m.group(2) else None,
+               "event": text[m.end():] if m else text}
+        if record.exc_info:
+            out["traceback"] = redact(self.formatException(record.exc_info))
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup_logging(verbose: int = 0, stream=None, timestamps: bool | None = None, json_lines: bool = False) -> None:
+    """Configure the root logger once, for a script's ``main()``: stderr, redacted.
+
+    Text lines carry no timestamp under systemd (journald stamps them); ``json_lines``
+    writes one JSON object per line for log shippers."""
     level = logging.WARNING if verbose < 0 else logging.INFO if verbose == 0 else logging.DEBUG
     if timestamps is None:
-        timestamps = not os.environ.get("JOURNAL_STREAM")  # journald stamps lines itself
+        timestamps = not os.environ.get("JOURNAL_STREAM") and not under_systemd()
     fmt = "%(asctime)s %(levelname)s %(message)s" if timestamps else "%(levelname)s %(message)s"
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(_RedactingFormatter(fmt, "%H:%M:%S"))
+    handler.setFormatter(_JsonFormatter() if json_lines else _RedactingFormatter(fmt, "%H:%M:%S"))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -184,6 +205,10 @@ class ConfigError(B24Error):
     """A bad setting: environment variable, .env line, option value."""
 
     exit_code = EXIT_USAGE
+
+
+class StateWriteError(B24Error):
+    """State could not be written (disk full, I/O error): transient, retried -- not a setting."""
 
 
 class UsageError(B24Error):
@@ -228,7 +253,9 @@ class APIError(B24Error):
 
 
 class AuthError(APIError):
-    """The webhook is wrong, revoked, or its owner is deactivated."""
+    """The webhook is wrong, revoked, or its owner is deactivated: a credential mistake (exit 2)."""
+
+    exit_code = EXIT_USAGE
 
 
 class ScopeError(AuthError):
@@ -798,6 +825,8 @@ class Client:
         self._rng = rng or random.Random()
         self._opener = _opener_for(self.host)
         self.requests = 0
+        self.limit_hits = 0         # answers refused by a portal limit (429 / 503)
+        self.on_progress: Callable[[], None] | None = None   # called before and after each request and wait
         self._me: dict | None = None
 
     def __repr__(self) -> str:
@@ -879,9 +908,12 @@ class Client:
         limited = [method] + list(sub_methods)
         attempt = 0
         while True:
+            self._progress()
             self.limiter.acquire(limited)
+            self._progress()
             try:
                 envelope = self._exchange(method, body)
+                self._progress()
                 self.limiter.note_time(method, envelope.get("time"))
                 return envelope
             except (APIError, TransportError) as exc:
@@ -897,13 +929,19 @@ class Client:
                 attempt += 1
                 delay = self._backoff(attempt)
                 if isinstance(exc, RateLimitError):
+                    self.limit_hits += 1
                     delay = max(delay, 1.0 / max(self.limiter.rate, 0.1))
                     if exc.code.upper() == "OPERATION_TIME_LIMIT":
                         delay = max(delay, 5.0, self.limiter.reset_wait(limited))
                     self.limiter.note_refused(exc, limited, delay)
                 # callers report a failure that outlives the retries; each retry is detail
                 log.debug("%s; retry %d/%d in %.1f s", exc, attempt, self.config.max_retries, delay)
+                self._progress()
                 self._sleep(delay)
+
+    def _progress(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress()
 
     # -- public API -----------------------------------------------------------
     def call_full(self, method: str, params: Mapping[str, Any] | None = None, *,
@@ -2251,6 +2289,22 @@ class BotClient:
         finally:
             conn.close()
 
+    def probe(self) -> tuple:
+        """A GET to the bot's URL (for ``--check``): ``(HTTP status, "")`` or ``(None, what failed)``."""
+        headers = {"User-Agent": "b24-openlines-toolkit/" + VERSION}
+        if self.auth:
+            headers["Authorization"] = self.auth
+        conn, target = self._connect(min(self.timeout, 10.0))
+        try:
+            conn.request("GET", target, headers=headers)
+            resp = conn.getresponse()
+            resp.read(65536)
+            return resp.status, ""
+        except (OSError, http.client.HTTPException) as exc:
+            return None, "bot on %s does not answer (%s)" % (self.host, getattr(exc, "strerror", None) or exc)
+        finally:
+            conn.close()
+
     def ask(self, payload: Mapping, *, headers: Mapping[str, str] | None = None) -> BotAnswer:
         """One exchange with the bot; raises :class:`BotError`."""
         all_headers = {"Content-Type": "application/json", "Accept": "application/json",
@@ -2347,8 +2401,10 @@ class StateFile:
         try:
             os.makedirs(folder, mode=0o700, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(self.path), dir=folder)
-        except OSError as exc:
+        except PermissionError as exc:
             raise ConfigError("%s: cannot write state (%s)" % (self.path, exc.strerror)) from None
+        except OSError as exc:
+            raise StateWriteError("%s: cannot write state (%s)" % (self.path, exc.strerror)) from None
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 os.fchmod(fh.fileno(), 0o600)
@@ -2356,11 +2412,13 @@ class StateFile:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
-        except BaseException:
+        except BaseException as exc:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
+            if isinstance(exc, OSError):
+                raise StateWriteError("%s: cannot write state (%s)" % (self.path, exc.strerror or exc)) from None
             raise
         try:
             dfd = os.open(folder, os.O_RDONLY)
@@ -2383,6 +2441,7 @@ class PollerStore:
     def __init__(self, poller: Poller, state: StateFile, host: str):
         self.poller, self.state, self.host = poller, state, host
         self.saved_at = 0.0
+        self.failing = False
         self.lock = threading.Lock()
 
     def load(self) -> None:
@@ -2395,12 +2454,23 @@ class PollerStore:
         self.poller.load_state(saved)
 
     def save(self, *, idle: bool = False) -> None:
+        """Write the state; a failed write (disk full) is reported once and tried again next time --
+        the cursors in memory are still right, and an older file only makes a restart read more."""
         with self.lock:
             if idle and time.monotonic() - self.saved_at < IDLE_SAVE_SEC:
                 return
             doc = self.poller.to_state()
             doc.update(portal=self.host, user_id=self.poller.self_id)
-            self.state.save(doc)
+            try:
+                self.state.save(doc)
+            except StateWriteError as exc:
+                if not self.failing:
+                    log.error("%s; trying again at the next message", exc)
+                self.failing = True
+                return
+            if self.failing:
+                log.info("%s: the state is written again", self.state.path)
+            self.failing = False
             self.saved_at = time.monotonic()
 
 
@@ -2482,6 +2552,11 @@ def add_common_arguments(parser: argparse.ArgumentParser,
                         help="read settings from PATH (default: ./.env, then .env beside the scripts)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log lines (-vv: debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
+    parser.add_argument("--log-json", action="store_true",
+                        help="log lines as JSON objects (time, level, dialog, message_id, event)")
+    parser.add_argument("--check", action="store_true",
+                        help="check the setup (settings, webhook, scopes, queues...), one line per check; "
+                             "exit 0 if all is well")
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
 
 
@@ -2506,20 +2581,41 @@ def apply_env_file(args: argparse.Namespace, environ: Any) -> None:
         load_dotenv(path, strict=True, environ=environ)
 
 
+def under_systemd(environ: Mapping[str, str] | None = None) -> bool:
+    environ = os.environ if environ is None else environ
+    return bool(environ.get("NOTIFY_SOCKET") or environ.get("INVOCATION_ID"))
+
+
 def environment_or_demo(args: argparse.Namespace) -> tuple:
     """The environment with the .env file applied (real variables win), and whether to run the demo.
 
-    The demo runs when asked (``--demo``) or when no portal is configured at all
-    (no ``B24_WEBHOOK_BASE`` anywhere and no ``--env-file``).
+    The demo runs when asked (``--demo``), or with nothing configured at all
+    (no ``B24_WEBHOOK_BASE``, no ``BOT_*`` setting, no .env file) when a
+    person runs the script on a terminal.  Under systemd, with a ``BOT_*``
+    setting, a misspelled ``B24_WEBHOOK*`` name, or off a terminal, a missing
+    webhook is a configuration error: a service must never quietly run a demo.
     """
     environ = dict(os.environ)
     if getattr(args, "demo", False):
         return environ, True
-    apply_env_file(args, environ)
-    if not environ.get("B24_WEBHOOK_BASE") and not getattr(args, "env_file", None):
-        log.warning("B24_WEBHOOK_BASE is not set: running the built-in demo instead (see README: Setup)")
-        return environ, True
-    return environ, False
+    env_file = find_env_file(getattr(args, "env_file", None))
+    if env_file:
+        load_dotenv(env_file, strict=True, environ=environ)
+    if environ.get("B24_WEBHOOK_BASE", "").strip():
+        return environ, False
+    near = sorted(k for k in environ if k.startswith("B24_WEBHOOK") or k.startswith("B24_WEB_HOOK"))
+    bots = sorted(k for k in environ if k.startswith("BOT_"))
+    why = ("running under systemd" if under_systemd(environ) else
+           "%s is set" % near[0] if near else "%s is set" % bots[0] if bots else
+           "settings come from %s" % env_file if env_file else
+           "" if sys.stdin.isatty() and sys.stderr.isatty() else "not on a terminal")
+    if why:
+        hint = " (did you mean B24_WEBHOOK_BASE instead of %s?)" % near[0] if near else ""
+        raise ConfigError("B24_WEBHOOK_BASE is not set%s: set it to the incoming webhook URL "
+                          "(see README: Setup); the built-in demo runs only with --demo or, with nothing "
+                          "configured, on a terminal (%s)" % (hint, why))
+    log.warning("B24_WEBHOOK_BASE is not set: running the built-in demo instead (see README: Setup)")
+    return environ, True
 
 
 def start_demo_portal(environ: dict, interval: float = 4.0) -> Any:
@@ -2541,6 +2637,126 @@ def check_scopes(client: Client) -> list:
         log.warning("the webhook lacks the 'imopenlines' scope: Open Lines queue details and taking "
                     "dialogs need it (add imopenlines to the webhook)")
     return scopes
+
+
+def line_queues(client: Client, me: int) -> list:
+    """``[(line id, line name, whether the webhook user is in its queue)]`` for every Open Line."""
+    lines = client.call("imopenlines.config.list.get",
+                        {"PARAMS": {"select": ["ID", "LINE_NAME", "ACTIVE"]}, "OPTIONS": {"QUEUE": "Y"}})
+    rows = lines if isinstance(lines, list) else list(as_map(lines).values())
+    out = []
+    for row in rows:
+        if isinstance(row, Mapping):
+            queue = [_int(x) for x in (row.get("QUEUE") or [])]
+            out.append((str(row.get("ID")), str(row.get("LINE_NAME") or ""), me in queue))
+    return out
+
+
+class Doctor:
+    """``--check``: one line per check -- ``✓`` passed, ``!`` worth knowing, ``✗`` failed, with
+    what to do -- and exit status 0 when nothing failed (usable as systemd's ``ExecStartPre=``)."""
+
+    def __init__(self, out: Any = None):
+        self.out = out or sys.stdout
+        self.failed = 0
+
+    def line(self, mark: str, text: str) -> None:
+        self.out.write("%s %s\n" % (mark, redact(text)))
+        self.out.flush()
+
+    def ok(self, text: str) -> None:
+        self.line("\u2713", text)
+
+    def warn(self, text: str) -> None:
+        self.line("!", text)
+
+    def fail(self, text: str, fix: str) -> None:
+        self.failed += 1
+        self.line("\u2717", "%s -- %s" % (text, fix))
+
+    def portal(self, environ: Mapping[str, str], *, require_bot: bool = False) -> Client | None:
+        """The checks every script shares: settings, webhook, scopes, queues; the client if usable."""
+        try:
+            cfg = Config.from_env(environ, require_bot=require_bot)
+        except ConfigError as exc:
+            self.fail("configuration: %s" % exc, "fix the setting in .env or the environment file")
+            return None
+        self.ok("configuration: portal %s, polling every %g s" % (cfg.portal_host, cfg.poll_sec))
+        client = Client(cfg)
+        try:
+            me = client.whoami()
+        except AuthError as exc:
+            self.fail("webhook: the portal rejects it (%s)" % exc.code,
+                      "create a new incoming webhook and put it in B24_WEBHOOK_BASE")
+            return None
+        except B24Error as exc:
+            self.fail("webhook: %s" % exc, "check the network, the portal address and that the portal is up")
+            return None
+        self.ok("webhook: %s answers, signed in as %s (id %s)" % (cfg.portal_host, me["name"], me["id"]))
+        try:
+            scopes = client.scopes()
+        except B24Error as exc:
+            self.fail("scopes: %s" % exc, "check the webhook")
+            return None
+        if "im" in scopes:
+            self.ok("scopes: %s" % ", ".join(sorted(scopes)))
+        else:
+            self.fail("scopes: %s -- 'im' is missing" % ", ".join(sorted(scopes)),
+                      "edit the incoming webhook: scopes im and imopenlines")
+            return None
+        if "imopenlines" not in scopes:
+            self.warn("scopes: no 'imopenlines': queue membership cannot be checked, dialogs cannot be taken")
+            return client
+        try:
+            lines = line_queues(client, me["id"])
+        except B24Error as exc:
+            self.warn("Open Lines: cannot read the queues (%s)" % exc)
+            return client
+        for lid, name, inside in lines:
+            if inside:
+                self.ok("line %s %r: the webhook user is in its queue" % (lid, name))
+            else:
+                self.warn("line %s %r: not in its queue -- its waiting dialogs stay out of sight (add the "
+                          "user to the queue if they should be answered)" % (lid, name))
+        if lines and not any(inside for _l, _n, inside in lines):
+            self.fail("Open Lines: the webhook user is in no line's queue",
+                      "add it to the WhatsApp lines' queues (Contact Center -> Open Channels -> Queue)")
+        return client
+
+    def state_dir(self, folder: str) -> None:
+        """The state folder exists (or can be made), is writable, and is not readable by others."""
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".check-", delete=True)
+            probe.close()
+        except OSError as exc:
+            self.fail("state folder %s: %s" % (folder, exc.strerror or exc),
+                      "create it writable for the user the script runs as (systemd: StateDirectory=)")
+            return
+        mode = os.stat(folder).st_mode & 0o777
+        if mode & 0o077:
+            self.warn("state folder %s: mode %o lets others read it -- chmod 700" % (folder, mode))
+        else:
+            self.ok("state folder %s: writable, mode %o" % (folder, mode))
+
+    def exit_code(self) -> int:
+        return EXIT_FAILURE if self.failed else EXIT_OK
+
+
+def run_doctor(args: argparse.Namespace, *, require_bot: bool = False,
+               extra: Callable[[Doctor, dict, Client | None], None] | None = None) -> int:
+    """``--check`` for a script: the shared portal checks, then the script's own."""
+    doctor = Doctor()
+    environ = dict(os.environ)
+    try:
+        apply_env_file(args, environ)
+    except ConfigError as exc:
+        doctor.fail("settings file: %s" % exc, "fix that line")
+        return doctor.exit_code()
+    client = doctor.portal(environ, require_bot=require_bot)
+    if extra is not None:
+        extra(doctor, environ, client)
+    return doctor.exit_code()
 
 
 def load_config_from_args(args: argparse.Namespace, *, require_bot: bool = False,

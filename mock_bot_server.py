@@ -134,6 +134,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(200, shaped(bot.replies(text), bot.shape))
 
     def do_GET(self) -> None:
+        if self.server.token and self.headers.get("Authorization") != self.server.token:
+            self._answer(401, {"error": "unauthorized"})
+            return
         self._answer(200, {"ok": True, "post_to": PATH})
 
 

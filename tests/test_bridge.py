@@ -217,10 +217,12 @@ class Bridge(BridgeHarness):
         proc = self.start_bridge(NOTIFY_SOCKET="@" + name, WATCHDOG_USEC="600000")
         got = []
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and not any("WATCHDOG=1" in g for g in got):
+        while time.monotonic() < deadline and not (any("WATCHDOG=1" in g for g in got)
+                                                  and any("STATUS=polling" in g for g in got)):
             got.append(sock.recv(4096).decode())
         self.assertTrue(got[0].startswith("READY=1"), got)
-        self.assertIn("STATUS=polling 127.0.0.1", got[0])
+        self.assertIn("STATUS=starting: signing in to 127.0.0.1", got[0])
+        self.assertTrue(any("STATUS=polling 127.0.0.1" in g for g in got), got)
         self.assertTrue(any("WATCHDOG=1" in g for g in got), got)
         self.assertEqual(proc.stop(), 0)
         rest = []

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import time
 
-from tests.support import PY, PortalCase, script
+from tests.support import PY, PortalCase, PtyProc, script
 
 READER = "b24_openlines_reader.py"
 
@@ -131,12 +131,12 @@ class Reader(PortalCase):
         self.assertNotIn("Traceback", proc.all_output())
         self.assertEqual(proc.stop(), 0)
 
-    def test_revoked_webhook_stops_with_exit_1(self) -> None:
+    def test_revoked_webhook_stops_with_exit_2(self) -> None:
         proc = self.start_reader()
         self.portal.set_webhook(active=False)
         rc = proc.popen.wait(20)
         proc.stop()
-        self.assertEqual(rc, 1)
+        self.assertEqual(rc, 2, "a revoked webhook is a credential mistake: exit 2")
         errors = [x for x in proc.stderr_lines if "error" in x]
         self.assertEqual(len(errors), 1, proc.all_output())
         self.assertIn("rejected", errors[0])
@@ -182,13 +182,17 @@ class Reader(PortalCase):
         self.assertNotIn("Traceback", proc.stderr)
         self.assertNotIn("Broken pipe", proc.stderr)
 
-    def test_demo_without_a_portal(self) -> None:
+    def test_demo_without_a_portal_on_a_terminal_only(self) -> None:
         env = self.env(B24_WEBHOOK_BASE=None, B24_POLL_SEC=None)
-        proc = self.start_script(READER, env=env)
-        self.assertTrue(proc.wait_stderr("running the built-in demo", 20), proc.all_output())
-        lines = proc.read_lines(1, timeout=20)
-        self.assertTrue(lines and lines[0].startswith("["), proc.all_output())
-        self.assertEqual(proc.stop(), 0)
+        term = PtyProc([PY, script(READER)], env, self.tmp)
+        self.addCleanup(term.kill)
+        term.expect("running the built-in demo", 20)
+        term.expect("] ", 30)                       # a message line
+        os.kill(term.pid, signal.SIGTERM)
+        self.assertEqual(term.wait(15), 0)
+        # off a terminal (cron, a pipe, a service) a missing webhook is a mistake, not a demo
+        proc = self.run_script(READER, "--once", env=env)
+        self.assertOneLineError(proc, 2, "B24_WEBHOOK_BASE is not set", "not on a terminal")
 
     def test_help(self) -> None:
         proc = self.run_script(READER, "--help")
