@@ -14,6 +14,23 @@ import unittest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+class _TimedResult(unittest.TextTestResult):
+    """Remembers how long each test took (the slowest are named at the end)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.durations: dict = {}
+        self._started = 0.0
+
+    def startTest(self, test):
+        self._started = time.monotonic()
+        super().startTest(test)
+
+    def stopTest(self, test):
+        self.durations[test.id()] = time.monotonic() - self._started
+        super().stopTest(test)
+
+
 def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m tests", description=__doc__)
     parser.add_argument("-k", dest="patterns", action="append", default=[],
@@ -26,13 +43,16 @@ def main(argv: list | None = None) -> int:
     if args.patterns:
         loader.testNamePatterns = ["*%s*" % p for p in args.patterns]
     suite = loader.discover(os.path.join(ROOT, "tests"), top_level_dir=ROOT)
-    runner = unittest.TextTestRunner(verbosity=1 if args.quiet else 2, failfast=args.failfast)
+    runner = unittest.TextTestRunner(verbosity=1 if args.quiet else 2, failfast=args.failfast,
+                                     resultclass=_TimedResult)
     started = time.monotonic()
     result = runner.run(suite)
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     skipped = len(result.skipped)
     passed = result.testsRun - failed - skipped
     print("took %.0f s" % (time.monotonic() - started))
+    slow = sorted(result.durations.items(), key=lambda kv: -kv[1])[:5]
+    print("slowest: " + ", ".join("%s %.0f s" % (name.rsplit(".", 1)[-1], t) for name, t in slow))
     print("%d passed, %d failed, %d skipped" % (passed, failed, skipped))   # the closing line CI reads
     if result.testsRun == 0:
         print("no test ran", file=sys.stderr)
