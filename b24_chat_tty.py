@@ -42,6 +42,8 @@ COMMANDS = [
     ("/history N", "show the last N messages again (default 20)"),
     ("/more", "older messages, a page at a time"),
     ("/multi", "write several lines; a line with only '.' sends, Ctrl-D cancels"),
+    ("/take", "take this dialog from the queue, so you can write in it"),
+    ("//text", "send a message that starts with a slash (/text)"),
     ("/switch", "back to the list of dialogs"),
     ("/quit", "leave (Ctrl-D too; Ctrl-C on an empty line)"),
 ]
@@ -67,6 +69,22 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
     if not 0 <= args.history <= 1000:
         parser.error("--history: expected a count from 0 to 1000")
     return args
+
+
+class _StatusLog(logging.Handler):
+    """While the chat owns the terminal, log lines go to its status area, never mid-screen."""
+
+    def __init__(self, chat: Chat):
+        super().__init__()
+        self.chat = chat
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = bc.redact(record.getMessage())
+        except Exception:  # noqa: BLE001 - a log line must never break the chat
+            return
+        self.chat.inbox.put("(%s)" % text)
+        self.chat._notify()
 
 
 class _NewMessages(Exception):
@@ -97,7 +115,8 @@ class Screen:
             self.out.flush()
 
     def line(self, text: str, role: str = "") -> None:
-        self.write(self.paint(text, role) + "\n")
+        """One line; whatever part of it came from the portal cannot steer the terminal."""
+        self.write(self.paint(bc.visible(text), role) + "\n")
 
     def message_lines(self, msg: bc.Message) -> str:
         when = _local(msg.timestamp)
@@ -106,10 +125,11 @@ class Screen:
             self.last_day = when.date()
             out.append(self.paint("---- %s ----" % when.strftime("%A, %Y-%m-%d"), "note"))
         stamp = when.strftime("%H:%M") if when else "--:--"
-        who = {"self": "You", "system": "*"}.get(msg.author_kind, msg.author_name)
+        name = bc.visible(msg.author_name)
+        who = {"self": "You", "system": "*"}.get(msg.author_kind, name)
         if msg.author_kind in ("operator", "bot"):
-            who = "%s (%s)" % (msg.author_name, msg.author_kind)
-        text_lines = (msg.display_text or "").split("\n")
+            who = "%s (%s)" % (name, msg.author_kind)
+        text_lines = bc.visible((msg.display_text or "").replace("\r\n", "\n")).split("\n")
         head = "%s %s: " % (stamp, who)
         role = msg.author_kind
         out.append(self.paint(head, role) + text_lines[0] if role != "system"
@@ -143,6 +163,8 @@ class Chat:
         self.interrupt_buffer = ""
         self.history_file = history_file
         self.line_names: dict | None = None
+        self.input_lines = 0
+        self.fetch_lock = threading.Lock()     # one DialogReader.new() at a time
 
     # -- terminal plumbing ------------------------------------------------------------
     def _on_usr1(self, signum: int, frame: Any) -> None:
@@ -167,6 +189,12 @@ class Chat:
         signal.signal(signal.SIGHUP, leave)
         if not self.tty:
             return
+        root = logging.getLogger()
+        handler = _StatusLog(self)
+        handler.setLevel(root.level)
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        root.addHandler(handler)
         signal.signal(signal.SIGUSR1, self._on_usr1)
         signal.signal(signal.SIGINT, self._on_sigint)
         readline.set_pre_input_hook(self._pre_input)
@@ -225,13 +253,18 @@ class Chat:
         while True:
             self.drain()
             if not self.tty:
-                try:
-                    line = self.stdin.readline()
-                except UnicodeDecodeError:
-                    raise bc.UsageError("input is not valid UTF-8 text") from None
-                if not line:
+                raw = self.stdin.buffer.readline() if hasattr(self.stdin, "buffer") else self.stdin.readline()
+                if not raw:
                     raise EOFError
-                return line.rstrip("\r\n")
+                self.input_lines += 1
+                if isinstance(raw, bytes):
+                    try:
+                        raw = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        self.screen.line("! input line %d is not valid UTF-8 text; not sent" % self.input_lines,
+                                         "error")
+                        continue
+                return raw.rstrip("\r\n")
             try:
                 self.reading = True
                 return input(prompt)
@@ -261,7 +294,8 @@ class Chat:
             if reader is not current:        # another dialog: its own fresh start
                 current, failures = reader, 0
             try:
-                msgs = reader.new()
+                with self.fetch_lock:
+                    msgs = reader.new()
                 if failures:
                     self.inbox.put("(connection back)")
                 failures = 0
@@ -343,9 +377,15 @@ class Chat:
                 return dialogs[int(choice) - 1][0].dialog_id
             if choice.lower().startswith(("chat", "user")):
                 try:
-                    return bc.parse_dialog_id(choice)
+                    did = bc.parse_dialog_id(choice)
+                    self.client.call("im.dialog.get", {"DIALOG_ID": did})
+                    return did
                 except bc.UsageError:
                     pass
+                except (bc.AccessDeniedError, bc.NotFoundError, bc.BadRequestError):
+                    self.screen.line("! %s: no such dialog, or no access to it -- pick from the list"
+                                     % bc.visible(choice), "error")
+                    continue
             if choice:
                 self.screen.line("'%s' is not on the list: type 1 to %d, a dialog id, or q"
                                  % (choice, len(dialogs)), "error")
@@ -427,6 +467,7 @@ class Chat:
     def send(self, text: str) -> None:
         assert self.reader is not None
         try:
+            bc.check_text(text)
             for part in bc.split_text(text):
                 bc.send_text(self.client, self.reader.dialog_id, part)
         except bc.B24Error as exc:
@@ -452,6 +493,7 @@ class Chat:
                 self.screen.write("\n")
                 self.screen.line("(cancelled)", "note")
                 return None
+            self._forget_last_input()        # lines of a /multi text, and its '.', are not recalled
             if line == ".":
                 return "\n".join(lines)
             lines.append(line)
@@ -493,6 +535,13 @@ class Chat:
             text = self.multi()
             if text and text.strip():
                 self.send(text)
+        elif name == "/take":
+            assert self.reader is not None
+            try:
+                bc.take_dialog(self.client, self.reader.dialog_id)
+                self.screen.line("(you took this dialog: you can write in it now)", "note")
+            except bc.B24Error as exc:
+                self.screen.line("! not taken: %s" % bc.format_error(exc), "error")
         else:
             self.screen.line("! unknown command %s -- /help lists them" % name, "error")
         return None
@@ -502,7 +551,10 @@ class Chat:
             try:
                 line = self.ask(PROMPT)
             except EOFError:
-                self.screen.write("\n")
+                if not self.tty:
+                    self.final_echo()
+                else:
+                    self.screen.write("\n")
                 return "quit"
             except KeyboardInterrupt:
                 if self.interrupt_buffer.strip():
@@ -512,12 +564,30 @@ class Chat:
                 return "interrupt"
             if not line.strip():
                 continue
+            if line.startswith("//"):
+                self.send(line[1:])          # a message that starts with a slash
+                continue
             if line.startswith("/"):
+                self._forget_last_input()    # commands are not recalled into the message line
                 action = self.command(line)
                 if action:
                     return action
                 continue
             self.send(line)
+
+    def final_echo(self) -> None:
+        """Pipe mode at end of input: print what the last lines became before leaving."""
+        with self.reader_lock:
+            reader = self.reader
+        if reader is None:
+            return
+        try:
+            with self.fetch_lock:
+                msgs = reader.new()
+        except bc.B24Error:
+            return
+        self.drain()
+        self.screen.messages(msgs)
 
     def run(self, dialog_id: str | None) -> int:
         self.setup_terminal()

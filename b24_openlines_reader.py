@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import TextIO
 
 import b24common as bc
@@ -75,19 +76,19 @@ def _when(msg: bc.Message) -> str:
 def _who(msg: bc.Message) -> str:
     kind = msg.author_kind
     if kind == "customer":
-        return " ".join(x for x in (msg.author_name, msg.customer_phone) if x)
+        return bc.visible(" ".join(x for x in (msg.author_name, msg.customer_phone) if x))
     if kind == "system":
         return "system"
     if kind == "self":
-        return "you (%s)" % msg.author_name
-    return "%s %s" % (kind, msg.author_name)
+        return "you (%s)" % bc.visible(msg.author_name)
+    return "%s %s" % (kind, bc.visible(msg.author_name))
 
 
 def format_message(msg: bc.Message) -> str:
     """``[chatN] text -- who, when``; continuation lines indented under the text."""
     tag = "[NEW DIALOG %s]" % bc.display_dialog_id(msg.dialog_id) if msg.new_dialog else \
         "[%s]" % bc.display_dialog_id(msg.dialog_id)
-    lines = (msg.display_text or "").replace("\r\n", "\n").split("\n") or [""]
+    lines = bc.visible((msg.display_text or "").replace("\r\n", "\n")).split("\n") or [""]
     pad = " " * (len(tag) + 1)
     head = "%s %s  -- %s, %s" % (tag, lines[0], _who(msg), _when(msg))
     return "\n".join([head] + [pad + line for line in lines[1:]])
@@ -104,6 +105,8 @@ class Reader:
         self.poller: bc.Poller | None = None
         self.store: bc.PollerStore | None = None
         self.pending_new: set = set()
+        self.started = time.monotonic()
+        self.progress_shown = False
 
     def banner(self) -> None:
         me = self.client.whoami()
@@ -123,8 +126,18 @@ class Reader:
             since = None
             if self.args.since_minutes:
                 since = _dt.datetime.now().timestamp() - self.args.since_minutes * 60
-            poller.rewind(since=since, count=self.args.replay)
+            poller.rewind(since=since, count=self.args.replay, progress=self.progress)
+            if self.progress_shown:
+                sys.stderr.write("\n")
         return poller
+
+    def progress(self, done: int, total: int) -> None:
+        """On a terminal, a replay that takes more than a few seconds shows how far it got."""
+        if not sys.stderr.isatty() or time.monotonic() - self.started < 2:
+            return
+        sys.stderr.write("\rreading history: %d of %d dialogs" % (done, total))
+        sys.stderr.flush()
+        self.progress_shown = True
 
     def emit(self, msg: bc.Message) -> None:
         # "new dialog" belongs to the first message shown, which may follow hidden ones
@@ -138,8 +151,14 @@ class Reader:
                 line = json.dumps(msg.to_json(), ensure_ascii=False)
             else:
                 line = format_message(msg)
-            self.out.write(line + "\n")
-            self.out.flush()
+            try:
+                self.out.write(line + "\n")
+                self.out.flush()
+            except BrokenPipeError:
+                raise
+            except OSError as exc:      # a full disk, an I/O error: one line, and it was not printed
+                raise bc.B24Error("cannot write the output (%s): %s #%d and what follows was not printed"
+                                  % (exc.strerror or exc, bc.display_dialog_id(msg.dialog_id), msg.id)) from None
 
     def cycle(self) -> None:
         assert self.poller is not None

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 import b24common as bc
 
@@ -61,21 +62,24 @@ def read_text(args: argparse.Namespace, stdin: TextIO) -> str:
             raise bc.UsageError("stdin is not UTF-8 text") from None
     else:
         data = " ".join(args.text)
-    if "\x00" in data:
-        raise bc.UsageError("the text contains a NUL byte; nothing sent")
-    try:
-        data.encode("utf-8")
-    except UnicodeEncodeError:
-        raise bc.UsageError("the text is not valid UTF-8; nothing sent") from None
-    if not data.strip():
-        raise bc.UsageError("the text is empty; nothing sent")
-    return data
+    return bc.check_text(data)
 
 
-def send_all(client: bc.Client, dialog_id: str, parts: list, take: bool) -> list:
-    """Send *parts* in order; on failure say what failed and which parts went out."""
+class Interrupted(bc.B24Error):
+    """Ctrl-C or SIGTERM during a send: what was posted is known and said."""
+
+
+def send_all(client: bc.Client, dialog_id: str, parts: list, take: bool, stop: list | None = None) -> list:
+    """Send *parts* in order; on failure say what failed and which parts went out.
+
+    *stop* fills with a signal number when Ctrl-C or SIGTERM arrives: the part in flight is
+    finished (and checked), no further part is sent, and :class:`Interrupted` says what was posted.
+    """
     ids: list = []
+    stop = [] if stop is None else stop
     for part in parts:
+        if stop:
+            break
         try:
             try:
                 ids.append(bc.send_text(client, dialog_id, part))
@@ -91,7 +95,21 @@ def send_all(client: bc.Client, dialog_id: str, parts: list, take: bool) -> list
             if ids:
                 text += " (parts 1-%d of %d were sent as %s; the rest was not)" % (
                     len(ids), len(parts), ", ".join(map(str, ids)))
-            raise bc.B24Error(text) from None
+            err = bc.B24Error(text)
+            err.exit_code = exc.exit_code       # the exit-code table holds: a missing scope is 2
+            raise err from None
+    if stop:
+        name = "Ctrl-C" if stop[0] == signal.SIGINT else "SIGTERM"
+        if ids:
+            text = "interrupted by %s: %s posted as %s%s" % (
+                name, "the message was" if len(parts) == 1 else "parts 1-%d of %d were" % (len(ids), len(parts)),
+                ", ".join(map(str, ids)), "" if len(ids) == len(parts) else "; the rest was not sent")
+        else:
+            text = "interrupted by %s before anything was posted; nothing was sent" % name
+        err = Interrupted(text)
+        err.exit_code = 128 + stop[0]
+        err.ids = ids
+        raise err
     return ids
 
 
@@ -115,6 +133,8 @@ def describe(exc: BaseException, dialog_id: str) -> str:
                 "queue" % (shown, exc.code))
     if isinstance(exc, bc.UnknownOutcomeError):
         return str(exc)
+    if isinstance(exc, (bc.ServerError, bc.TransportError, bc.RateLimitError)):
+        return "%s: not sent: %s" % (shown, bc.what_came_back(exc))
     return bc.format_error(exc)
 
 
@@ -134,7 +154,20 @@ def main(argv: list | None = None, stdin: TextIO | None = None, out: TextIO | No
         cfg = bc.load_config_from_args(args)
         client = bc.Client(cfg)
         parts = bc.split_text(text)
-        ids = send_all(client, dialog_id, parts, args.take)
+        stop: list = []
+
+        def on_signal(signum: int, frame: Any) -> None:
+            if not stop:
+                stop.append(signum)    # the send in flight is finished and checked first
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+        try:
+            ids = send_all(client, dialog_id, parts, args.take, stop)
+        except Interrupted as exc:
+            if exc.ids and not args.quiet:
+                out.write("".join("%d\n" % i for i in exc.ids))
+                out.flush()
+            raise
         if args.json:
             out.write(json.dumps({"dialog_id": bc.display_dialog_id(dialog_id),
                                   "message_ids": ids, "message_id": ids[0]}) + "\n")

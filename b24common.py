@@ -37,8 +37,8 @@ __all__ = [
     "redact", "register_secret", "dotenv_values", "load_dotenv", "parse_dotenv",
     "Config", "Client", "BatchResult", "RateLimiter", "php_query",
     "parse_dialog_id", "display_dialog_id", "Message", "classify", "bbcode_to_text",
-    "normalize_phone", "Poller", "DialogReader", "normalize_reply", "ReplyShapeError",
-    "StateFile", "StateWriteError", "default_state_dir", "under_systemd", "send_text", "find_by_uuid", "split_text", "new_template_id", "take_dialog",
+    "normalize_phone", "visible", "Poller", "DialogReader", "normalize_reply", "ReplyShapeError",
+    "StateFile", "StateWriteError", "default_state_dir", "under_systemd", "send_text", "find_by_uuid", "check_text", "what_came_back", "split_text", "new_template_id", "take_dialog",
     "BotClient", "BotError", "BotAnswer", "parse_bot_answer", "reply_template_id", "PollerStore", "poll_forever", "sd_notify",
     "watchdog_seconds",
     "add_common_arguments", "load_config_from_args", "run_main", "setup_logging",
@@ -227,10 +227,24 @@ class TransportError(B24Error):
 
 
 class UnknownOutcomeError(TransportError):
-    """A write went out but no usable answer came back: it may or may not have happened."""
+    """A write went out but no usable answer came back: it may or may not have happened.
+    ``cause`` says what came back instead ("the portal answered HTTP 500", ...)."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, cause: str = ""):
         super().__init__(message, retryable=False, maybe_executed=True)
+        self.cause = redact(cause)
+
+
+def what_came_back(exc: BaseException) -> str:
+    """A failed exchange in a few words: "the portal answered HTTP 502 with an HTML page"..."""
+    if isinstance(exc, APIError):
+        if exc.status:
+            detail = exc.description if exc.code.startswith("HTTP_") else exc.code
+            return "the portal answered HTTP %d (%s)" % (exc.status, detail) if detail else \
+                "the portal answered HTTP %d" % exc.status
+        return "the portal answered %s" % (exc.code or "an error")
+    text = str(exc)
+    return text.split(": ", 1)[1] if ": " in text else text
 
 
 class APIError(B24Error):
@@ -383,6 +397,16 @@ class _Binding:
     error: str | None = None
 
 
+_SECRETISH = re.compile(r"(/rest/\d+/)[^/\s\"']+|((?:Bearer|Basic|Token)\s+)\S+", re.IGNORECASE)
+
+
+def _quote_line(line: str) -> str:
+    """A bad .env line, quoted back for the error message -- with anything that looks like a
+    webhook code or a token masked, and cut short."""
+    line = _SECRETISH.sub(lambda m: (m.group(1) or m.group(2)) + "***", line.strip())
+    return "`%s`" % (line if len(line) <= 60 else line[:57] + "...")
+
+
 def parse_dotenv(text: str) -> list:
     """Split .env text into bindings (key, value, line, error); comments are dropped."""
     if text.startswith("\ufeff"):
@@ -409,7 +433,8 @@ def parse_dotenv(text: str) -> list:
             pos = m.end()
         m = _RE_KEY.match(text, pos)
         if not m:
-            err = "expected KEY=VALUE"     # the line is not quoted back: it may hold a secret
+            bad = text[start:_RE_REST.match(text, start).end()]
+            err = "%s: expected NAME=value" % _quote_line(bad)
         else:
             key = m.group(1) if m.group(1) is not None else m.group(2)
             pos = _RE_WS.match(text, m.end()).end()
@@ -492,6 +517,11 @@ def _resolve(path: str, strict: bool, env_wins: bool,
             if values.get(name) is not None:
                 return values[name]
             return environ.get(name)
+        if strict:
+            for m in _RE_VAR.finditer(b.value):
+                if m.group("default") is None and lookup(m.group("name")) is None:
+                    raise ConfigError("%s:%d: `${%s}`: %s is not defined above or in the environment"
+                                      % (path, b.line, m.group("name"), m.group("name")))
         values[b.key] = _interpolate(b.value, lookup)
     return values
 
@@ -532,6 +562,28 @@ def _is_loopback(host: str) -> bool:
     return host in _LOOPBACK_HOSTS or host.startswith("127.")
 
 
+def split_url(value: str, name: str, what: str) -> urllib.parse.SplitResult:
+    """``urlsplit`` that turns every malformation into one ConfigError naming the setting:
+    a broken IPv6 bracket, a port that is not a number from 1 to 65535, a user:password part."""
+    try:
+        parts = urllib.parse.urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        text = str(exc)
+        why = ("a broken IPv6 address (a '[' without its ']')" if "IPv6" in text else
+               "a port that is not a number from 1 to 65535" if "port" in text.lower() else "a malformed URL")
+        raise ConfigError("%s: the URL has %s (expected %s)" % (name, why, what)) from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ConfigError("%s: expected %s, got something that is not an http(s) URL" % (name, what))
+    if port == 0:
+        raise ConfigError("%s: the URL has a port that is not a number from 1 to 65535 (expected %s)" % (name, what))
+    if "@" in parts.netloc:
+        raise ConfigError("%s: the URL must not carry a user name or password (user:password@); %s" % (
+            name, "the webhook code is the credential" if name == "B24_WEBHOOK_BASE"
+            else "put credentials in BOT_HTTP_AUTH"))
+    return parts
+
+
 def normalize_webhook(raw: str, name: str = "B24_WEBHOOK_BASE") -> tuple:
     """Check and normalise a webhook URL; return ``(base, host, user_id, code)``.
 
@@ -542,12 +594,9 @@ def normalize_webhook(raw: str, name: str = "B24_WEBHOOK_BASE") -> tuple:
     if not value:
         raise ConfigError("%s is not set: put your incoming webhook URL "
                           "(https://<portal>/rest/<user_id>/<code>/) in .env" % name)
-    parts = urllib.parse.urlsplit(value)
+    parts = split_url(value, name, "https://<portal>/rest/<user_id>/<code>/")
     scheme = parts.scheme.lower()
     host = parts.hostname or ""
-    if scheme not in ("http", "https") or not host:
-        raise ConfigError("%s: expected https://<portal>/rest/<user_id>/<code>/, "
-                          "got something that is not an http(s) URL" % name)
     if parts.query or parts.fragment:
         raise ConfigError("%s: the webhook URL must not contain '?' or '#' (host %s)" % (name, host))
     m = _RE_REST_PATH.match(parts.path)
@@ -556,6 +605,10 @@ def normalize_webhook(raw: str, name: str = "B24_WEBHOOK_BASE") -> tuple:
                           "/rest/<user_id>/<code>/ part" % (name, host))
     uid, code = m.group("uid"), m.group("code")
     register_secret(code)
+    rest = (m.group("rest") or "").strip("/")
+    if "/" in rest:
+        raise ConfigError("%s: extra path after /rest/<user_id>/<code>/ -- end the URL right after the "
+                          "code (host %s)" % (name, host))
     if not uid.isdigit() or int(uid) <= 0:
         raise ConfigError("%s: the user id in /rest/<user_id>/<code>/ must be a positive number "
                           "(host %s)" % (name, host))
@@ -614,9 +667,7 @@ class Config:
         register_secret(bot_auth)
         bot_url = (env.get("BOT_HTTP_URL") or "").strip()
         if bot_url:
-            p = urllib.parse.urlsplit(bot_url)
-            if p.scheme not in ("http", "https") or not p.hostname:
-                raise ConfigError("BOT_HTTP_URL: expected an http:// or https:// URL of your bot")
+            split_url(bot_url, "BOT_HTTP_URL", "an http:// or https:// URL of your bot")
         elif require_bot:
             raise ConfigError("BOT_HTTP_URL is not set: the URL your bot listens on "
                               "(try mock_bot_server.py for a local one)")
@@ -921,9 +972,10 @@ class Client:
                 if not retryable:
                     raise
                 if write and exc.maybe_executed:
+                    cause = what_came_back(exc)
                     raise UnknownOutcomeError(
                         "%s: the request went out but no usable answer came back (%s); it may "
-                        "or may not have been carried out -- not retried" % (method, exc)) from None
+                        "or may not have been carried out -- not retried" % (method, cause), cause) from None
                 if attempt >= self.config.max_retries:
                     raise
                 attempt += 1
@@ -1079,6 +1131,26 @@ _BB_URL = re.compile(r"\[url=([^\]]+)\](.*?)\[/url\]", re.IGNORECASE | re.DOTALL
 _BB_URL_BARE = re.compile(r"\[url\](.*?)\[/url\]", re.IGNORECASE | re.DOTALL)
 _BB_TAGGED = re.compile(r"\[(user|chat|dialog|call|pch|context|send|put)(?:=[^\]]*)?\](.*?)\[/\1\]",
                         re.IGNORECASE | re.DOTALL)
+
+
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(text: Any) -> str:
+    """Text from the portal made safe to print on a terminal: control characters are shown, not
+    obeyed (``ESC`` -> ``^[``, ``\\r`` -> ``␍``, C1 and bidi overrides -> ``<U+009B>``).  Newlines
+    and tabs stay.  A customer cannot clear the screen, retitle the window or overwrite a line."""
+    def show(m: re.Match) -> str:
+        c = m.group(0)
+        o = ord(c)
+        if c == "\r":
+            return "\u240d"
+        if o < 0x20:
+            return "^" + chr(o + 64)
+        if o == 0x7f:
+            return "^?"
+        return "<U+%04X>" % o
+    return _UNSAFE.sub(show, "" if text is None else str(text))
 
 
 def bbcode_to_text(text: Any) -> str:
@@ -1855,44 +1927,59 @@ class Poller:
         return []
 
     @_locked
-    def rewind(self, *, since: float | None = None, count: int | None = None) -> None:
+    def rewind(self, *, since: float | None = None, count: int | None = None,
+               progress: Callable[[int, int], None] | None = None) -> None:
         """Move known cursors back so the next poll replays recent history.
 
         *since*: messages newer than this Unix time; *count*: the last N of each
-        dialog; with both, whichever reaches further back.
+        dialog; with both, whichever reaches further back.  Dialogs are read
+        back in ``batch`` requests of 50; *progress(done, total)* follows them.
         """
-        for did in list(self.cursors):
-            info = self.dialogs.get(did)
-            if info is not None and not info.is_lines and self.lines_only:
-                continue
-            try:
-                point = self._replay_point(did, since, count)
-            except (AccessDeniedError, NotFoundError, BadRequestError):
-                continue
+        targets = [did for did in self.cursors
+                   if not (self.dialogs.get(did) is not None and not self.dialogs[did].is_lines and self.lines_only)]
+        for did, point in self._replay_points(targets, since, count, progress).items():
             self.cursors[did] = self.fetched[did] = min(self.cursors[did], point)
             self._unreadable.pop(did, None)
             self._rewound.add(did)
 
-    def _replay_point(self, did: str, since: float | None, count: int | None) -> int:
-        """The id after which the replay of *did* starts (pages back with ``LAST_ID``)."""
-        points = []
-        for by_count in ([True] if count else []) + ([False] if since is not None else []):
-            last, seen, point = 0, 0, 0
-            while True:
-                msgs = _messages_list(self.client.call(
-                    "im.dialog.messages.get", {"DIALOG_ID": did, "LAST_ID": last, "LIMIT": MESSAGES_PAGE}))[0]
-                rows = sorted(((_int(m.get("id")), _parse_date(m.get("date"))) for m in msgs), reverse=True)
+    def _replay_points(self, dialogs: list, since: float | None, count: int | None,
+                       progress: Callable[[int, int], None] | None) -> dict:
+        """``{dialog: id after which its replay starts}``, paging back with ``LAST_ID``, 50 dialogs
+        per request.  Dialogs we may not read are left out."""
+        state = {d: {"last": 0, "seen": 0, "by_count": None, "by_date": None} for d in dialogs}
+        points: dict = {}
+        pending = list(dialogs)
+        total = len(dialogs)
+        while pending:
+            chunk, pending = pending[:BATCH_MAX], pending[BATCH_MAX:]
+            br = self.client.batch({d: ("im.dialog.messages.get", {"DIALOG_ID": d, "LAST_ID": state[d]["last"],
+                                                                   "LIMIT": MESSAGES_PAGE}) for d in chunk})
+            for d in chunk:
+                err = br.errors.get(d)
+                if isinstance(err, (RateLimitError, ServerError, AuthError)):
+                    raise err
+                if err is not None or d not in br.results:
+                    continue
+                st = state[d]
+                rows = sorted(((_int(m.get("id")), _parse_date(m.get("date")))
+                               for m in _messages_list(br.results[d])[0]), reverse=True)
                 for mid, date in rows:
-                    seen += 1
-                    if (by_count and seen > (count or 0)) or \
-                            (not by_count and date is not None and since is not None and date < since):
-                        point = mid
-                        break
-                if point or len(rows) < MESSAGES_PAGE:
-                    break
-                last = rows[-1][0]
-            points.append(point)
-        return min(points) if points else self.cursors.get(did, 0)
+                    st["seen"] += 1
+                    if count and st["by_count"] is None and st["seen"] > count:
+                        st["by_count"] = mid
+                    if since is not None and st["by_date"] is None and date is not None and date < since:
+                        st["by_date"] = mid
+                wanted = [st["by_count"] if count else 0, st["by_date"] if since is not None else 0]
+                if all(w is not None for w in wanted) or len(rows) < MESSAGES_PAGE:
+                    found = [w for w in ((st["by_count"] or 0) if count else None,
+                                         (st["by_date"] or 0) if since is not None else None) if w is not None]
+                    points[d] = min(found) if found else self.cursors.get(d, 0)
+                else:
+                    st["last"] = rows[-1][0]
+                    pending.append(d)
+            if progress is not None:
+                progress(len(points), total)
+        return points
 
     @_locked
     def poll(self, *, auto_ack: bool = True) -> list:
@@ -2040,7 +2127,7 @@ def send_text(client: Client, dialog_id: str, text: str, *, template_id: str | N
         try:
             return _int(client.call("im.message.add", params, write=True))
         except UnknownOutcomeError as exc:
-            what = "no usable answer came back (%s)" % _cause(exc)
+            what = exc.cause or "no usable answer came back"
         except DuplicateUuidError:
             what = "the portal is still writing it (MESSAGE_DUPLICATED_BY_UUID)"
         try:
@@ -2061,11 +2148,17 @@ def send_text(client: Client, dialog_id: str, text: str, *, template_id: str | N
         delay = min(delay * 2, 10.0)
 
 
-def _cause(exc: BaseException) -> str:
-    """The short reason inside an UnknownOutcomeError ("HTTP 500", "connection dropped ...")."""
-    text = str(exc)
-    m = re.search(r"\((.*)\); it may", text)
-    return m.group(1) if m else text
+def check_text(text: str) -> str:
+    """The rule every sender shares: no NUL bytes, valid text, not empty."""
+    if "\x00" in text:
+        raise UsageError("the text contains a NUL byte; nothing sent")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("the text is not valid UTF-8; nothing sent") from None
+    if not text.strip():
+        raise UsageError("the text is empty; nothing sent")
+    return text
 
 
 def take_dialog(client: Client, dialog_id: str) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A local Bitrix24 portal emulator for the Open Lines toolkit (stdlib only).
 
-It speaks the REST API of ``../shared/bitrix24-api.md`` (our fact sheet of the
+It speaks the REST API of ``docs/bitrix24-api.md`` (our fact sheet of the
 real portal) on 127.0.0.1 -- shapes, ordering, errors, both rate limits --
 over a small world: an operator who owns the webhook, other operators, a bot,
 WhatsApp customers (connector users), several Open Lines with queues, LINES

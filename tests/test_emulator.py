@@ -1,4 +1,4 @@
-"""The emulator behaves like the fact sheet (../shared/bitrix24-api.md), over raw HTTP."""
+"""The emulator behaves like the fact sheet (docs/bitrix24-api.md), over raw HTTP."""
 from __future__ import annotations
 
 import json
