@@ -419,7 +419,8 @@ class Chat:
         except (bc.AccessDeniedError, bc.NotFoundError, bc.BadRequestError) as exc:
             raise bc.B24Error("%s: no such dialog, or no access to it (%s) -- check the id, or join the "
                               "chat in Bitrix24" % (bc.display_dialog_id(dialog_id), exc.code)) from None
-        self.screen.last_day = None
+        # no history shown: no day header for today's first live message either
+        self.screen.last_day = None if history else _dt.date.today()
         self.oldest = history[0].id if history else 0
         title = info.title or bc.display_dialog_id(dialog_id)
         extra = " %s" % info.customer_phone if info.customer_phone else ""

@@ -243,8 +243,7 @@ def what_came_back(exc: BaseException) -> str:
             return "the portal answered HTTP %d (%s)" % (exc.status, detail) if detail else \
                 "the portal answered HTTP %d" % exc.status
         return "the portal answered %s" % (exc.code or "an error")
-    text = str(exc)
-    return text.split(": ", 1)[1] if ": " in text else text
+    return str(exc)
 
 
 class APIError(B24Error):
@@ -465,7 +464,9 @@ def parse_dotenv(text: str) -> list:
             if err is None:
                 ma = _RE_AFTER.match(text, pos)
                 if not ma:
-                    err = "unexpected text after the value of %s" % key
+                    bad = text[start:_RE_REST.match(text, start).end()]
+                    err = ("%s: expected NAME=value" % _quote_line(bad) if value is None else
+                           "%s: unexpected text after the value of %s" % (_quote_line(bad), key))
                 else:
                     pos = ma.end()
                     out.append(_Binding(key, value, line_of(start)))
@@ -652,6 +653,7 @@ class Config:
     rate_burst: int = DEFAULT_RATE_BURST
     operating_limit: float = DEFAULT_OPERATING_LIMIT_SEC
     max_retries: int = MAX_RETRIES
+    send_patience: float = SEND_PATIENCE_SEC
     bot_url: str = ""
     bot_auth: str = field(default="", repr=False)
     bot_timeout: float = DEFAULT_BOT_TIMEOUT_SEC
@@ -682,6 +684,7 @@ class Config:
             rate_burst=int(env_number(env, "B24_RATE_BURST", DEFAULT_RATE_BURST, 1, 10000, integer=True)),
             operating_limit=env_number(env, "B24_OPERATING_LIMIT_SEC", DEFAULT_OPERATING_LIMIT_SEC, 1, 100000),
             max_retries=int(env_number(env, "B24_MAX_RETRIES", MAX_RETRIES, 0, 50, integer=True)),
+            send_patience=env_number(env, "B24_SEND_PATIENCE_SEC", SEND_PATIENCE_SEC, 0, 3600),
             bot_url=bot_url, bot_auth=bot_auth,
             bot_timeout=env_number(env, "BOT_HTTP_TIMEOUT_SEC", DEFAULT_BOT_TIMEOUT_SEC, 1, 3600),
             bot_max_bytes=int(env_number(env, "BOT_MAX_REPLY_BYTES", DEFAULT_BOT_MAX_BYTES, 1024, 64 * 1048576,
@@ -2105,7 +2108,7 @@ def find_by_uuid(client: Client, dialog_id: str, template_id: str) -> int:
 
 
 def send_text(client: Client, dialog_id: str, text: str, *, template_id: str | None = None,
-              patience: float = SEND_PATIENCE_SEC, sleep: Callable[[float], None] | None = None) -> int:
+              patience: float | None = None, sleep: Callable[[float], None] | None = None) -> int:
     """Post one message (``im.message.add``); return its id.
 
     The ``TEMPLATE_ID`` makes a resend safe: the portal answers a repeat with
@@ -2120,6 +2123,7 @@ def send_text(client: Client, dialog_id: str, text: str, *, template_id: str | N
     template_id = template_id or new_template_id()
     params = {"DIALOG_ID": dialog_id, "MESSAGE": text, "TEMPLATE_ID": template_id}
     pause = sleep or client._sleep
+    patience = client.config.send_patience if patience is None else patience
     deadline = time.monotonic() + patience
     delay = 0.5
     what = ""

@@ -12,7 +12,9 @@ from tests.support import PY, PortalCase, PtyProc, script
 CHAT = "b24_chat_tty.py"
 
 
-class ChatTTY(PortalCase):
+class ChatHarness(PortalCase):
+    """The chat on a real pty, against the emulator."""
+
     def open_chat(self, *args: str, **env) -> PtyProc:
         env.setdefault("TERM", "xterm")
         env.setdefault("NO_COLOR", "1")
@@ -33,6 +35,9 @@ class ChatTTY(PortalCase):
             time.sleep(0.05)
         self.fail("%r never reached chat %d" % (text, chat))
 
+
+
+class ChatTTY(ChatHarness):
     def test_half_typed_line_survives_an_incoming_message(self) -> None:
         chat = self.ids["lines_member"]
         p = self.open_chat("chat%d" % chat)

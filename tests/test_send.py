@@ -81,10 +81,10 @@ class Send(PortalCase):
             with self.subTest(argv=argv):
                 self.assertOneLineError(self.run_script(SEND, *argv), 1, needle)
         self.portal.set_webhook(scopes=["imopenlines"])
-        self.assertOneLineError(self.run_script(SEND, "chat%d" % self.ids["lines_member"], "x"), 1,
+        self.assertOneLineError(self.run_script(SEND, "chat%d" % self.ids["lines_member"], "x"), 2,
                                 "lacks the 'im' scope")
         self.portal.set_webhook(scopes=["im"], active=False)
-        self.assertOneLineError(self.run_script(SEND, "chat%d" % self.ids["lines_member"], "x"), 1,
+        self.assertOneLineError(self.run_script(SEND, "chat%d" % self.ids["lines_member"], "x"), 2,
                                 "rejected the webhook")
 
     def test_unknown_outcome_is_resent_with_the_same_template_id(self) -> None:
