@@ -39,6 +39,7 @@ import logging
 import os
 import queue
 import random
+import re
 import shutil
 import signal
 import socket
@@ -80,6 +81,17 @@ class Settings:
         listen = (env.get("BRIDGE_HTTP_LISTEN") or "").strip()
         self.http_listen = parse_listen(listen) if listen else None
         self.stuck_sec = bc.env_number(env, "BRIDGE_STUCK_SEC", 0, 0, 86400)   # 0: from the timeouts
+        self.human_pause_min = bc.env_number(env, "BRIDGE_HUMAN_PAUSE_MIN", 30, 0, 7 * 24 * 60)
+        self.handoff_to = (env.get("BRIDGE_HANDOFF_TO") or "").strip().lower()
+        if self.handoff_to not in ("", "queue"):
+            raise bc.ConfigError("BRIDGE_HANDOFF_TO=%s: expected queue (or nothing)" % self.handoff_to)
+        self.debounce = bc.env_number(env, "BRIDGE_DEBOUNCE_SEC", 0, 0, 600)
+        self.concurrency = int(bc.env_number(env, "BRIDGE_MAX_CONCURRENCY", 8, 1, 64, integer=True))
+        self.take = (env.get("BRIDGE_TAKE") or "").strip().lower()
+        if self.take not in ("", "answer", "join", "off", "no"):
+            raise bc.ConfigError("BRIDGE_TAKE=%s: expected answer (take queued dialogs) or join" % self.take)
+        self.take = "" if self.take in ("off", "no") else self.take
+        self.reply_batch = int(bc.env_number(env, "BRIDGE_REPLY_BATCH", 50, 1, bc.BATCH_MAX, integer=True))
 
 
 def _parse_args(argv: list | None) -> argparse.Namespace:
@@ -100,8 +112,8 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument("--take", action="store_true",
                         help="when a dialog waits in the queue, take it (imopenlines.operator.answer) "
                              "so the reply can be posted")
-    parser.add_argument("--workers", type=int, default=4, metavar="N",
-                        help="dialogs handled side by side (default 4)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="dialogs handled side by side (default: BRIDGE_MAX_CONCURRENCY or 8)")
     parser.add_argument("--state", metavar="FILE",
                         help="state database (default: bridge.db in $B24_STATE_DIR, systemd's "
                              "$STATE_DIRECTORY, or the XDG state folder)")
@@ -114,7 +126,7 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
                         help="run against a built-in emulator and echo bot with simulated customers")
     bc.add_common_arguments(parser, poll=True)
     args = parser.parse_args(argv)
-    if not 1 <= args.workers <= 64:
+    if args.workers is not None and not 1 <= args.workers <= 64:
         parser.error("--workers: expected 1 to 64")
     if args.dialog and not args.replay_dead:
         parser.error("--dialog goes with --replay-dead")
@@ -134,13 +146,15 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS dialogs (
     dialog TEXT PRIMARY KEY, cursor INTEGER NOT NULL, info TEXT NOT NULL DEFAULT '{}',
-    session_seen INTEGER NOT NULL DEFAULT 0, touched REAL NOT NULL, active REAL NOT NULL DEFAULT 0);
+    session_seen INTEGER NOT NULL DEFAULT 0, touched REAL NOT NULL, active REAL NOT NULL DEFAULT 0,
+    paused_until REAL NOT NULL DEFAULT 0, paused_session INTEGER NOT NULL DEFAULT 0,
+    human_id INTEGER NOT NULL DEFAULT 0, handed_off INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS dialogs_touched ON dialogs (touched);
 CREATE TABLE IF NOT EXISTS inbox (
     dialog TEXT NOT NULL, message_id INTEGER NOT NULL, payload TEXT NOT NULL,
     state TEXT NOT NULL DEFAULT 'new', answer TEXT, posted INTEGER NOT NULL DEFAULT 0,
     handoff INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
-    first_try REAL, next_try REAL NOT NULL DEFAULT 0, error TEXT,
+    first_try REAL, next_try REAL NOT NULL DEFAULT 0, error TEXT, arrived REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (dialog, message_id));
 """
 
@@ -149,11 +163,11 @@ class Row:
     """One message in flight (a row of ``inbox``)."""
 
     __slots__ = ("dialog", "message_id", "payload", "state", "answer", "posted", "handoff", "attempts",
-                 "first_try", "next_try", "error")
+                 "first_try", "next_try", "error", "arrived")
 
     def __init__(self, values: tuple):
         (self.dialog, self.message_id, payload, self.state, answer, self.posted, handoff, self.attempts,
-         self.first_try, self.next_try, self.error) = values
+         self.first_try, self.next_try, self.error, self.arrived) = values
         self.payload = json.loads(payload)
         self.answer = json.loads(answer) if answer else []
         self.handoff = bool(handoff)
@@ -167,7 +181,8 @@ class Store:
     """The bridge's state database.  Every thread has its own connection; every change is one
     short transaction, so one message's bookkeeping costs the same at 50k dialogs as at 100."""
 
-    COLUMNS = "dialog, message_id, payload, state, answer, posted, handoff, attempts, first_try, next_try, error"
+    COLUMNS = ("dialog, message_id, payload, state, answer, posted, handoff, attempts, first_try, next_try, "
+               "error, arrived")
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
@@ -178,8 +193,19 @@ class Store:
             # 0600 before SQLite opens it: its -wal and -shm files take the same mode
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             self.db.executescript(SCHEMA)
+            self._add_missing_columns()
         except (OSError, sqlite3.Error) as exc:
             raise bc.ConfigError("%s: cannot open the state database (%s)" % (self.path, exc)) from None
+
+    def _add_missing_columns(self) -> None:
+        """A database written by an earlier version gains the columns this one uses."""
+        for table, body in re.findall(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*?)\);", SCHEMA, re.S):
+            have = {row[1] for row in self.db.execute("PRAGMA table_info(%s)" % table)}
+            for col in re.split(r",\s*(?![^()]*\))", body):
+                col = col.strip()
+                name = col.split()[0]
+                if name not in have and name.upper() not in ("PRIMARY",) and "DEFAULT" in col:
+                    self.db.execute("ALTER TABLE %s ADD COLUMN %s" % (table, col))
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -220,7 +246,7 @@ class Store:
                 "floor_id": meta.get("floor_id", 0), "portal": meta.get("portal"), "user_id": meta.get("user_id")}
 
     def commit_cycle(self, rows: list, changes: Mapping[str, Any], meta: Mapping[str, Any],
-                     active: Mapping[str, float] | None = None) -> None:
+                     active: Mapping[str, float] | None = None, pauses: Mapping[str, tuple] | None = None) -> None:
         """New messages, the dialogs whose cursor moved past them, and the scan watermark: at once.
 
         A dialog's ``session_seen`` starts at its session when it is first stored and follows the
@@ -228,8 +254,9 @@ class Store:
         now = time.time()
         st: list = []
         for r in rows:
-            st.append(("INSERT OR IGNORE INTO inbox (dialog, message_id, payload, next_try) VALUES (?, ?, ?, 0)",
-                       (r["dialog"], r["message_id"], json.dumps(r["payload"], ensure_ascii=False))))
+            st.append(("INSERT OR IGNORE INTO inbox (dialog, message_id, payload, next_try, arrived) "
+                       "VALUES (?, ?, ?, 0, ?)",
+                       (r["dialog"], r["message_id"], json.dumps(r["payload"], ensure_ascii=False), now)))
         for did, change in changes.items():
             if change is None:
                 st.append(("DELETE FROM dialogs WHERE dialog = ?", (did,)))
@@ -244,10 +271,40 @@ class Store:
                 st.append(("UPDATE dialogs SET session_seen = ? WHERE dialog = ?", (r["session"], r["dialog"])))
         for did, when in (active or {}).items():
             st.append(("UPDATE dialogs SET active = MAX(active, ?) WHERE dialog = ?", (when, did)))
+        for did, (until, session, human) in (pauses or {}).items():
+            st.append(("UPDATE dialogs SET paused_until = ?, paused_session = ?, human_id = ? WHERE dialog = ?",
+                       (until, session, human, did)))
         for key, value in meta.items():
             st.append(("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
                        "value = excluded.value", (key, json.dumps(value))))
         self._tx(st)
+
+    def pauses(self) -> tuple:
+        """``({dialog: (until, session, last human message id)}, {dialog: session handed off})``."""
+        paused, handed = {}, {}
+        for d, until, session, human, off in self.db.execute(
+                "SELECT dialog, paused_until, paused_session, human_id, handed_off FROM dialogs "
+                "WHERE paused_until > 0 OR handed_off > 0"):
+            if until:
+                paused[d] = (until, session, human)
+            if off:
+                handed[d] = off
+        return paused, handed
+
+    def set_handed_off(self, dialog: str, session: int) -> None:
+        self._tx([("UPDATE dialogs SET handed_off = ? WHERE dialog = ?", (session, dialog))])
+
+    def waiting_rows(self, dialog: str) -> list:
+        """Every message of *dialog* the bot has not been asked about yet, oldest first."""
+        return [Row(r) for r in self.db.execute(
+            "SELECT %s FROM inbox WHERE dialog = ? AND state = 'new' ORDER BY message_id" % self.COLUMNS, (dialog,))]
+
+    def fold(self, rows: list, keep: Row) -> None:
+        """Several messages became one bot turn: only *keep* stays (it carries the turn)."""
+        self._tx([("DELETE FROM inbox WHERE dialog = ? AND message_id = ?", (r.dialog, r.message_id))
+                  for r in rows if r is not keep] +
+                 [("UPDATE inbox SET payload = ? WHERE dialog = ? AND message_id = ?",
+                   (json.dumps(keep.payload, ensure_ascii=False), keep.dialog, keep.message_id))])
 
     def session_seen(self, dialog: str) -> int:
         row = self.db.execute("SELECT session_seen FROM dialogs WHERE dialog = ?", (dialog,)).fetchone()
@@ -436,16 +493,33 @@ class Bridge:
         self.reload_requested = False
         self.told_stuck = False
         self.http: HealthServer | None = None
+        self.workers = args.workers or settings.concurrency
+        self.take = "answer" if getattr(args, "take", False) else settings.take
+        self._use_bots(self.cfg, bot)
+        self.pauses: dict = {}                # dialog -> (until, session, id of the last human message)
+        self.handed: dict = {}                # dialog -> session the bot handed over
+        self.pause_changes: dict = {}         # pauses not saved yet
+        self.told_paused: dict = {}
+        self.told_unrouted: set = set()
+        self.posting: set = set()             # dialogs whose answer the poster is posting
+        self.outbox: queue.Queue = queue.Queue()
+
+    def _use_bots(self, cfg: bc.Config, bot: bc.BotClient | None) -> None:
+        self.cfg_for_bots = cfg
+        self.cfg_routes = dict(cfg.bot_routes)
+        self.bot_url = cfg.bot_url
+        self.bots = {bot.url: bot} if bot is not None else {}
 
     def attach(self, poller: bc.Poller, store: Store, dead: DeadLetters) -> None:
         self.poller, self.store, self.dead = poller, store, dead
+        self.pauses, self.handed = store.pauses()
 
     # -- scheduling ------------------------------------------------------------------
     def wake(self, dialog: str, at: float | None = None) -> None:
         with self.lock:
             if at is not None and at > time.monotonic():
                 heapq.heappush(self.delayed, (at, dialog))
-            elif dialog not in self.held and dialog not in self.queued:
+            elif dialog not in self.held and dialog not in self.queued and dialog not in self.posting:
                 self.queued.add(dialog)
                 self.ready.put(dialog)
 
@@ -462,8 +536,9 @@ class Bridge:
         return wait
 
     def start_workers(self) -> None:
-        for n in range(self.args.workers):
+        for n in range(self.workers):
             threading.Thread(target=self._worker, name="bridge-worker-%d" % n, daemon=True).start()
+        threading.Thread(target=self._poster, name="bridge-poster", daemon=True).start()
 
     def _worker(self) -> None:
         while True:
@@ -507,7 +582,8 @@ class Bridge:
                 self.busy += 1
             self.live.beat("handling %s" % row.where)
             try:
-                self.step(row)
+                if self.step(row) == "posting":
+                    return None      # the poster has the dialog now; it wakes it when done
             except sqlite3.Error as exc:
                 self._note_save_error(exc)
                 return time.monotonic() + 5
@@ -527,20 +603,21 @@ class Bridge:
                 "line_id": msg.line_id, "session_id": msg.session_id or None,
                 "business_phone": self.cfg.business_phone or None, "new_dialog": new_dialog,
                 "event_id": bc.reply_template_id(self.client.host, msg.dialog_id, msg.id, -1),
+                "message_ids": [msg.id], "crm": {k: msg.crm.get(k) for k in ("lead", "contact", "deal", "company")},
                 "waiting": msg.waiting,
                 "metadata": {"dialog_id": did, "message_id": msg.id, "line_id": msg.line_id,
                              "session_id": msg.session_id or None, "customer_name": msg.customer_name or None,
                              "customer_phone": msg.customer_phone or None, "portal": self.client.host}}
 
-    def step(self, row: Row) -> None:
+    def step(self, row: Row) -> str | None:
         if not self._reconcile(row):
-            return
+            return None
         if row.state == "new":
-            self.ask(row)
-        elif row.state == "answered":
-            self.post(row)
-        else:
-            self.store.finish(row)
+            return self.ask(row)
+        if row.state == "answered":
+            return self.to_poster(row)
+        self.store.finish(row)
+        return None
 
     def _backoff(self, row: Row) -> float:
         base = min(BACKOFF_CAP_SEC, BACKOFF_FIRST_SEC * (2 ** min(row.attempts, 20)))
@@ -579,11 +656,51 @@ class Bridge:
         dialog, session = row.dialog, row.payload.get("session_id") or 0
         if dialog in self.cannot_post and self.cannot_post[dialog] == session:
             return False
-        if row.payload.get("waiting") and not self.args.take:
+        if row.payload.get("waiting") and not self.take:
             self._cannot_post(row, "it waits in the queue and the webhook user has not taken it "
-                                   "(--take lets the bridge take queued dialogs)")
+                                   "(--take or BRIDGE_TAKE=answer lets the bridge take queued dialogs)")
             return False
         return True
+
+    def _paused(self, row: Row) -> str:
+        """Why the bot stays out of this message's dialog now ("" if it does not)."""
+        session = row.payload.get("session_id") or 0
+        with self.lock:
+            handed = self.handed.get(row.dialog)
+            pause = self.pauses.get(row.dialog)
+        if handed and handed == session:
+            return "the bot handed this conversation over to a person"
+        if pause:
+            until, paused_session, _human = pause
+            if session and paused_session and session != paused_session:
+                with self.lock:
+                    self.pauses.pop(row.dialog, None)     # a new session: the bot is back
+                return ""
+            if time.time() < until:
+                return "a person wrote in this dialog; the bot pauses until %s" % time.strftime(
+                    "%H:%M", time.localtime(until))
+        return ""
+
+    def _human_after(self, row: Row) -> bool:
+        """Did a person write in the dialog after this customer message (its answer is stale)?"""
+        with self.lock:
+            pause = self.pauses.get(row.dialog)
+        return bool(pause and pause[2] > row.message_id)
+
+    def _bot_for(self, row: Row) -> bc.BotClient | None:
+        line = row.payload.get("line_id")
+        url = self.cfg_routes.get(line) or self.bot_url
+        if not url:
+            if line not in self.told_unrouted:
+                self.told_unrouted.add(line)
+                log.warning("%s: line %s has no bot (no BOT_ROUTES entry, no BOT_HTTP_URL): its messages are "
+                            "not forwarded", row.where, line)
+            return None
+        with self.lock:
+            bot = self.bots.get(url)
+            if bot is None:
+                bot = self.bots[url] = bc.BotClient(self.cfg_for_bots, url)
+        return bot
 
     def _cannot_post(self, row: Row, why: str) -> None:
         session = row.payload.get("session_id") or 0
@@ -632,27 +749,49 @@ class Bridge:
             self.store.update(row, posted=done)
         return True
 
-    def ask(self, row: Row) -> None:
+    def ask(self, row: Row) -> str | None:
         if not self._can_answer(row):
             self.stats["skipped"] += 1
             self.store.finish(row)
-            return
-        if row.payload.get("waiting") and self.args.take:
+            return None
+        why = self._paused(row)
+        if why:
+            if self.told_paused.get(row.dialog) != why:
+                log.info("%s: not forwarded: %s", row.where, why)
+                self.told_paused[row.dialog] = why
+            self.stats["paused"] += 1
+            self.store.finish(row)
+            return None
+        self.told_paused.pop(row.dialog, None)
+        bot = self._bot_for(row)
+        if bot is None:
+            self.stats["skipped"] += 1
+            self.store.finish(row)
+            return None
+        if self.settings.debounce and not row.attempts:
+            group = self.store.waiting_rows(row.dialog)
+            newest = max(r.arrived for r in group) if group else 0
+            if time.time() - newest < self.settings.debounce:
+                self.store.update(row, next_try=newest + self.settings.debounce)
+                return None
+            if len(group) > 1:
+                row = self._fold(group)
+        if row.payload.get("waiting") and self.take:
             try:
-                bc.take_dialog(self.client, row.dialog)
-                log.info("%s: took the dialog from the queue to answer it", row.where)
+                bc.take_dialog(self.client, row.dialog, self.take)
+                log.info("%s: %s the dialog from the queue to answer it", row.where,
+                         "joined" if self.take == "join" else "took")
                 row.payload["waiting"] = False
             except (bc.RateLimitError, bc.ServerError, bc.TransportError) as exc:
                 if not self._retry_later(row, "could not take the dialog yet (%s)" % exc):
                     self._bury(row, "could not take the dialog: %s" % exc, "bot")
-                return
+                return None
             except bc.B24Error as exc:
                 log.info("%s: not taken (%s); answering if we can", row.where, exc)
         payload = dict(row.payload, attempt=row.attempts + 1)
         payload.pop("waiting", None)
         started = time.monotonic()
         self.stats["forwarded"] += 1
-        bot = self.bot                      # SIGHUP may swap it; this message stays with one
         self.live.beat("asking the bot about %s" % row.where)
         try:
             answer = bot.ask(payload, headers={"Idempotency-Key": row.payload.get("event_id") or ""})
@@ -664,7 +803,7 @@ class Bridge:
                        if not exc.retryable else "the bot did not answer for %g hours: %s"
                        % (self.settings.retry_hours, exc))
                 self._bury(row, why, "bot")
-            return
+            return None
         self.live.beat("handling %s" % row.where)
         took = time.monotonic() - started
         self.stats["bot_seconds"] += took
@@ -677,7 +816,7 @@ class Bridge:
             log.warning("%s: the answer makes %d messages; posting the first %d, the rest is cut", row.where,
                         len(parts), MAX_PARTS)
             parts = parts[:MAX_PARTS]
-        log.info("%s: bot answered in %.1f s with %d message%s%s", row.where, time.monotonic() - started,
+        log.info("%s: bot answered in %.1f s with %d message%s%s", row.where, took,
                  len(parts), "" if len(parts) == 1 else "s", " and hands over to a person" if answer.handoff else "")
         if self.args.demo:      # a demo shows the conversation; a real journal keeps texts out
             log.info("  customer %s: %s", row.payload.get("customer_name"), row.payload.get("text"))
@@ -686,37 +825,182 @@ class Bridge:
         # the answer is kept before any of it is posted: a restart posts the rest of the same answer
         self.store.update(row, state="answered", answer=parts, posted=0, handoff=int(answer.handoff),
                           attempts=0, first_try=None, next_try=0, error=None)
-        self.post(row)
+        return self.to_poster(row)
 
-    def post(self, row: Row) -> None:
-        while row.posted < len(row.answer):     # an answer under way is finished, even when stopping
-            index = row.posted
-            template = bc.reply_template_id(self.client.host, row.dialog, row.message_id, index)
+    def _fold(self, group: list) -> Row:
+        """Messages of one burst become one bot turn on the last of them."""
+        last = group[-1]
+        texts = [r.payload.get("text") or "" for r in group]
+        last.payload.update(text="\n".join(texts), message="\n".join(texts),
+                            message_ids=[r.message_id for r in group],
+                            attachments=[a for r in group for a in r.payload.get("attachments") or []],
+                            new_dialog=any(r.payload.get("new_dialog") for r in group))
+        self.store.fold(group, last)
+        log.info("%s: %d messages within BRIDGE_DEBOUNCE_SEC=%g s go to the bot as one turn", last.where,
+                 len(group), self.settings.debounce)
+        return last
+
+    # -- posting: replies of many dialogs in one batch ---------------------------------------
+    def to_poster(self, row: Row) -> str | None:
+        if self._human_after(row):
+            log.info("%s: a person wrote in the dialog meanwhile; the bot's answer is not posted", row.where)
+            self.stats["dropped_late"] += 1
+            self.store.finish(row)
+            return None
+        with self.lock:
+            self.posting.add(row.dialog)
+            self.busy += 1
+        self.outbox.put(row)
+        return "posting"
+
+    def _release(self, row: Row, *, again_at: float | None = None) -> None:
+        """The poster is done with this row (for now): the dialog goes back to the workers."""
+        with self.lock:
+            self.posting.discard(row.dialog)
+            self.busy -= 1
+        self.wake(row.dialog, again_at)
+
+    def _poster(self) -> None:
+        while True:
+            self.live.beat("waiting for replies to post")
             try:
-                bc.send_text(self.client, row.dialog, row.answer[index], template_id=template)
-                self.stats["replies"] += 1
-            except bc.NotMemberError:
-                self._cannot_post(row, "the portal says it is not a member (CANCELED): the dialog waits in "
-                                       "the queue or its session was closed")
-                self._bury(row, "not posted: the webhook user is not a member of the dialog", "post")
-                return
-            except (bc.RateLimitError, bc.ServerError, bc.TransportError, bc.DuplicateUuidError) as exc:
-                if not self._retry_later(row, "reply %d/%d not posted yet (%s)" % (index + 1, len(row.answer), exc)):
-                    self._bury(row, "reply %d/%d not posted for %g hours: %s" % (
-                        index + 1, len(row.answer), self.settings.retry_hours, exc), "post")
-                return
+                first = self.outbox.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            time.sleep(0.02)             # let a burst gather
+            jobs = {first.dialog: first}
+            while len(jobs) < self.settings.reply_batch:
+                try:
+                    row = self.outbox.get_nowait()
+                except queue.Empty:
+                    break
+                if row.dialog in jobs:   # never two parts of one dialog in one batch: order first
+                    self.outbox.put(row)
+                    break
+                jobs[row.dialog] = row
+            try:
+                self._post_batch(list(jobs.values()))
+            except Exception as exc:  # noqa: BLE001 - the poster survives everything; the rows wait
+                log.exception("posting replies failed unexpectedly (%s); they are retried in 30 s", exc)
+                for row in jobs.values():
+                    self._release(row, again_at=time.monotonic() + 30)
+
+    def _post_batch(self, rows: list) -> None:
+        live = []
+        for row in rows:
+            if self._human_after(row):
+                log.info("%s: a person wrote in the dialog meanwhile; the rest of the answer is not posted", row.where)
+                self.stats["dropped_late"] += 1
+                self.store.finish(row)
+                self._release(row)
+            elif row.posted >= len(row.answer):
+                self._done(row)
+            else:
+                live.append(row)
+        if not live:
+            return
+        if len(live) == 1:                 # one reply: a plain im.message.add
+            row = live[0]
+            template = bc.reply_template_id(self.client.host, row.dialog, row.message_id, row.posted)
+            self.live.beat("posting a reply of %s" % row.where)
+            try:
+                bc.send_text(self.client, row.dialog, row.answer[row.posted], template_id=template, patience=0)
+                error = None
             except bc.B24Error as exc:
-                # this part is refused for good: a dead letter for it, the rest goes on
-                self.stats["send_failures"] += 1
-                self.dead.add(row, "reply %d/%d refused: %s" % (index + 1, len(row.answer), bc.format_error(exc)),
-                              "post")
-                self.stats["dead_letters"] += 1
-                log.error("%s: reply %d/%d refused (%s); it is in the dead letters, the rest goes on",
-                          row.where, index + 1, len(row.answer), exc)
+                error = exc
+            self._after_post(row, error)
+            return
+        names = {"r%d" % i: row for i, row in enumerate(live)}
+        commands = {name: ("im.message.add", {
+            "DIALOG_ID": row.dialog, "MESSAGE": row.answer[row.posted],
+            "TEMPLATE_ID": bc.reply_template_id(self.client.host, row.dialog, row.message_id, row.posted)})
+            for name, row in names.items()}
+        self.live.beat("posting %d repl%s" % (len(live), "y" if len(live) == 1 else "ies"))
+        try:
+            result = self.client.batch(commands)
+            outcomes = {name: result.errors.get(name) for name in names}
+            missing = [n for n in names if n not in result.results and n not in result.errors]
+        except (bc.RateLimitError, bc.ServerError, bc.TransportError) as exc:
+            # the answer to the whole batch was lost or refused: find out, reply by reply
+            outcomes, missing = {}, list(names)
+            log.info("replies not confirmed (%s); looking for them in their dialogs", exc)
+        if missing:
+            found = self._find_posted({n: names[n] for n in missing})
+            for n in missing:
+                outcomes[n] = None if found.get(n) else bc.UnknownOutcomeError("not confirmed", "not in the dialog yet")
+        for name, row in names.items():
+            self._after_post(row, outcomes.get(name))
+
+    def _find_posted(self, rows: dict) -> dict:
+        try:
+            br = self.client.batch({n: ("im.dialog.messages.get", {"DIALOG_ID": r.dialog, "LAST_ID": 0,
+                                                                   "LIMIT": bc.MESSAGES_PAGE})
+                                    for n, r in rows.items()})
+        except bc.B24Error:
+            return {}
+        out = {}
+        for n, r in rows.items():
+            template = bc.reply_template_id(self.client.host, r.dialog, r.message_id, r.posted)
+            msgs = bc.as_map(br.results.get(n)).get("messages") or []
+            out[n] = any(isinstance(m, Mapping) and m.get("uuid") == template for m in msgs)
+        return out
+
+    def _after_post(self, row: Row, error: Exception | None) -> None:
+        index, total = row.posted, len(row.answer)
+        if error is None:
+            self.stats["replies"] += 1
             self.store.update(row, posted=index + 1, attempts=0, first_try=None)
+            if row.posted < total:
+                self.outbox.put(row)      # the next part, in a later batch
+            else:
+                self._done(row)
+            return
+        if isinstance(error, bc.NotMemberError):
+            self._cannot_post(row, "the portal says it is not a member (CANCELED): the dialog waits in "
+                                   "the queue or its session was closed")
+            self._bury(row, "not posted: the webhook user is not a member of the dialog", "post")
+            self._release(row)
+            return
+        if isinstance(error, (bc.RateLimitError, bc.ServerError, bc.TransportError, bc.DuplicateUuidError)):
+            if self._retry_later(row, "reply %d/%d not posted yet (%s)" % (index + 1, total, error)):
+                self._release(row, again_at=time.monotonic() + max(0.0, row.next_try - time.time()))
+            else:
+                self._bury(row, "reply %d/%d not posted for %g hours: %s" % (
+                    index + 1, total, self.settings.retry_hours, error), "post")
+                self._release(row)
+            return
+        # this part is refused for good: a dead letter for it, the rest goes on
+        self.stats["send_failures"] += 1
+        self.dead.add(row, "reply %d/%d refused: %s" % (index + 1, total, bc.format_error(error)), "post")
+        self.stats["dead_letters"] += 1
+        log.error("%s: reply %d/%d refused (%s); it is in the dead letters, the rest goes on",
+                  row.where, index + 1, total, error)
+        self.store.update(row, posted=index + 1)
+        if row.posted < total:
+            self.outbox.put(row)
+        else:
+            self._done(row)
+
+    def _done(self, row: Row) -> None:
         if row.handoff:
-            log.info("%s: the bot handed the dialog over to a person", row.where)
+            self._hand_over(row)
         self.store.finish(row)
+        self._release(row)
+
+    def _hand_over(self, row: Row) -> None:
+        session = row.payload.get("session_id") or 0
+        with self.lock:
+            self.handed[row.dialog] = session
+        self.store.set_handed_off(row.dialog, session)
+        log.info("%s: the bot handed the dialog over to a person; it stays out of this conversation", row.where)
+        line = row.payload.get("line_id")
+        if self.settings.handoff_to == "queue" and line and row.dialog.startswith("chat"):
+            try:
+                self.client.call("imopenlines.operator.transfer", {"CHAT_ID": int(row.dialog[4:]),
+                                                                    "TRANSFER_ID": "queue%d" % line}, write=True)
+                log.info("%s: transferred to the queue of line %s", row.where, line)
+            except bc.B24Error as exc:
+                log.error("%s: could not transfer the dialog to the queue: %s", row.where, bc.format_error(exc))
 
     # -- the main loop -----------------------------------------------------------------
     def dispatch(self, msgs: list) -> list:
@@ -724,6 +1008,10 @@ class Bridge:
         rows = []
         sessions: dict = {}
         for msg in msgs:
+            if msg.author_kind == "operator" or (
+                    msg.author_kind == "self" and not bc.is_bridge_uuid(self.client.host, msg.uuid)):
+                self._human_wrote(msg)
+                continue
             if msg.author_kind != "customer":
                 continue
             seen = sessions.get(msg.dialog_id)
@@ -735,14 +1023,34 @@ class Bridge:
                          "session": msg.session_id})
         return rows
 
+    def _human_wrote(self, msg: bc.Message) -> None:
+        """A person wrote (another operator, or someone typing as the webhook user): the bot pauses."""
+        minutes = self.settings.human_pause_min
+        if not minutes:
+            return
+        until = time.time() + minutes * 60
+        with self.lock:
+            before = self.pauses.get(msg.dialog_id)
+            self.pauses[msg.dialog_id] = (until, msg.session_id, max(msg.id, before[2] if before else 0))
+            self.pause_changes[msg.dialog_id] = self.pauses[msg.dialog_id]
+        if not before or before[0] < time.time():
+            log.info("%s #%d: %s wrote in the dialog; the bot pauses here until %s (or a new session)",
+                     bc.display_dialog_id(msg.dialog_id), msg.id,
+                     "someone as the webhook user" if msg.author_kind == "self" else "operator " + msg.author_name,
+                     time.strftime("%H:%M", time.localtime(until)))
+
     def commit(self) -> bool:
         """Write what the last polls found; False (and nothing lost) if the disk said no."""
         rows = self.uncommitted
         changes = self.poller.take_dirty()
         meta = dict(self.poller.meta(), portal=self.client.host, user_id=self.poller.self_id)
+        with self.lock:
+            pauses, self.pause_changes = self.pause_changes, {}
         try:
-            self.store.commit_cycle(rows, changes, meta, self.activity)
+            self.store.commit_cycle(rows, changes, meta, self.activity, pauses)
         except sqlite3.Error as exc:
+            with self.lock:
+                self.pause_changes = dict(pauses, **self.pause_changes)
             self.poller.mark_dirty(changes)
             self._note_save_error(exc)
             return False
@@ -926,7 +1234,7 @@ class Bridge:
             bc.apply_env_file(self.args, environ)
             cfg = bc.Config.from_env(environ, require_bot=True)
             settings = Settings(environ)
-            bot = bc.BotClient(cfg)
+            bot = bc.BotClient(cfg) if cfg.bot_url else None
         except bc.B24Error as exc:
             log.error("reload refused, the running settings stay: %s", bc.format_error(exc))
             return
@@ -935,13 +1243,16 @@ class Bridge:
         if settings.http_listen != self.settings.http_listen:
             log.warning("reload: BRIDGE_HTTP_LISTEN changed -- that needs a restart; the rest is applied")
         self.bot = bot
+        with self.lock:
+            self._use_bots(cfg, bot)
         self.settings = settings
         self.interval = self.args.interval or cfg.poll_sec
         self.live.stuck_after = settings.stuck_sec or max(cfg.bot_timeout, cfg.http_timeout) + 60
-        if bot.insecure_remote:
+        if bot is not None and bot.insecure_remote:
             log.warning("BOT_HTTP_URL is plain http:// to %s: the bot's token and your customers' messages "
                         "cross the network unencrypted -- use https://", bot.host)
-        log.info("reloaded the settings: bot on %s, polling every %g s", bot.host, self.interval)
+        log.info("reloaded the settings: bot on %s, polling every %g s",
+                 bot.host if bot is not None else "(routes only)", self.interval)
 
     # -- the loop ------------------------------------------------------------------------
     def housekeeping(self) -> None:
@@ -956,7 +1267,7 @@ class Bridge:
     def idle(self) -> bool:
         """Nothing ready and nothing being handled (delayed retries may remain)."""
         with self.lock:
-            return not self.queued and not self.held and self.ready.empty()
+            return not self.queued and not self.held and not self.posting and self.ready.empty()
 
     def run(self) -> int:
         self.start_workers()
@@ -968,7 +1279,8 @@ class Bridge:
         self.phase = "running"
         bc.sd_notify(STATUS=self.status())
         log.info("bridging Open Lines on %s to the bot on %s (%d dialogs side by side)",
-                 self.client.host, self.bot.host, self.args.workers)
+                 self.client.host, ", ".join(sorted({b.host for b in self.bots.values()} or {"(routes)"})),
+                 self.workers)
         failures = 0
         next_poll = 0.0
         while not self.stop.is_set():
@@ -1128,13 +1440,21 @@ def _metric(out: list, name: str, kind: str, help_: str, samples: list) -> None:
 # Start-up
 # ===========================================================================
 
-def _banner(client: bc.Client, bot: bc.BotClient) -> int:
+def all_bots(cfg: bc.Config) -> list:
+    """``[(what, BotClient)]``: BOT_HTTP_URL's bot and each BOT_ROUTES bot."""
+    out = [("BOT_HTTP_URL", bc.BotClient(cfg))] if cfg.bot_url else []
+    out += [("BOT_ROUTES line %d" % line, bc.BotClient(cfg, url)) for line, url in sorted(cfg.bot_routes.items())]
+    return out
+
+
+def _banner(client: bc.Client, bot: bc.BotClient | None) -> int:
     me = client.whoami()
     bc.check_scopes(client)
     log.info("signed in as %s (id %s) on %s", me["name"], me["id"], client.host)
-    if bot.insecure_remote:
-        log.warning("BOT_HTTP_URL is plain http:// to %s: the bot's token and your customers' messages "
-                    "cross the network unencrypted -- use https://", bot.host)
+    for what, each in all_bots(client.config):
+        if each.insecure_remote:
+            log.warning("%s is plain http:// to %s: the bot's token and your customers' messages "
+                        "cross the network unencrypted -- use https://", what, each.host)
     return me["id"]
 
 
@@ -1167,18 +1487,28 @@ def check(args: argparse.Namespace) -> int:
             ", health on %s:%d" % settings.http_listen if settings.http_listen else ""))
         _folder, path, _base = _state_paths(args, cfg, environ)
         doctor.state_dir(os.path.dirname(os.path.abspath(path)))
-        bot = bc.BotClient(cfg)
-        if bot.insecure_remote:
-            doctor.warn("bot: plain http:// to %s -- the token and messages cross the network unencrypted" % bot.host)
-        status, text = bot.probe()
-        if status is None:
-            doctor.fail("bot: %s" % text, "check BOT_HTTP_URL and that the bot is running")
-        elif status in (401, 403):
-            doctor.fail("bot on %s answers HTTP %d to a probe" % (bot.host, status), "check BOT_HTTP_AUTH")
-        elif status >= 500:
-            doctor.fail("bot on %s answers HTTP %d to a probe" % (bot.host, status), "look at the bot's logs")
-        else:
-            doctor.ok("bot on %s answers (HTTP %d to a GET probe)" % (bot.host, status))
+        for what, bot in all_bots(cfg):
+            if bot.insecure_remote:
+                doctor.warn("bot (%s): plain http:// to %s -- the token and messages cross the network "
+                            "unencrypted" % (what, bot.host))
+            status, text = bot.probe()
+            if status is None:
+                doctor.fail("bot: %s" % text, "check %s and that the bot is running" % what.split(" line")[0])
+                continue
+            if status in (401, 403):
+                doctor.fail("bot on %s answers HTTP %d to a probe" % (bot.host, status), "check BOT_HTTP_AUTH")
+                continue
+            if status >= 500:
+                doctor.fail("bot on %s answers HTTP %d to a probe" % (bot.host, status), "look at the bot's logs")
+                continue
+            doctor.ok("bot on %s (%s) answers (HTTP %d to a GET probe)" % (bot.host, what, status))
+            if cfg.bot_secret:
+                status, text = bot.probe_signature()
+                if status in (401, 403):
+                    doctor.ok("bot on %s refuses a request with a wrong signature (HTTP %d)" % (bot.host, status))
+                else:
+                    doctor.warn("bot on %s accepted a request with a wrong signature (%s): does it check "
+                                "X-B24-Signature with BOT_HTTP_SECRET?" % (bot.host, status or text))
     return bc.run_doctor(args, require_bot=True, extra=extra)
 
 
@@ -1211,7 +1541,7 @@ def main(argv: list | None = None) -> int:
             cfg = bc.Config.from_env(environ, require_bot=True)
             settings = Settings(environ)
             client = bc.Client(cfg)
-            bot_client = bc.BotClient(cfg)
+            bot_client = bc.BotClient(cfg) if cfg.bot_url else None
             folder, path, base = _state_paths(args, cfg, environ)
             try:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)

@@ -39,7 +39,8 @@ __all__ = [
     "parse_dialog_id", "display_dialog_id", "Message", "classify", "bbcode_to_text",
     "normalize_phone", "visible", "Poller", "DialogReader", "normalize_reply", "ReplyShapeError",
     "StateFile", "StateWriteError", "default_state_dir", "under_systemd", "send_text", "find_by_uuid", "check_text", "what_came_back", "split_text", "new_template_id", "take_dialog",
-    "BotClient", "BotError", "BotAnswer", "parse_bot_answer", "reply_template_id", "PollerStore", "poll_forever", "sd_notify",
+    "BotClient", "BotError", "BotAnswer", "parse_bot_answer", "reply_template_id", "is_bridge_uuid",
+    "sign_request", "verify_signature", "parse_routes", "PollerStore", "poll_forever", "sd_notify",
     "watchdog_seconds",
     "add_common_arguments", "load_config_from_args", "run_main", "setup_logging",
     "environment_or_demo", "start_demo_portal", "check_scopes", "Doctor", "line_queues", "run_doctor",
@@ -49,6 +50,7 @@ __all__ = [
 import argparse
 import datetime as _dt
 import hashlib
+import hmac
 import http.client
 import json
 import logging
@@ -585,6 +587,18 @@ def split_url(value: str, name: str, what: str) -> urllib.parse.SplitResult:
     return parts
 
 
+def parse_routes(text: str) -> dict:
+    """``BOT_ROUTES``: ``3=https://a/...,5=https://b/...`` -> ``{3: url, 5: url}`` (one bot per Open Line)."""
+    routes: dict = {}
+    for n, item in enumerate(t for t in text.split(",") if t.strip()):
+        line, sep, url = item.strip().partition("=")
+        if not sep or not line.strip().isdigit() or int(line) <= 0:
+            raise ConfigError("BOT_ROUTES: item %d should be LINE_ID=URL, like 3=https://bot.example/hook" % (n + 1))
+        split_url(url.strip(), "BOT_ROUTES", "an http(s) URL for line %s" % line.strip())
+        routes[int(line)] = url.strip()
+    return routes
+
+
 def normalize_webhook(raw: str, name: str = "B24_WEBHOOK_BASE") -> tuple:
     """Check and normalise a webhook URL; return ``(base, host, user_id, code)``.
 
@@ -656,6 +670,8 @@ class Config:
     send_patience: float = SEND_PATIENCE_SEC
     bot_url: str = ""
     bot_auth: str = field(default="", repr=False)
+    bot_secret: str = field(default="", repr=False)
+    bot_routes: dict = field(default_factory=dict)   # Open Line id -> bot URL (BOT_ROUTES)
     bot_timeout: float = DEFAULT_BOT_TIMEOUT_SEC
     bot_max_bytes: int = DEFAULT_BOT_MAX_BYTES
     business_phone: str = ""
@@ -667,10 +683,15 @@ class Config:
         base, host, uid, _code = normalize_webhook(env.get("B24_WEBHOOK_BASE", ""))
         bot_auth = (env.get("BOT_HTTP_AUTH") or "").strip()
         register_secret(bot_auth)
+        bot_secret = (env.get("BOT_HTTP_SECRET") or "").strip()
+        register_secret(bot_secret)
+        if bot_secret and len(bot_secret) < 16:
+            raise ConfigError("BOT_HTTP_SECRET: use at least 16 characters (a random string the bot also knows)")
+        routes = parse_routes(env.get("BOT_ROUTES") or "")
         bot_url = (env.get("BOT_HTTP_URL") or "").strip()
         if bot_url:
             split_url(bot_url, "BOT_HTTP_URL", "an http:// or https:// URL of your bot")
-        elif require_bot:
+        elif require_bot and not routes:
             raise ConfigError("BOT_HTTP_URL is not set: the URL your bot listens on "
                               "(try mock_bot_server.py for a local one)")
         phone = (env.get("B24_BUSINESS_PHONE") or "").strip()
@@ -685,7 +706,7 @@ class Config:
             operating_limit=env_number(env, "B24_OPERATING_LIMIT_SEC", DEFAULT_OPERATING_LIMIT_SEC, 1, 100000),
             max_retries=int(env_number(env, "B24_MAX_RETRIES", MAX_RETRIES, 0, 50, integer=True)),
             send_patience=env_number(env, "B24_SEND_PATIENCE_SEC", SEND_PATIENCE_SEC, 0, 3600),
-            bot_url=bot_url, bot_auth=bot_auth,
+            bot_url=bot_url, bot_auth=bot_auth, bot_secret=bot_secret, bot_routes=routes,
             bot_timeout=env_number(env, "BOT_HTTP_TIMEOUT_SEC", DEFAULT_BOT_TIMEOUT_SEC, 1, 3600),
             bot_max_bytes=int(env_number(env, "BOT_MAX_REPLY_BYTES", DEFAULT_BOT_MAX_BYTES, 1024, 64 * 1048576,
                                       integer=True)),
@@ -1208,6 +1229,7 @@ class DialogInfo:
     is_lines: bool = True
     session_id: int = 0
     waiting: bool = False          # in the webhook user's queue, not taken: readable, not writable
+    crm: dict = field(default_factory=dict)   # {"lead": id, "contact": id, "deal": id, "company": id} bound
 
     @classmethod
     def from_chat(cls, dialog_id: str, chat: Mapping | None, title: str = "") -> DialogInfo:
@@ -1222,6 +1244,9 @@ class DialogInfo:
         data1 = str(chat.get("entity_data_1") or "").split("|")
         if is_lines and len(data1) >= 6:
             info.session_id = _int(data1[5])      # 0 once the session is closed
+        data2 = str(chat.get("entity_data_2") or "").split("|")
+        info.crm = {data2[i].lower(): _int(data2[i + 1]) for i in range(0, len(data2) - 1, 2)
+                    if data2[i] and _int(data2[i + 1])}
         if is_lines and len(parts) >= 4:
             info.line_id = _int(parts[1], 0) or None
             info.customer_id = _int(parts[3])
@@ -1240,7 +1265,7 @@ class DialogInfo:
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in ("chat_id", "title", "entity_id", "line_id",
                                               "customer_id", "customer_name", "customer_phone",
-                                              "is_lines", "session_id", "waiting")}
+                                              "is_lines", "session_id", "waiting", "crm")}
 
 
 @dataclass
@@ -1265,6 +1290,7 @@ class Message:
     caption: str = ""              # what the author typed (for media: the caption, may be "")
     session_id: int = 0
     waiting: bool = False          # the dialog waited in our queue when this was read
+    crm: dict = field(default_factory=dict)
 
     @property
     def timestamp(self) -> float | None:
@@ -1404,7 +1430,7 @@ class _MessageFactory:
             customer_name=info.customer_name if info else "",
             customer_phone=info.customer_phone if info else "",
             line_id=info.line_id if info else None, session_id=info.session_id if info else 0,
-            waiting=info.waiting if info else False,
+            waiting=info.waiting if info else False, crm=dict(info.crm) if info else {},
             params=params,
             uuid=raw.get("uuid") if isinstance(raw.get("uuid"), str) else None)
 
@@ -2165,12 +2191,14 @@ def check_text(text: str) -> str:
     return text
 
 
-def take_dialog(client: Client, dialog_id: str) -> None:
-    """Take an Open Lines dialog waiting in the queue (``imopenlines.operator.answer``): after it
-    the webhook user is a member and may post."""
+def take_dialog(client: Client, dialog_id: str, how: str = "answer") -> None:
+    """Take an Open Lines dialog waiting in the queue (``imopenlines.operator.answer``), or join
+    it as an extra participant (``how="join"``: ``imopenlines.session.join``): after either the
+    webhook user is a member and may post."""
     if not dialog_id.startswith("chat"):
         raise UsageError("only Open Lines chats (chatN) can be taken, not %s" % display_dialog_id(dialog_id))
-    client.call("imopenlines.operator.answer", {"CHAT_ID": int(dialog_id[4:])}, write=True)
+    method = "imopenlines.session.join" if how == "join" else "imopenlines.operator.answer"
+    client.call(method, {"CHAT_ID": int(dialog_id[4:])}, write=True)
 
 
 # ===========================================================================
@@ -2295,11 +2323,13 @@ class BotClient:
     about retries.
     """
 
-    def __init__(self, config: Config):
-        if not config.bot_url:
+    def __init__(self, config: Config, url: str | None = None):
+        url = url or config.bot_url
+        if not url:
             raise ConfigError("BOT_HTTP_URL is not set")
-        self.url = config.bot_url
+        self.url = url
         self.auth = config.bot_auth
+        self.secret = config.bot_secret
         self.timeout = config.bot_timeout
         self.max_bytes = config.bot_max_bytes
         parts = urllib.parse.urlsplit(self.url)
@@ -2402,6 +2432,20 @@ class BotClient:
         finally:
             conn.close()
 
+    def probe_signature(self) -> tuple:
+        """With ``BOT_HTTP_SECRET``: POST a probe whose signature is wrong; a bot that checks
+        signatures refuses it.  ``(HTTP status, "")`` or ``(None, what failed)``."""
+        body = json.dumps({"platform": "bitrix24", "direction": "probe", "text": ""}).encode()
+        headers = {"Content-Type": "application/json", "User-Agent": "b24-openlines-toolkit/" + VERSION,
+                   TIMESTAMP_HEADER: str(int(time.time())), SIGNATURE_HEADER: "sha256=" + "0" * 64}
+        if self.auth:
+            headers["Authorization"] = self.auth
+        try:
+            status, _ctype, _raw = self._exchange(body, headers)
+        except BotError as exc:
+            return None, str(exc)
+        return status, ""
+
     def ask(self, payload: Mapping, *, headers: Mapping[str, str] | None = None) -> BotAnswer:
         """One exchange with the bot; raises :class:`BotError`."""
         all_headers = {"Content-Type": "application/json", "Accept": "application/json",
@@ -2410,6 +2454,8 @@ class BotClient:
         if self.auth:
             all_headers["Authorization"] = self.auth
         body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        if self.secret:
+            all_headers.update(sign_request(self.secret, body))
         status, ctype, raw = self._exchange(body, all_headers)
         where = "bot on %s" % self.host
         if status == 429 or status >= 500:
@@ -2435,14 +2481,47 @@ class BotClient:
         return BotAnswer(normalize_reply(text))
 
 
+SIGNATURE_HEADER = "X-B24-Signature"
+TIMESTAMP_HEADER = "X-B24-Timestamp"
+
+
+def sign_request(secret: str, body: bytes, now: float | None = None) -> dict:
+    """``BOT_HTTP_SECRET``: HMAC-SHA256 over ``<timestamp>.<body>`` -- the bot checks it to reject
+    forgeries, and the timestamp to reject replays."""
+    ts = str(int(time.time() if now is None else now))
+    mac = hmac.new(secret.encode("utf-8"), ts.encode("ascii") + b"." + body, hashlib.sha256).hexdigest()
+    return {TIMESTAMP_HEADER: ts, SIGNATURE_HEADER: "sha256=" + mac}
+
+
+def verify_signature(secret: str, body: bytes, timestamp: str, signature: str, *, max_age: float = 300,
+                     now: float | None = None) -> str:
+    """What a bot does with a signed request: "" if genuine and fresh, else why not."""
+    if not timestamp.isdigit():
+        return "no timestamp"
+    if abs((time.time() if now is None else now) - int(timestamp)) > max_age:
+        return "stale timestamp (a replay?)"
+    want = sign_request(secret, body, now=int(timestamp))[SIGNATURE_HEADER]
+    return "" if hmac.compare_digest(want, signature or "") else "bad signature"
+
+
+def _bridge_tag(portal: str) -> bytes:
+    return hashlib.sha256(("b24-bridge|%s" % portal).encode()).digest()[:4]
+
+
 def reply_template_id(portal: str, dialog_id: str, message_id: int, index: int) -> str:
     """The same UUID v4-shaped ``TEMPLATE_ID`` for the same reply, however often it is sent.
 
     A reply re-sent after a crash carries the id of the first attempt, so the
-    portal recognises it instead of posting it twice.
+    portal recognises it instead of posting it twice.  Its first 8 hex digits
+    are the bridge's tag for this portal: :func:`is_bridge_uuid` tells the
+    bridge's own messages from anything a person typed as the same user.
     """
     digest = hashlib.sha256(("%s|%s|%d|%d" % (portal, dialog_id, message_id, index)).encode()).digest()
-    return str(uuid.UUID(bytes=digest[:16], version=4))
+    return str(uuid.UUID(bytes=_bridge_tag(portal) + digest[:12], version=4))
+
+
+def is_bridge_uuid(portal: str, value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(_bridge_tag(portal).hex())
 
 
 # ===========================================================================

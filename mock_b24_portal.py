@@ -1192,6 +1192,41 @@ class Portal:
         self.close_session(chat["id"])
         return True
 
+    def m_imopenlines_operator_transfer(self, ctx: dict, p: dict) -> Any:
+        """``TRANSFER_ID`` = ``queue<lineId>`` (back to that line's queue: the session waits again,
+        operators leave) or a user id (that user takes over)."""
+        if p.get("CHAT_ID") in (None, ""):
+            raise RestError(400, "CHAT_ID_EMPTY", "Chat ID can't be empty")
+        if p.get("TRANSFER_ID") in (None, ""):
+            raise RestError(400, "TRANSFER_ID_EMPTY", "Transfer ID can't be empty")
+        chat = self._session_chat(ctx, p)
+        if ctx["user"] not in chat["members"]:
+            raise RestError(400, "ACCESS_DENIED", "You are not an operator of this chat")
+        target = str(p.get("TRANSFER_ID"))
+        session = self.sessions.get(chat["session_id"])
+        m = re.fullmatch(r"queue(\d+)", target)
+        if m:
+            line = self.lines.get(int(m.group(1)))
+            if not line:
+                raise RestError(400, "OPERATOR_WRONG", "No such line")
+            for uid in [u for u in chat["members"] if u != chat["customer_id"]]:
+                del chat["members"][uid]
+            chat["owner"] = 0
+            chat["line_id"] = line["id"]
+            if session:
+                session.update(status=SESSION_NEW, operator=0, line_id=line["id"])
+            chat["offered_to"] = (line["queue"] or [None])[0] if line.get("offer") == "one" else None
+            chat["offered_at"] = self.clock()
+            self._post(chat, 0, "The conversation was transferred to the queue of %s" % line["name"])
+            return True
+        uid = _int_param(target, 0) or 0
+        if uid not in self.users:
+            raise RestError(400, "OPERATOR_WRONG", "Wrong operator")
+        chat["members"].pop(ctx["user"], None)
+        self._take(chat["id"], uid)
+        self._post(chat, 0, "The conversation was transferred to %s" % self._full_name(uid))
+        return True
+
     def m_event_bind(self, ctx: dict, p: dict) -> Any:
         raise RestError(403, "WRONG_AUTH_TYPE", "Current authorization type is denied for this method")
 
@@ -1216,6 +1251,7 @@ class Portal:
         "imopenlines.operator.answer": ("m_imopenlines_operator_answer", "imopenlines", False),
         "imopenlines.session.join": ("m_imopenlines_session_join", "imopenlines", False),
         "imopenlines.operator.finish": ("m_imopenlines_operator_finish", "imopenlines", False),
+        "imopenlines.operator.transfer": ("m_imopenlines_operator_transfer", "imopenlines", False),
         "event.bind": ("m_event_bind", None, False), "event.get": ("m_event_get", None, False),
         "event.unbind": ("m_event_unbind", None, False), "events": ("m_events", None, False),
         "placement.bind": ("m_placement_bind", None, False),
@@ -1344,6 +1380,10 @@ class Portal:
             sub_params = php_parse(urllib.parse.parse_qsl(qs, keep_blank_values=True))
             sub_params = self._resolve_refs(sub_params, results, errors, totals, nexts, times)
             try:
+                refused = self.take_fault(sub_method, kinds=("http400", "http500"))
+                if refused:      # a fault aimed at this method refuses the sub-call alone
+                    raise RestError(400, "ERROR_ARGUMENT", "Argument error") if refused["kind"] == "http400" \
+                        else RestError(500, "INTERNAL_SERVER_ERROR", "Internal server error")
                 if sub_method == "batch":
                     raise RestError(405, "ERROR_BATCH_METHOD_NOT_ALLOWED", "Method is not allowed for batch usage")
                 if sub_method not in self.METHODS:
@@ -1398,10 +1438,13 @@ class Portal:
         return self._REF.sub(splice, value)
 
     # -- faults -----------------------------------------------------------------
-    def take_fault(self, method: str) -> dict | None:
+    def take_fault(self, method: str, kinds: tuple = ()) -> dict | None:
+        """The fault that applies to this request (or, with *kinds*, to a batch sub-call)."""
         with self.lock:
             for f in list(self.faults):
                 if f["method"] and f["method"] != method:
+                    continue
+                if kinds and (f["kind"] not in kinds or not f["method"]):
                     continue
                 if f["count"] is not None:
                     f["count"] -= 1

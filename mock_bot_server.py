@@ -2,10 +2,12 @@
 """A local stand-in for your bot, for end-to-end checks of b24_ol_bridge.py (stdlib only).
 
 It answers every POSTed message with ``Echo: <text>`` in the reply shape you
-choose, optionally slowly, failing, or only with the right Authorization
-header::
+choose -- optionally slowly, failing now and then, in several messages,
+handing over to a person, only with the right Authorization header, or only
+with a valid ``BOT_HTTP_SECRET`` signature::
 
     python3 mock_bot_server.py [--port 0] [--shape reply_text] [--delay 0] [--token T]
+                               [--fail-rate 0.2] [--multi 3] [--handoff human] [--secret S] [--log-json]
 
 The first line on stdout is ``BOT_HTTP_URL=<url>``.  Importable too:
 :class:`BotServer` keeps every request it got in ``.received``.
@@ -14,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from b24common import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 
 SHAPES = ("reply_text", "response", "text", "message", "replies", "messages", "rasa", "string", "none")
 PATH = "/webhook/whatsapp"
@@ -54,7 +59,14 @@ class BotServer(ThreadingHTTPServer):
         self.replies = lambda text: ["Echo: %s" % text]
         self.raw = None          # text -> (status, content type, body bytes): any answer at all
         self.trickle = 0.0       # seconds between the bytes of the answer (a bot that trickles)
+        self.fail_rate = 0.0     # share of requests answered with HTTP 500 at random
+        self.multi = 1           # replies per message
+        self.handoff_word = ""   # a message containing it is handed over to a person
+        self.secret = ""         # verify X-B24-Signature / X-B24-Timestamp (401 otherwise)
+        self.log_json = False    # print one JSON line per payload on stdout
+        self.rng = random.Random(1)
         self.received: list = []
+        self.rejected: list = []
         self.lock = threading.Lock()
 
     def handle_error(self, request, client_address) -> None:  # a client that gave up: fine
@@ -98,12 +110,22 @@ class _Handler(BaseHTTPRequestHandler):
         except (ValueError, UnicodeDecodeError):
             self._answer(400, {"error": "expected a JSON body"})
             return
+        if bot.secret:
+            why = verify_signature(bot.secret, raw, self.headers.get(TIMESTAMP_HEADER) or "",
+                                   self.headers.get(SIGNATURE_HEADER) or "")
+            if why:
+                with bot.lock:
+                    bot.rejected.append(why)
+                self._answer(401, {"error": why})
+                return
         with bot.lock:
             bot.received.append({"payload": payload, "authorization": self.headers.get("Authorization"),
-                                 "path": self.path, "t": time.time()})
-            failing = bot.fail_next > 0
-            if failing:
+                                 "path": self.path, "t": time.time(), "headers": dict(self.headers.items())})
+            failing = bot.fail_next > 0 or (bot.fail_rate and bot.rng.random() < bot.fail_rate)
+            if bot.fail_next > 0:
                 bot.fail_next -= 1
+        if bot.log_json:
+            print(json.dumps(payload, ensure_ascii=False), flush=True)
         if bot.token and self.headers.get("Authorization") != bot.token:
             self._answer(401, {"error": "unauthorized"})
             return
@@ -131,7 +153,13 @@ class _Handler(BaseHTTPRequestHandler):
         if bot.shape == "none":
             self._answer(204, None)
             return
-        self._answer(200, shaped(bot.replies(text), bot.shape))
+        if bot.handoff_word and bot.handoff_word.lower() in text.lower():
+            self._answer(200, {"handoff": True, "text": "A person will take over from here."})
+            return
+        texts = bot.replies(text)
+        if bot.multi > 1:
+            texts = ["%s (%d/%d)" % (t, n, bot.multi) for t in texts for n in range(1, bot.multi + 1)]
+        self._answer(200, shaped(texts, bot.shape if bot.multi == 1 else "replies"))
 
     def do_GET(self) -> None:
         if self.server.token and self.headers.get("Authorization") != self.server.token:
@@ -147,13 +175,26 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--shape", choices=SHAPES, default="reply_text", help="reply shape (default reply_text)")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to think before answering")
     parser.add_argument("--token", default="", help="require this exact Authorization header")
+    parser.add_argument("--fail-rate", type=float, default=0.0, metavar="R",
+                        help="answer this share of requests (0 to 1) with HTTP 500")
+    parser.add_argument("--multi", type=int, default=1, metavar="N", help="answer each message with N replies")
+    parser.add_argument("--handoff", default="", metavar="WORD",
+                        help="hand the dialog over to a person when a message contains WORD")
+    parser.add_argument("--secret", default="", help="check each request's signature (BOT_HTTP_SECRET)")
+    parser.add_argument("--log-json", action="store_true", help="print each payload as one JSON line")
     args = parser.parse_args(argv)
+    if not 0 <= args.fail_rate <= 1:
+        parser.error("--fail-rate: expected a share from 0 to 1")
+    if not 1 <= args.multi <= 10:
+        parser.error("--multi: expected 1 to 10")
     if not 0 <= args.port <= 65535:
         parser.error("--port: expected 0..65535")
     if args.delay < 0:
         parser.error("--delay: expected a number of seconds, 0 or more")
     try:
         bot = BotServer(args.port, args.shape, args.delay, args.token).start()
+        bot.fail_rate, bot.multi, bot.handoff_word = args.fail_rate, args.multi, args.handoff
+        bot.secret, bot.log_json = args.secret, args.log_json
     except OSError as exc:
         sys.stderr.write("mock_bot_server.py: error: cannot listen on 127.0.0.1:%d (%s)\n"
                          % (args.port, exc.strerror or exc))

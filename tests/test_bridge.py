@@ -131,7 +131,7 @@ class Bridge(BridgeHarness):
         queued = self.ids["queued"]
         proc = self.start_bridge()
         self.portal.customer_message(queued, "anyone?")
-        self.assertTrue(proc.wait_stderr("--take lets the bridge take queued dialogs", 20), proc.all_output())
+        self.assertTrue(proc.wait_stderr("lets the bridge take queued dialogs", 20), proc.all_output())
         self.assertEqual(proc.stop(), 0)
         proc = self.start_bridge("--take")
         self.portal.customer_message(queued, "anyone now?")

@@ -265,7 +265,7 @@ class Doctor(BridgeHarness):
         self.assertNotIn("\u2717", marks, proc.stdout)
         for needle in ("configuration:", "webhook: 127.0.0.1 answers", "scopes: im, imopenlines",
                        "line 3 'WhatsApp Support': the webhook user is in its queue", "state folder",
-                       "bot on 127.0.0.1 answers"):
+                       "bot on 127.0.0.1 (BOT_HTTP_URL) answers"):
             self.assertIn(needle, proc.stdout)
         self.assertNotIn(TOKEN_WORD, proc.stdout)
 

@@ -1,0 +1,197 @@
+"""What a business expects from a bot bridge: human takeover, handoff, signed requests, routes,
+debounced bursts, the payload contract, taking or joining, and replies in batches."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import mock_bot_server
+from tests.support import PY, bc, script
+from tests.test_bridge import BRIDGE, TOKEN, BridgeHarness
+
+SECRET = "s3cret-shared-with-the-bot"
+
+
+class Business(BridgeHarness):
+    def echoes(self, chat: int) -> list:
+        return [t for t in self.texts(chat) if t.startswith("Echo: ")]
+
+    def test_a_person_writing_pauses_the_bot_and_a_late_answer_is_dropped(self) -> None:
+        chat = self.ids["lines_member"]
+        self.bot.delay = {"slow question": 3.0}
+        proc = self.start_bridge()
+        self.portal.customer_message(chat, "slow question")
+        self.wait_for(lambda: len(self.bot.received) == 1, what="the bot call")
+        self.portal.operator_message(chat, 9, "Pavel here, I will handle this")       # a person steps in
+        self.assertTrue(proc.wait_stderr("the bot's answer is not posted", 15), proc.all_output())
+        self.assertEqual(self.echoes(chat), [])
+        self.portal.customer_message(chat, "thanks Pavel")
+        self.assertTrue(proc.wait_stderr("a person wrote in this dialog; the bot pauses", 10), proc.all_output())
+        time.sleep(1)
+        self.assertEqual(len(self.bot.received), 1, "paused: the bot is not asked")
+        # someone typing as the webhook user (not the bridge) pauses it too
+        other = self.ids["lines_member2"]
+        subprocess.run([PY, script("b24_send_message.py"), "chat%d" % other, "typed by a person"],
+                       env=self.env(), capture_output=True, timeout=30, cwd=self.tmp)
+        self.assertTrue(proc.wait_stderr("someone as the webhook user wrote", 10), proc.all_output())
+        self.portal.customer_message(other, "hello?")
+        time.sleep(2)
+        self.assertEqual(self.echoes(other), [])
+        self.assertEqual(proc.stop(), 0)
+
+    def test_the_pause_ends_on_time_and_at_a_new_session(self) -> None:
+        chat, other = self.ids["lines_member"], self.ids["lines_member2"]
+        proc = self.start_bridge(BRIDGE_HUMAN_PAUSE_MIN="0.05")          # 3 s
+        self.portal.operator_message(chat, 9, "a person")
+        self.portal.operator_message(other, 9, "a person")
+        self.assertTrue(proc.wait_stderr("the bot pauses here until", 10), proc.all_output())
+        self.portal.customer_message(chat, "during the pause")
+        time.sleep(4)
+        self.portal.customer_message(chat, "after the pause")
+        self.wait_for(lambda: "Echo: after the pause" in self.texts(chat), what="the bot back after the pause")
+        self.assertNotIn("Echo: during the pause", self.texts(chat))
+        self.assertEqual(proc.stop(), 0)
+        proc = self.start_bridge(BRIDGE_HUMAN_PAUSE_MIN="60")
+        self.portal.operator_message(other, 9, "a person again")
+        time.sleep(1.5)
+        self.portal.close_session(other)
+        self.portal.customer_message(other, "a new conversation")      # a new session: the bot is back
+        self.portal._take(other, 7)
+        self.portal.customer_message(other, "anyone?")
+        self.wait_for(lambda: "Echo: anyone?" in self.texts(other), what="the bot in the new session")
+        self.assertEqual(proc.stop(), 0)
+
+    def test_handoff_transfers_to_the_queue_and_the_bot_stays_out(self) -> None:
+        chat = self.ids["lines_member"]
+        self.bot.handoff_word = "human"
+        proc = self.start_bridge(BRIDGE_HANDOFF_TO="queue")
+        self.portal.customer_message(chat, "I want a human")
+        self.wait_for(lambda: "A person will take over from here." in self.texts(chat), what="the last text")
+        self.assertTrue(proc.wait_stderr("transferred to the queue of line 3", 10), proc.all_output())
+        self.assertNotIn(7, self.portal.chats[chat]["members"])
+        self.assertEqual(self.portal.sessions[self.portal.chats[chat]["session_id"]]["status"], 0)
+        self.portal.customer_message(chat, "hello, anyone?")
+        time.sleep(2)
+        self.assertEqual(len(self.bot.received), 1, "the bot stays out of the handed-over session")
+        self.assertEqual(proc.stop(), 0)
+
+    def test_signed_requests_forged_or_stale_are_refused_by_the_bot(self) -> None:
+        chat = self.ids["lines_member"]
+        self.bot.secret = SECRET
+        proc = self.start_bridge(BOT_HTTP_SECRET=SECRET)
+        self.portal.customer_message(chat, "signed")
+        self.wait_for(lambda: "Echo: signed" in self.texts(chat), what="the signed request answered")
+        headers = self.bot.received[0]["headers"]
+        self.assertTrue(headers[bc.SIGNATURE_HEADER].startswith("sha256="))
+        self.assertEqual(proc.stop(), 0)
+        self.assertNotIn(SECRET, proc.all_output())
+        proc = self.start_bridge(BOT_HTTP_SECRET="not-the-right-secret-at-all")
+        self.portal.customer_message(chat, "forged")
+        self.assertTrue(proc.wait_stderr("answered HTTP 401", 15), proc.all_output())
+        self.assertIn("bad signature", self.bot.rejected)
+        self.assertEqual(proc.stop(), 0)
+        body = b'{"text": "replayed"}'
+        old = bc.sign_request(SECRET, body, now=time.time() - 3600)
+        self.assertEqual(bc.verify_signature(SECRET, body, old[bc.TIMESTAMP_HEADER], old[bc.SIGNATURE_HEADER]),
+                         "stale timestamp (a replay?)")
+        fresh = bc.sign_request(SECRET, body)
+        self.assertEqual(bc.verify_signature(SECRET, body, fresh[bc.TIMESTAMP_HEADER], fresh[bc.SIGNATURE_HEADER]), "")
+        self.assertEqual(bc.verify_signature(SECRET, body + b" ", fresh[bc.TIMESTAMP_HEADER],
+                                             fresh[bc.SIGNATURE_HEADER]), "bad signature")
+
+    def test_routes_pick_the_bot_per_line(self) -> None:
+        sales = mock_bot_server.BotServer(token=TOKEN).start()
+        self.addCleanup(sales.stop)
+        sales.replies = lambda text: ["Sales bot: %s" % text]
+        support, line1 = self.ids["lines_member"], self.ids["lines_member2"]    # lines 3 and 1
+        self.portal.join(self.ids["foreign"], 7)                                  # line 5: no route
+        proc = self.start_bridge(BOT_HTTP_URL=None, BOT_ROUTES="3=%s,1=%s" % (self.bot.url, sales.url))
+        self.portal.customer_message(support, "to support")
+        self.portal.customer_message(line1, "to sales")
+        self.portal.customer_message(self.ids["foreign"], "to nobody")
+        self.wait_for(lambda: "Echo: to support" in self.texts(support), what="the support bot")
+        self.wait_for(lambda: "Sales bot: to sales" in self.texts(line1), what="the sales bot")
+        self.assertTrue(proc.wait_stderr("line 5 has no bot", 10), proc.all_output())
+        self.assertEqual([r["payload"]["text"] for r in self.bot.received], ["to support"])
+        self.assertEqual(proc.stop(), 0)
+
+    def test_a_burst_is_one_bot_turn(self) -> None:
+        chat = self.ids["lines_member"]
+        proc = self.start_bridge(BRIDGE_DEBOUNCE_SEC="1.5")
+        ids = [self.portal.customer_message(chat, t)["message_id"] for t in ("hi", "I have a question", "about my order")]
+        self.wait_for(lambda: self.echoes(chat), timeout=20, what="the answer")
+        time.sleep(1)
+        self.assertEqual(len(self.bot.received), 1)
+        p = self.bot.received[0]["payload"]
+        self.assertEqual(p["text"], "hi\nI have a question\nabout my order")
+        self.assertEqual(p["message_ids"], ids)
+        self.assertEqual(self.echoes(chat), ["Echo: hi\nI have a question\nabout my order"])
+        self.assertEqual(proc.stop(), 0)
+
+    def test_the_contract_event_id_attempt_idempotency_crm_session(self) -> None:
+        chat = self.ids["lines_member"]
+        self.bot.fail_next = 1
+        proc = self.start_bridge()
+        sent = self.portal.customer_message(chat, "contract")
+        self.wait_for(lambda: "Echo: contract" in self.texts(chat), timeout=20, what="the answer after a retry")
+        first, second = self.bot.received[0], self.bot.received[1]
+        self.assertEqual(first["payload"]["event_id"], second["payload"]["event_id"])
+        self.assertEqual((first["payload"]["attempt"], second["payload"]["attempt"]), (1, 2))
+        self.assertEqual(second["headers"]["Idempotency-Key"], second["payload"]["event_id"])
+        p = second["payload"]
+        self.assertEqual((p["sender"], p["message_ids"]), ("chat%d" % chat, [sent["message_id"]]))
+        self.assertEqual(p["crm"]["lead"], self.portal.chats[chat]["crm_lead"])
+        self.assertEqual(p["session_id"], self.portal.chats[chat]["session_id"])
+        self.assertEqual(proc.stop(), 0)
+
+    def test_bridge_take_join_and_concurrency(self) -> None:
+        queued = self.ids["queued"]
+        proc = self.start_bridge(BRIDGE_TAKE="join", BRIDGE_MAX_CONCURRENCY="3")
+        self.assertTrue(proc.wait_stderr("(3 dialogs side by side)", 5), proc.all_output())
+        self.portal.customer_message(queued, "join me")
+        self.wait_for(lambda: "Echo: join me" in self.texts(queued), what="the answer after joining")
+        self.assertIn("Olga Sidorova joined the conversation", self.texts(queued))
+        self.assertEqual(proc.stop(), 0)
+
+    def test_replies_go_out_in_batches_in_order_and_survive_a_lost_batch_answer(self) -> None:
+        self.portal.set_limits(rate=1000, burst=100000)
+        chats = self.portal.add_dialogs(12)
+        self.bot.delay = {}
+        proc = self.start_bridge(B24_RATE_PER_SEC="50", B24_RATE_BURST="1000")
+        self.portal.reset_stats()
+        self.portal.fault("drop_after", count=1, method="batch")     # one batch answer is lost
+        for n in range(3):
+            for c in chats:
+                self.portal.customer_message(c, "m%d" % n)
+        want = ["Echo: m0", "Echo: m1", "Echo: m2"]
+        self.wait_for(lambda: all(self.echoes(c) == want for c in chats), timeout=60, what="every reply, in order")
+        time.sleep(1)
+        for c in chats:
+            self.assertEqual(self.echoes(c), want, "chat%d" % c)
+        log = [r for r in self.portal.stats()["log"]]
+        self.assertLess(self.portal.stats()["counts"].get("im.message.add", 0), 12,
+                        "most replies went out inside batches")
+        self.assertTrue(any(r["method"] == "batch" for r in log))
+        self.assertEqual(proc.stop(), 0)
+
+
+class MockBot(BridgeHarness):
+    def test_flags_by_hand(self) -> None:
+        p = subprocess.Popen([PY, script("mock_bot_server.py"), "--multi", "2", "--log-json", "--secret", SECRET],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.tmp)
+        self.addCleanup(p.kill)
+        url = p.stdout.readline().strip().split("=", 1)[1]
+        chat = self.ids["lines_member"]
+        proc = self.start_bridge(BOT_HTTP_URL=url, BOT_HTTP_AUTH=None, BOT_HTTP_SECRET=SECRET)
+        self.portal.customer_message(chat, "twice please")
+        self.wait_for(lambda: "Echo: twice please (2/2)" in self.texts(chat), what="two replies")
+        self.assertEqual(json.loads(p.stdout.readline())["text"], "twice please")
+        self.assertEqual(proc.stop(), 0)
+        check = self.run_script(BRIDGE, "--check", env=self.bridge_env(BOT_HTTP_URL=url, BOT_HTTP_AUTH=None,
+                                                                      BOT_HTTP_SECRET=SECRET))
+        self.assertIn("refuses a request with a wrong signature (HTTP 401)", check.stdout)
+
+
+del BridgeHarness
+
