@@ -7,8 +7,13 @@
    the previous bridge did (the whole state rewritten and fsynced per message).
 2. RSS of a running bridge (a subprocess against the emulator and an
    instant bot) after 1,000 and after 10,000 messages.
+3. 20 dialogs x 1 message with a bot that thinks 1 s: wall time, dialogs side
+   by side (8) against one at a time.
+4. A 200-message burst over 50 dialogs, instant bot, the portal's default
+   limits (2 requests/s, burst 50): time to the last reply, replies in
+   batches against one request per reply.
 
-    python3 bench/bridge.py [--messages 10000] [--skip-rss]
+    python3 bench/bridge.py [--messages 10000] [--skip-rss] [--skip-burst]
 """
 from __future__ import annotations
 
@@ -125,10 +130,52 @@ def rss_run(total: int, dialogs: int = 200) -> list:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def timed_run(env_extra: dict, args: list, dialogs: int, per_dialog: int, bot_delay: float,
+              default_limits: bool) -> float:
+    """Seconds from the first customer message to the last reply posted."""
+    server = mp.serve()
+    bot = mock_bot_server.BotServer(delay=bot_delay).start()
+    folder = tempfile.mkdtemp(prefix="bench-bridge-")
+    proc = None
+    try:
+        portal = server.portal
+        if not default_limits:
+            portal.set_limits(rate=1000, burst=10 ** 6)
+        chats = portal.add_dialogs(dialogs)
+        env = dict(os.environ, B24_WEBHOOK_BASE=server.webhook_base, BOT_HTTP_URL=bot.url, B24_POLL_SEC="0.5",
+                   B24_STATE_DIR=folder, PYTHON_DOTENV_DISABLED="1", **env_extra)
+        if not default_limits:
+            env.update(B24_RATE_PER_SEC="100", B24_RATE_BURST="10000")
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "b24_ol_bridge.py"), "-q"] + args, env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(3)
+        want = dialogs * per_dialog
+        started = time.monotonic()
+        for n in range(per_dialog):
+            for c in chats:
+                portal.customer_message(c, "burst %d" % n)
+        deadline = started + 900
+        while time.monotonic() < deadline:
+            with portal.lock:
+                done = sum(1 for m in portal.messages.values() if str(m["text"]).startswith("Echo: burst"))
+            if done >= want:
+                break
+            time.sleep(0.1)
+        return time.monotonic() - started
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+        bot.stop()
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=10000, help="messages for the RSS run (default 10000)")
-    parser.add_argument("--skip-rss", action="store_true", help="only the bookkeeping figures")
+    parser.add_argument("--skip-rss", action="store_true", help="no RSS run")
+    parser.add_argument("--skip-burst", action="store_true", help="no side-by-side and burst runs")
     args = parser.parse_args(argv)
     print("bookkeeping per message (ms), SQLite store vs the previous whole-file rewrite")
     print("%-16s %12s %12s %10s" % ("known dialogs", "ours", "previous", "prev/ours"))
@@ -145,6 +192,15 @@ def main(argv: list | None = None) -> int:
         for checkpoint, answered, kib in figures:
             print("  after %6d messages (%d answered): %d KiB" % (checkpoint, answered, kib))
         print("RSS after %d vs after 1000 messages: %.2fx" % (figures[-1][0], figures[-1][2] / figures[0][2]))
+    if not args.skip_burst:
+        side = timed_run({}, [], 20, 1, 1.0, False)
+        single = timed_run({}, ["--workers", "1"], 20, 1, 1.0, False)
+        print("20 dialogs x 1 message, bot takes 1 s: %.1f s side by side (8 workers), %.1f s one at a time "
+              "(%.1fx)" % (side, single, single / side))
+        batched = timed_run({}, [], 50, 4, 0.0, True)
+        one_each = timed_run({"BRIDGE_REPLY_BATCH": "1"}, [], 50, 4, 0.0, True)
+        print("200 messages over 50 dialogs, instant bot, default portal limits: last reply after %.1f s with "
+              "batched replies, %.1f s with one request per reply (%.1fx)" % (batched, one_each, one_each / batched))
     return 0
 
 
