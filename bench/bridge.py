@@ -20,18 +20,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from harness import bridge_world  # noqa: E402
 
 import b24_ol_bridge as br  # noqa: E402
 import b24common as bc  # noqa: E402
-import mock_b24_portal as mp  # noqa: E402
-import mock_bot_server  # noqa: E402
 
 
 def _info(i: int) -> dict:
@@ -91,21 +89,7 @@ def rss_kib(pid: int) -> int:
 
 def rss_run(total: int, dialogs: int = 200) -> list:
     """Run a bridge; feed *total* messages; RSS (KiB) after 1,000 and after *total* answers."""
-    server = mp.serve()
-    bot = mock_bot_server.BotServer().start()
-    folder = tempfile.mkdtemp(prefix="bench-bridge-")
-    proc = None
-    try:
-        portal = server.portal
-        portal.set_limits(rate=10000, burst=10 ** 6)
-        chats = portal.add_dialogs(dialogs)
-        env = dict(os.environ, B24_WEBHOOK_BASE=server.webhook_base, BOT_HTTP_URL=bot.url, B24_POLL_SEC="0.2",
-                   B24_STATE_DIR=folder, PYTHON_DOTENV_DISABLED="1", B24_RATE_PER_SEC="100",
-                   B24_RATE_BURST="10000")
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "b24_ol_bridge.py"), "-q", "--workers", "8"],
-                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        time.sleep(2)
+    with bridge_world(dialogs, args=["--workers", "8"], poll_sec=0.2) as (portal, bot, chats, proc):
         figures = []
         sent = 0
         for checkpoint in (1000, total):
@@ -121,34 +105,13 @@ def rss_run(total: int, dialogs: int = 200) -> list:
             time.sleep(1)
             figures.append((checkpoint, len(bot.received), rss_kib(proc.pid)))
         return figures
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
-        bot.stop()
-        server.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
-def timed_run(env_extra: dict, args: list, dialogs: int, per_dialog: int, bot_delay: float,
+def timed_run(env: dict, args: list, dialogs: int, per_dialog: int, bot_delay: float,
               default_limits: bool) -> float:
     """Seconds from the first customer message to the last reply posted."""
-    server = mp.serve()
-    bot = mock_bot_server.BotServer(delay=bot_delay).start()
-    folder = tempfile.mkdtemp(prefix="bench-bridge-")
-    proc = None
-    try:
-        portal = server.portal
-        if not default_limits:
-            portal.set_limits(rate=1000, burst=10 ** 6)
-        chats = portal.add_dialogs(dialogs)
-        env = dict(os.environ, B24_WEBHOOK_BASE=server.webhook_base, BOT_HTTP_URL=bot.url, B24_POLL_SEC="0.5",
-                   B24_STATE_DIR=folder, PYTHON_DOTENV_DISABLED="1", **env_extra)
-        if not default_limits:
-            env.update(B24_RATE_PER_SEC="100", B24_RATE_BURST="10000")
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "b24_ol_bridge.py"), "-q"] + args, env=env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(3)
+    with bridge_world(dialogs, env=env, args=args, bot_delay=bot_delay,
+                      default_limits=default_limits) as (portal, _bot, chats, _proc):
         want = dialogs * per_dialog
         started = time.monotonic()
         for n in range(per_dialog):
@@ -162,13 +125,6 @@ def timed_run(env_extra: dict, args: list, dialogs: int, per_dialog: int, bot_de
                 break
             time.sleep(0.1)
         return time.monotonic() - started
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
-        bot.stop()
-        server.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main(argv: list | None = None) -> int:

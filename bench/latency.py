@@ -12,18 +12,15 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import mock_b24_portal as mp  # noqa: E402
+from harness import bridge_world  # noqa: E402
+
 import mock_bot_server  # noqa: E402
 
 
@@ -44,20 +41,8 @@ def loopback_round_trip(url: str, n: int = 200) -> float:
 
 
 def run(poll_sec: float, messages: int, seed: int) -> list:
-    server = mp.serve()
-    bot = mock_bot_server.BotServer().start()
-    folder = tempfile.mkdtemp(prefix="bench-latency-")
-    proc = None
-    try:
-        portal = server.portal
-        portal.set_limits(rate=1000, burst=100000)
-        chats = portal.add_dialogs(20)
-        env = dict(os.environ, B24_WEBHOOK_BASE=server.webhook_base, BOT_HTTP_URL=bot.url,
-                   B24_POLL_SEC=str(poll_sec), B24_STATE_DIR=folder, PYTHON_DOTENV_DISABLED="1",
-                   B24_RATE_PER_SEC="50", B24_RATE_BURST="1000")
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "b24_ol_bridge.py"), "-q"], env=env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(2.5)
+    with bridge_world(20, poll_sec=poll_sec, env={"B24_RATE_PER_SEC": "50", "B24_RATE_BURST": "1000"}) as (
+            portal, bot, chats, _proc):
         rng = random.Random(seed)
         created = {}
         for i in range(messages):
@@ -69,13 +54,6 @@ def run(poll_sec: float, messages: int, seed: int) -> list:
         while len(bot.received) < messages and time.monotonic() < deadline:
             time.sleep(0.05)
         return [r["t"] - created[r["payload"]["text"]] for r in bot.received if r["payload"]["text"] in created]
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
-        bot.stop()
-        server.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main(argv: list | None = None) -> int:
