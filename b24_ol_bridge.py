@@ -460,7 +460,7 @@ class Bridge:
 
     def __init__(self, client: bc.Client, bot: bc.BotClient, args: argparse.Namespace, settings: Settings,
                  interval: float, environ: Mapping[str, str] | None = None):
-        self.client, self.bot = client, bot
+        self.client = client
         self.poller: bc.Poller = None      # type: ignore[assignment]  -- see attach()
         self.store: Store = None           # type: ignore[assignment]
         self.dead: DeadLetters = None      # type: ignore[assignment]
@@ -1242,7 +1242,6 @@ class Bridge:
             log.warning("reload: B24_WEBHOOK_BASE changed -- that needs a restart; the rest is applied")
         if settings.http_listen != self.settings.http_listen:
             log.warning("reload: BRIDGE_HTTP_LISTEN changed -- that needs a restart; the rest is applied")
-        self.bot = bot
         with self.lock:
             self._use_bots(cfg, bot)
         self.settings = settings

@@ -1741,8 +1741,9 @@ class Poller:
 
     @staticmethod
     def _in_queue(item: Mapping) -> bool:
-        """An in-queue (undistributed) chat appended to every recent answer: no ``last_id``."""
-        return "last_id" not in item and "date_last_activity" not in item
+        """An in-queue (undistributed) chat appended to every recent answer: no ``last_id``, and its
+        chat has no ``role`` (fact sheet §7.1) -- a member row has both."""
+        return "last_id" not in item and not as_map(item.get("chat")).get("role")
 
     def _consider(self, item: Mapping, changed: dict, seen: set, *, full: bool = False) -> tuple:
         """Look at one recent item; return ``(unchanged, activity date, in-queue)``."""

@@ -353,4 +353,3 @@ class Internals(PortalCase):
         self.assertFalse(bc.BotClient(loopback).insecure_remote)
 
 
-del BridgeCase   # imported for its helpers only

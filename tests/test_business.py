@@ -193,5 +193,4 @@ class MockBot(BridgeHarness):
         self.assertIn("refuses a request with a wrong signature (HTTP 401)", check.stdout)
 
 
-del BridgeHarness
 

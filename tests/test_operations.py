@@ -15,7 +15,7 @@ import unittest
 import urllib.error
 import urllib.request
 
-from tests.support import ROOT, PortalCase, mp, script
+from tests.support import ROOT, mp, script
 from tests.test_bridge import BRIDGE, BridgeHarness
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -339,4 +339,3 @@ class Units(unittest.TestCase):
         self.assertTrue(os.path.exists(script("b24_ol_bridge.py")))
 
 
-del BridgeHarness, PortalCase   # imported for their helpers only

@@ -294,4 +294,3 @@ class ReadmeExamples(PortalCase):
         self.assertNotIn("Traceback", proc.stderr)
 
 
-del ChatTTY   # imported for its helpers only
