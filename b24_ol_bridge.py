@@ -502,6 +502,7 @@ class Bridge:
         self.told_paused: dict = {}
         self.told_unrouted: set = set()
         self.posting: set = set()             # dialogs whose answer the poster is posting
+        self.rewake: set = set()              # woken while held or posting: wake again when released
         self.outbox: queue.Queue = queue.Queue()
 
     def _use_bots(self, cfg: bc.Config, bot: bc.BotClient | None) -> None:
@@ -519,7 +520,9 @@ class Bridge:
         with self.lock:
             if at is not None and at > time.monotonic():
                 heapq.heappush(self.delayed, (at, dialog))
-            elif dialog not in self.held and dialog not in self.queued and dialog not in self.posting:
+            elif dialog in self.held or dialog in self.posting:
+                self.rewake.add(dialog)      # whoever has it now wakes it again when it lets go
+            elif dialog not in self.queued:
                 self.queued.add(dialog)
                 self.ready.put(dialog)
 
@@ -562,8 +565,13 @@ class Bridge:
             finally:
                 with self.lock:
                     self.held.discard(dialog)
+                    again = dialog in self.rewake and dialog not in self.posting
+                    if again:
+                        self.rewake.discard(dialog)
             if retry_at is not None:
                 self.wake(dialog, retry_at)
+            if again:
+                self.wake(dialog)
 
     def _serve(self, dialog: str) -> float | None:
         """Handle *dialog*'s messages in order; return when to come back (None: nothing left)."""
@@ -857,6 +865,7 @@ class Bridge:
         """The poster is done with this row (for now): the dialog goes back to the workers."""
         with self.lock:
             self.posting.discard(row.dialog)
+            self.rewake.discard(row.dialog)
             self.busy -= 1
         self.wake(row.dialog, again_at)
 
