@@ -778,6 +778,7 @@ class RateLimiter:
         self._blocked_until: dict = {}   # method -> unix time
         self._reset_at: dict = {}        # method -> last operating_reset_at seen
         self._lock = threading.Lock()
+        self.progress: Callable[[], None] | None = None   # called between waits: waiting is progress
 
     def _drain(self) -> None:
         now = self._clock()
@@ -808,6 +809,8 @@ class RateLimiter:
                         self._level += 1
                         return
                     wait = (self._level + 1 - self.capacity) / self.rate
+            if self.progress is not None:
+                self.progress()
             self._sleep(min(wait, 5.0))
 
     def note_time(self, method: str, block: Any) -> None:
@@ -901,7 +904,7 @@ class Client:
         self._opener = _opener_for(self.host)
         self.requests = 0
         self.limit_hits = 0         # answers refused by a portal limit (429 / 503)
-        self.on_progress: Callable[[], None] | None = None   # called before and after each request and wait
+        self._on_progress: Callable[[], None] | None = None
         self._me: dict | None = None
 
     def __repr__(self) -> str:
@@ -1018,6 +1021,16 @@ class Client:
     def _progress(self) -> None:
         if self.on_progress is not None:
             self.on_progress()
+
+    @property
+    def on_progress(self) -> Callable[[], None] | None:
+        return self._on_progress
+
+    @on_progress.setter
+    def on_progress(self, hook: Callable[[], None] | None) -> None:
+        """Called before and after each request and between waits (also the limiter's)."""
+        self._on_progress = hook
+        self.limiter.progress = hook
 
     # -- public API -----------------------------------------------------------
     def call_full(self, method: str, params: Mapping[str, Any] | None = None, *,
