@@ -330,6 +330,16 @@ class Internals(PortalCase):
         waiting.join(5)
         self.assertFalse(waiting.is_alive())
 
+    def test_waiting_for_a_budget_counts_as_progress(self) -> None:
+        beats: list = []
+        client = self.client()
+        client.on_progress = lambda: beats.append(time.monotonic())
+        client.limiter._blocked_until["im.recent.get"] = time.time() + 0.3
+        started = time.monotonic()
+        client.call("im.recent.get")
+        self.assertGreaterEqual(time.monotonic() - started, 0.25)
+        self.assertGreater(len(beats), 3, "the wait beat the heart, not only the request")
+
     def test_split_text_is_linear(self) -> None:
         text = "word " * 2_000_000                   # 10 MB
         started = time.monotonic()
