@@ -1253,6 +1253,9 @@ class Bridge:
             log.warning("reload: BRIDGE_HTTP_LISTEN changed -- that needs a restart; the rest is applied")
         with self.lock:
             self._use_bots(cfg, bot)
+        if settings.concurrency != self.settings.concurrency and not self.args.workers:
+            log.warning("reload: BRIDGE_MAX_CONCURRENCY changed -- that needs a restart; the rest is applied")
+        self.take = "answer" if getattr(self.args, "take", False) else settings.take
         self.settings = settings
         self.interval = self.args.interval or cfg.poll_sec
         self.live.stuck_after = settings.stuck_sec or max(cfg.bot_timeout, cfg.http_timeout) + 60
