@@ -644,16 +644,23 @@ class Bridge:
         log.warning("%s: %s; trying again in %.0f s (attempt %d)", row.where, error, delay, attempts + 1)
         return True
 
-    def _bury(self, row: Row, reason: str, stage: str) -> None:
-        """Dead letter, fallback text (if set), and the row is done."""
+    def _template(self, row: Row, index: int) -> str:
+        """The ``TEMPLATE_ID`` of part *index* of this message's answer (the same on every try)."""
+        return bc.reply_template_id(self.client.host, row.dialog, row.message_id, index)
+
+    def _dead_letter(self, row: Row, reason: str, stage: str) -> None:
         self.dead.add(row, reason, stage)
         self.stats["dead_letters"] += 1
+
+    def _bury(self, row: Row, reason: str, stage: str) -> None:
+        """Dead letter, fallback text (if set), and the row is done."""
+        self._dead_letter(row, reason, stage)
         log.error("%s: %s -- moved to the dead letters (%s); b24_ol_bridge.py --replay-dead re-delivers it",
                   row.where, reason, self.dead.path)
         if stage == "bot" and self.settings.fallback_text and row.dialog not in self.cannot_post:
-            template = bc.reply_template_id(self.client.host, row.dialog, row.message_id, FALLBACK_INDEX)
             try:
-                bc.send_text(self.client, row.dialog, self.settings.fallback_text, template_id=template)
+                bc.send_text(self.client, row.dialog, self.settings.fallback_text,
+                             template_id=self._template(row, FALLBACK_INDEX))
                 log.info("%s: posted BRIDGE_FALLBACK_TEXT instead", row.where)
             except bc.B24Error as exc:
                 log.error("%s: BRIDGE_FALLBACK_TEXT not posted: %s", row.where, bc.format_error(exc))
@@ -722,7 +729,7 @@ class Bridge:
 
         Asked once for a message left over from an earlier run: a crash between posting a part and
         recording it must not post it twice, even on a portal that has forgotten the uuid."""
-        ours = {bc.reply_template_id(self.client.host, row.dialog, row.message_id, i): i for i in range(MAX_PARTS)}
+        ours = {self._template(row, i): i for i in range(MAX_PARTS)}
         found, after = -1, row.message_id
         for _page in range(4):
             res = self.client.call("im.dialog.messages.get", {"DIALOG_ID": row.dialog, "FIRST_ID": after,
@@ -910,7 +917,7 @@ class Bridge:
             return
         if len(live) == 1:                 # one reply: a plain im.message.add
             row = live[0]
-            template = bc.reply_template_id(self.client.host, row.dialog, row.message_id, row.posted)
+            template = self._template(row, row.posted)
             self.live.beat("posting a reply of %s" % row.where)
             try:
                 bc.send_text(self.client, row.dialog, row.answer[row.posted], template_id=template, patience=0)
@@ -922,7 +929,7 @@ class Bridge:
         names = {"r%d" % i: row for i, row in enumerate(live)}
         commands = {name: ("im.message.add", {
             "DIALOG_ID": row.dialog, "MESSAGE": row.answer[row.posted],
-            "TEMPLATE_ID": bc.reply_template_id(self.client.host, row.dialog, row.message_id, row.posted)})
+            "TEMPLATE_ID": self._template(row, row.posted)})
             for name, row in names.items()}
         self.live.beat("posting %d repl%s" % (len(live), "y" if len(live) == 1 else "ies"))
         try:
@@ -949,7 +956,7 @@ class Bridge:
             return {}
         out = {}
         for n, r in rows.items():
-            template = bc.reply_template_id(self.client.host, r.dialog, r.message_id, r.posted)
+            template = self._template(r, r.posted)
             msgs = bc.as_map(br.results.get(n)).get("messages") or []
             out[n] = any(isinstance(m, Mapping) and m.get("uuid") == template for m in msgs)
         return out
@@ -980,8 +987,7 @@ class Bridge:
             return
         # this part is refused for good: a dead letter for it, the rest goes on
         self.stats["send_failures"] += 1
-        self.dead.add(row, "reply %d/%d refused: %s" % (index + 1, total, bc.format_error(error)), "post")
-        self.stats["dead_letters"] += 1
+        self._dead_letter(row, "reply %d/%d refused: %s" % (index + 1, total, bc.format_error(error)), "post")
         log.error("%s: reply %d/%d refused (%s); it is in the dead letters, the rest goes on",
                   row.where, index + 1, total, error)
         self.store.update(row, posted=index + 1)
@@ -1069,8 +1075,8 @@ class Bridge:
         if self.save_error:
             log.info("the state database is writable again")
             self.save_error = ""
+        self.stats["received"] += len(rows)
         for dialog in {r["dialog"] for r in rows}:
-            self.stats["received"] += sum(1 for r in rows if r["dialog"] == dialog)
             self.wake(dialog)
         return True
 
