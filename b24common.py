@@ -639,7 +639,7 @@ def normalize_webhook(raw: str, name: str = "B24_WEBHOOK_BASE") -> tuple:
 
 
 def env_number(env: Mapping[str, str], name: str, default: float, lo: float, hi: float,
-            integer: bool = False) -> float:
+               integer: bool = False) -> float:
     raw = env.get(name)
     if raw is None or str(raw).strip() == "":
         return default
@@ -1427,9 +1427,7 @@ class _MessageFactory:
         file_ids = params.get("FILE_ID")
         file_ids = list(file_ids.values()) if isinstance(file_ids, Mapping) else \
             file_ids if isinstance(file_ids, list) else [file_ids] if file_ids else []
-        attachments = [self.files.get(_int(f)) or {"id": _int(f), "type": "file", "name": "", "size": 0,
-                                                   "extension": "", "mime": "", "url_download": ""}
-                       for f in file_ids if _int(f)]
+        attachments = [self.files.get(_int(f)) or attachment_of({"id": f}) for f in file_ids if _int(f)]
         caption = bbcode_to_text(raw.get("text"))
         text = caption
         if attachments and not caption.strip():
@@ -1665,7 +1663,6 @@ class Poller:
         self._newest: float | None = None
         self._read_time: float | None = None
         self._tz: _dt.tzinfo = _dt.timezone.utc   # the portal's UTC offset, once seen
-        self.requests_last_cycle = 0
         self.started = False
         self.lock = threading.RLock()   # poll() in one thread, ack() and to_state() in others
 
@@ -2012,11 +2009,10 @@ class Poller:
                         st["by_count"] = mid
                     if since is not None and st["by_date"] is None and date is not None and date < since:
                         st["by_date"] = mid
-                wanted = [st["by_count"] if count else 0, st["by_date"] if since is not None else 0]
-                if all(w is not None for w in wanted) or len(rows) < MESSAGES_PAGE:
-                    found = [w for w in ((st["by_count"] or 0) if count else None,
-                                         (st["by_date"] or 0) if since is not None else None) if w is not None]
-                    points[d] = min(found) if found else self.cursors.get(d, 0)
+                asked = [k for k, on in (("by_count", bool(count)), ("by_date", since is not None)) if on]
+                if all(st[k] is not None for k in asked) or len(rows) < MESSAGES_PAGE:
+                    # not reached by the end of the history: replay from its start (0)
+                    points[d] = min((st[k] or 0 for k in asked), default=self.cursors.get(d, 0))
                 else:
                     st["last"] = rows[-1][0]
                     pending.append(d)
@@ -2029,7 +2025,6 @@ class Poller:
         """One cycle: new messages since the cursors, oldest first (each once)."""
         if not self.started:
             raise RuntimeError("call start() first")
-        before = self.client.requests
         changed, newest = self._scan(full=False)
         wants: dict = {}
         for did, item in changed.items():
@@ -2077,7 +2072,6 @@ class Poller:
             self._committed_watermark = self.watermark
         # the page read next time follows the traffic: idle cycles read a small page
         self._page = max(self.page_min, min(RECENT_PAGE_MAX, 2 * len(changed) + self.page_min))
-        self.requests_last_cycle = self.client.requests - before
         return out
 
     @_locked
@@ -2349,11 +2343,8 @@ class BotClient:
         parts = urllib.parse.urlsplit(self.url)
         self.scheme = parts.scheme
         self.host = parts.hostname or "?"
-        try:
-            self.port = parts.port or (443 if self.scheme == "https" else 80)
-        except ValueError:
-            raise ConfigError("BOT_HTTP_URL: the port is not a number from 1 to 65535") from None
         self.target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        self.port = parts.port or (443 if self.scheme == "https" else 80)   # checked by split_url()
         self.insecure_remote = self.scheme == "http" and not _is_loopback(self.host)
 
     def __repr__(self) -> str:
@@ -2430,14 +2421,21 @@ class BotClient:
         finally:
             conn.close()
 
-    def probe(self) -> tuple:
-        """A GET to the bot's URL (for ``--check``): ``(HTTP status, "")`` or ``(None, what failed)``."""
+    def _headers(self, extra: Mapping[str, str] | None = None, *, json_body: bool = True) -> dict:
+        """What every request to the bot carries (``Authorization`` when set), plus *extra*."""
         headers = {"User-Agent": "b24-openlines-toolkit/" + VERSION}
+        if json_body:
+            headers.update({"Content-Type": "application/json", "Accept": "application/json"})
+        headers.update(extra or {})
         if self.auth:
             headers["Authorization"] = self.auth
+        return headers
+
+    def probe(self) -> tuple:
+        """A GET to the bot's URL (for ``--check``): ``(HTTP status, "")`` or ``(None, what failed)``."""
         conn, target = self._connect(min(self.timeout, 10.0))
         try:
-            conn.request("GET", target, headers=headers)
+            conn.request("GET", target, headers=self._headers(json_body=False))
             resp = conn.getresponse()
             resp.read(65536)
             return resp.status, ""
@@ -2450,23 +2448,16 @@ class BotClient:
         """With ``BOT_HTTP_SECRET``: POST a probe whose signature is wrong; a bot that checks
         signatures refuses it.  ``(HTTP status, "")`` or ``(None, what failed)``."""
         body = json.dumps({"platform": "bitrix24", "direction": "probe", "text": ""}).encode()
-        headers = {"Content-Type": "application/json", "User-Agent": "b24-openlines-toolkit/" + VERSION,
-                   TIMESTAMP_HEADER: str(int(time.time())), SIGNATURE_HEADER: "sha256=" + "0" * 64}
-        if self.auth:
-            headers["Authorization"] = self.auth
+        forged = {TIMESTAMP_HEADER: str(int(time.time())), SIGNATURE_HEADER: "sha256=" + "0" * 64}
         try:
-            status, _ctype, _raw = self._exchange(body, headers)
+            status, _ctype, _raw = self._exchange(body, self._headers(forged))
         except BotError as exc:
             return None, str(exc)
         return status, ""
 
     def ask(self, payload: Mapping, *, headers: Mapping[str, str] | None = None) -> BotAnswer:
         """One exchange with the bot; raises :class:`BotError`."""
-        all_headers = {"Content-Type": "application/json", "Accept": "application/json",
-                       "User-Agent": "b24-openlines-toolkit/" + VERSION}
-        all_headers.update(headers or {})
-        if self.auth:
-            all_headers["Authorization"] = self.auth
+        all_headers = self._headers(headers)
         body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         if self.secret:
             all_headers.update(sign_request(self.secret, body))
@@ -2764,11 +2755,13 @@ def find_env_file(explicit: str | None) -> str | None:
     return None
 
 
-def apply_env_file(args: argparse.Namespace, environ: Any) -> None:
-    """Apply ``--env-file`` (or the .env found) to *environ*; variables already set win."""
+def apply_env_file(args: argparse.Namespace, environ: Any) -> str | None:
+    """Apply ``--env-file`` (or the .env found) to *environ*; variables already set win.
+    Returns the file's path, or None when there is none."""
     path = find_env_file(getattr(args, "env_file", None))
     if path:
         load_dotenv(path, strict=True, environ=environ)
+    return path
 
 
 def under_systemd(environ: Mapping[str, str] | None = None) -> bool:
@@ -2788,9 +2781,7 @@ def environment_or_demo(args: argparse.Namespace) -> tuple:
     environ = dict(os.environ)
     if getattr(args, "demo", False):
         return environ, True
-    env_file = find_env_file(getattr(args, "env_file", None))
-    if env_file:
-        load_dotenv(env_file, strict=True, environ=environ)
+    env_file = apply_env_file(args, environ)
     if environ.get("B24_WEBHOOK_BASE", "").strip():
         return environ, False
     near = sorted(k for k in environ if k.startswith("B24_WEBHOOK") or k.startswith("B24_WEB_HOOK"))
