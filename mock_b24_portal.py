@@ -699,7 +699,7 @@ class Portal:
 
     def _row_date(self, chat: dict, viewer: int) -> float:
         """The recent row's ``date_update`` for *viewer* (fact sheet §7.2): the last message's
-        time, bumped by pins; for an in-queue chat also the time it was offered."""
+        time, bumped by pins and reads; for an in-queue chat also the time it was offered."""
         member = chat["members"].get(viewer)
         if member is None:
             return max(chat["activity"], chat["offered_at"])
@@ -1007,6 +1007,7 @@ class Portal:
         if member and chat["message_ids"]:
             upto = _int_param(p.get("MESSAGE_ID"), 0) or chat["message_ids"][-1]
             member["last_read"] = max(member["last_read"], upto)
+            member["bumped"] = self.clock()     # a read bumps the recent row too (fact sheet §7.2)
         return {"dialogId": str(p.get("DIALOG_ID")), "chatId": chat["id"], "counter": 0}
 
     def m_im_dialog_users_list(self, ctx: dict, p: dict) -> Any:
