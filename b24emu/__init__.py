@@ -1,0 +1,32 @@
+"""The Bitrix24 portal emulator behind ``mock_b24_portal.py``, laid out like the thing it imitates.
+
+``world`` holds the world (users, lines, chats, sessions, messages) and its
+control actions; each other module holds one REST namespace, where Bitrix24's
+own documentation files it; ``dispatch`` lets a request in (auth, scopes,
+limits).  :class:`Portal` puts them together.
+"""
+from __future__ import annotations
+
+from .batch import Batch
+from .dispatch import Dispatch
+from .event import EventMethods
+from .im_dialog import ImDialog
+from .im_message import ImMessage
+from .im_recent import ImRecent
+from .imopenlines import Imopenlines
+from .ns_user import UserMethods
+from .world import World
+
+NAMESPACES = (UserMethods, ImRecent, ImDialog, ImMessage, Imopenlines, EventMethods, Batch)
+
+
+class Portal(*NAMESPACES, Dispatch, World):  # type: ignore[misc]
+    """The whole emulated portal: the world, every REST namespace, and the dispatcher."""
+
+    METHODS: dict = {}
+    for _ns in NAMESPACES:
+        METHODS.update(_ns.METHODS)
+    del _ns
+
+
+__all__ = ["Portal", "World", "NAMESPACES"]

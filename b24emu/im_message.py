@@ -1,0 +1,83 @@
+"""``im.message.add`` (fact sheet §9)."""
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from .world import (
+    RestError,
+    _yes,
+)
+
+
+class ImMessage:
+    """``im.message.add`` (fact sheet §9)."""
+
+    METHODS = {
+        "im.message.add": ("m_im_message_add", "im", True),
+    }
+
+    def m_im_message_add(self, ctx: dict, p: dict) -> Any:
+        uid = ctx["user"]
+        if p.get("DIALOG_ID") not in (None, ""):
+            did = str(p.get("DIALOG_ID"))
+        elif p.get("CHAT_ID") not in (None, ""):
+            did = "chat%s" % p.get("CHAT_ID")
+        elif p.get("USER_ID") not in (None, ""):
+            did = str(p.get("USER_ID"))
+        else:
+            raise RestError(400, "DIALOG_ID_EMPTY", "Dialog ID can't be empty")
+        text = p.get("MESSAGE")
+        text = "" if text is None else str(text)
+        text = re.sub(r"\[br\]|#BR#", "\n", text, flags=re.IGNORECASE).strip()
+        m = re.fullmatch(r"chat(\d+)", did)
+        if m:
+            chat = self.chats.get(int(m.group(1)))
+            if not chat:
+                raise RestError(400, "CHAT_ID", "Chat ID can't be empty")
+        elif did.isdigit():
+            if int(did) not in self.users:
+                raise RestError(400, "USER_NOT_FOUND", "User not found")
+            chat = self._private_chat(uid, int(did))
+        else:
+            raise RestError(400, "DIALOG_ID_EMPTY", "Dialog ID can't be empty")
+        if not text and not p.get("ATTACH"):
+            raise RestError(400, "MESSAGE_EMPTY", "Message can't be empty")
+        if uid not in chat["members"]:
+            raise RestError(400, "CANCELED", "Action was canceled: you are not a member of this chat")
+        template = p.get("TEMPLATE_ID")
+        if isinstance(template, str) and re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", template):
+            # the uuid record is written before the message (fact sheet §9): a repeat while the
+            # first attempt runs, or after it died, is refused until the record expires
+            record = self.uuids.get(template)
+            if record and record["mid"]:
+                return record["mid"]
+            if record and self.clock() - record["at"] < self.uuid_ttl:
+                raise RestError(400, "MESSAGE_DUPLICATED_BY_UUID", "Message with this uuid already exists")
+            record = self.uuids[template] = {"mid": None, "at": self.clock()}
+            if self.fail_after_uuid > 0:
+                self.fail_after_uuid -= 1
+                raise RestError(500, "INTERNAL_SERVER_ERROR", "Internal server error")
+            if self.message_add_delay > 0:
+                # processing takes time; other requests go on meanwhile (handle_rest holds the
+                # lock once, so releasing it here lets them in)
+                self.lock.release()
+                try:
+                    time.sleep(self.message_add_delay)
+                finally:
+                    self.lock.acquire()
+        else:
+            template = None
+        if len(text) > 20000:
+            text = text[:20000] + " (...)"
+        author = 0 if _yes(p.get("SYSTEM")) else uid
+        params = {}
+        if chat["type"] == "lines" and author and not _yes(p.get("SKIP_CONNECTOR")):
+            params = {"SENDING": "Y", "SENDING_TS": int(self.clock())}
+        msg = self._post(chat, author, text, params=params, uuid=template)
+        if template:
+            self.uuids[template] = {"mid": msg["id"], "at": self.clock()}
+        if author:
+            self._touch_session(chat, author)
+        return msg["id"]
