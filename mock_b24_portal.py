@@ -37,6 +37,16 @@ name, usable directly from Python::
     POST /_control/offer              {"chat_id": 1771, "user_id": 7}
     POST /_control/behave             {"row_lag": 1.5, "uuid_ttl": 3600, "message_add_delay": 2, "fail_after_uuid": 1}
     POST /_control/forget_uuids
+    POST /_control/behave             {"drop_events": 2, "drop_push": 1, "push_delay": 0.05}
+    POST /_control/outgoing_webhook   {"url": "http://127.0.0.1:8089/", "events": ["ONOPENLINEMESSAGEADD"]}
+                                      -> {"id": 971, "application_token": "..."}  (as made in the UI)
+    POST /_control/line_bot           {"line_id": 3, "bot_id": 2051}   (the line's chat bot, as in its settings)
+    GET  /_control/push_stats         POST deliveries sent / failed / dropped
+
+The code is laid out like the portal it imitates: ``b24emu/world.py`` is
+the world, and each REST namespace has its own module there (``im_recent``,
+``im_dialog``, ``im_message``, ``imopenlines``, ``imbot``, ``im_v2_event``,
+``event``, ``batch``).
 """
 from __future__ import annotations
 
@@ -69,6 +79,8 @@ _CONTROL = {  # endpoint -> (Portal method, HTTP verbs)
     "limits": "set_limits", "webhook": "set_webhook", "add_dialogs": "add_dialogs", "world": "world",
     "offer": "offer", "pin": "pin", "customer_media": "customer_media", "behave": "behave",
     "add_line": "add_line", "forget_uuids": "forget_uuids",
+    "outgoing_webhook": "outgoing_webhook", "drop_outgoing_webhook": "drop_outgoing_webhook",
+    "line_bot": "line_bot", "push_stats": "push_stats",
 }
 
 

@@ -13,11 +13,13 @@ from .event import EventMethods
 from .im_dialog import ImDialog
 from .im_message import ImMessage
 from .im_recent import ImRecent
+from .im_v2_event import ImV2Event
+from .imbot import Imbot
 from .imopenlines import Imopenlines
 from .ns_user import UserMethods
 from .world import World
 
-NAMESPACES = (UserMethods, ImRecent, ImDialog, ImMessage, Imopenlines, EventMethods, Batch)
+NAMESPACES = (UserMethods, ImRecent, ImDialog, ImMessage, Imopenlines, Imbot, ImV2Event, EventMethods, Batch)
 
 
 class Portal(*NAMESPACES, Dispatch, World):  # type: ignore[misc]
@@ -27,6 +29,13 @@ class Portal(*NAMESPACES, Dispatch, World):  # type: ignore[misc]
     for _ns in NAMESPACES:
         METHODS.update(_ns.METHODS)
     del _ns
+
+    def __init__(self, **kwargs) -> None:
+        World.__init__(self, **kwargs)
+        for ns in NAMESPACES:          # the namespaces that watch the world hook in
+            attach = getattr(ns, "attach", None)
+            if attach is not None:
+                attach(self)
 
 
 __all__ = ["Portal", "World", "NAMESPACES"]

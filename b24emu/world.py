@@ -117,7 +117,7 @@ class World:
         self.rng = random.Random(seed)
         self.code = code or secrets.token_hex(8)
         self.webhooks: dict = {(WEBHOOK_USER_ID, self.code): {
-            "scopes": ["im", "imopenlines", "user"], "active": True}}
+            "scopes": ["im", "imopenlines", "imbot", "user"], "active": True}}
         self.users: dict = {}
         self.lines: dict = {}
         self.chats: dict = {}
@@ -148,6 +148,12 @@ class World:
         self.counts: Counter = Counter()
         self.bytes_out: Counter = Counter()
         self.log: deque = deque(maxlen=20000)
+        # what other parts of the portal watch: hook(kind, chat, info) on "message", "join",
+        # "session_start", "session_finish" -- the event machinery hangs here (see event.py)
+        self.hooks: list = []
+        self.drop_events = 0              # the next N im.v2 events are not recorded (lost on purpose)
+        self.drop_push = 0                # the next N POST deliveries are lost on purpose
+        self.push_delay = 0.05            # the queue server's delay before a POST goes out
         if world:
             self._build_world()
 
@@ -193,6 +199,11 @@ class World:
                                 "joined": self.clock()}
         if full_history:
             chat["members"][uid]["last_read"] = chat["message_ids"][-1] if chat["message_ids"] else 0
+        self._notify("join", chat, uid=uid)
+
+    def _notify(self, kind: str, chat: dict, **info: Any) -> None:
+        for hook in self.hooks:
+            hook(kind, chat, info)
 
     def _post(self, chat: dict, author: int, text: str, *, params: Any = None, uuid: str | None = None,
               when: float | None = None) -> dict:
@@ -210,6 +221,7 @@ class World:
             self._write_row(chat, mid, ts)
         if author in chat["members"]:
             chat["members"][author]["last_read"] = mid
+        self._notify("message", chat, msg=msg)
         return msg
 
     def _write_row(self, chat: dict, mid: int, ts: float) -> None:
@@ -309,6 +321,7 @@ class World:
         line = self.lines.get(chat["line_id"]) or {}
         chat["offered_to"] = (line.get("queue") or [None])[0] if line.get("offer") == "one" else None
         chat["offered_at"] = ts
+        self._notify("session_start", chat, session=sid)
         self._post(chat, 0, "Conversation started", when=ts)
         return self._post(chat, chat["customer_id"], text, when=ts,
                           params={"CONNECTOR_MID": ["wamid.%s" % secrets.token_hex(6)]})
@@ -389,6 +402,7 @@ class World:
             if session:
                 session["status"] = SESSION_CLOSED
             self._post(chat, 0, "The conversation was closed", when=when)
+            self._notify("session_finish", chat, session=chat["session_id"])
             for uid in list(chat["members"]):
                 if uid != chat["customer_id"]:
                     del chat["members"][uid]
@@ -434,17 +448,23 @@ class World:
             return {"chat_id": chat["id"], "message_id": msg["id"], "file_id": fid}
 
     def behave(self, row_lag: float | None = None, uuid_ttl: float | None = None,
-               message_add_delay: float | None = None, fail_after_uuid: int | None = None) -> dict:
-        """Tune portal behaviours: recent-row lag, uuid record TTL, slow or dying im.message.add."""
+               message_add_delay: float | None = None, fail_after_uuid: int | None = None,
+               drop_events: int | None = None, drop_push: int | None = None,
+               push_delay: float | None = None) -> dict:
+        """Tune portal behaviours: recent-row lag, uuid record TTL, slow or dying im.message.add,
+        im.v2 events and POST deliveries lost on purpose, the queue server's delay."""
         with self.lock:
             for name, value in (("row_lag", row_lag), ("uuid_ttl", uuid_ttl),
-                                ("message_add_delay", message_add_delay)):
+                                ("message_add_delay", message_add_delay), ("push_delay", push_delay)):
                 if value is not None:
                     setattr(self, name, float(value))
-            if fail_after_uuid is not None:
-                self.fail_after_uuid = int(fail_after_uuid)
+            for name, value in (("fail_after_uuid", fail_after_uuid), ("drop_events", drop_events),
+                                ("drop_push", drop_push)):
+                if value is not None:
+                    setattr(self, name, int(value))
             return {"row_lag": self.row_lag, "uuid_ttl": self.uuid_ttl,
-                    "message_add_delay": self.message_add_delay, "fail_after_uuid": self.fail_after_uuid}
+                    "message_add_delay": self.message_add_delay, "fail_after_uuid": self.fail_after_uuid,
+                    "drop_events": self.drop_events, "drop_push": self.drop_push, "push_delay": self.push_delay}
 
     def forget_uuids(self) -> dict:
         """Drop every uuid record (a portal past the records' lifetime)."""
