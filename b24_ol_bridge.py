@@ -40,6 +40,7 @@ import os
 import queue
 import random
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -79,7 +80,7 @@ class Settings:
                                            integer=True))
         self.forget_days = bc.env_number(env, "BRIDGE_FORGET_DAYS", 7.0, 0.00001, 3650)
         listen = (env.get("BRIDGE_HTTP_LISTEN") or "").strip()
-        self.http_listen = parse_listen(listen) if listen else None
+        self.http_listen = bc.parse_listen(listen, "BRIDGE_HTTP_LISTEN") if listen else None
         self.stuck_sec = bc.env_number(env, "BRIDGE_STUCK_SEC", 0, 0, 86400)   # 0: from the timeouts
         self.human_pause_min = bc.env_number(env, "BRIDGE_HUMAN_PAUSE_MIN", 30, 0, 7 * 24 * 60)
         self.handoff_to = (env.get("BRIDGE_HANDOFF_TO") or "").strip().lower()
@@ -108,7 +109,8 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
                "\nsettings: B24_WEBHOOK_BASE, BOT_HTTP_URL (required); BOT_HTTP_AUTH, "
                "BOT_HTTP_TIMEOUT_SEC (120),\nBOT_MAX_REPLY_BYTES (1 MiB), BRIDGE_RETRY_HOURS (24), "
                "BRIDGE_FALLBACK_TEXT, BRIDGE_MAX_REPLY_CHARS (4096),\nBRIDGE_FORGET_DAYS (7), "
-               "B24_BUSINESS_PHONE, B24_POLL_SEC (2), B24_STATE_DIR")
+               "B24_BUSINESS_PHONE, B24_POLL_SEC (2), B24_STATE_DIR,\nB24_SOURCE (auto|poll|events), "
+               "B24_RECONCILE_SEC (60), B24_LISTEN, B24_APP_TOKEN")
     parser.add_argument("--take", action="store_true",
                         help="when a dialog waits in the queue, take it (imopenlines.operator.answer) "
                              "so the reply can be posted")
@@ -124,10 +126,17 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
                         help="one poll cycle, handle what is ready, exit (retries wait for the next run)")
     parser.add_argument("--demo", action="store_true",
                         help="run against a built-in emulator and echo bot with simulated customers")
+    parser.add_argument("--register-bot", metavar="URL",
+                        help="register the bridge as an Open Lines chat bot whose events go to URL (the public "
+                             "https:// address of B24_LISTEN's receiver), then exit")
+    parser.add_argument("--unregister-bot", action="store_true",
+                        help="remove the chat bot registered with --register-bot, then exit")
     bc.add_common_arguments(parser, poll=True)
     args = parser.parse_args(argv)
     if args.workers is not None and not 1 <= args.workers <= 64:
         parser.error("--workers: expected 1 to 64")
+    if args.register_bot and args.unregister_bot:
+        parser.error("--register-bot and --unregister-bot: one at a time")
     if args.dialog and not args.replay_dead:
         parser.error("--dialog goes with --replay-dead")
     if args.dialog:
@@ -504,6 +513,12 @@ class Bridge:
         self.posting: set = set()             # dialogs whose answer the poster is posting
         self.rewake: set = set()              # woken while held or posting: wake again when released
         self.outbox: queue.Queue = queue.Queue()
+        self.inbound: bc.Inbound | None = None     # the sources (see choose_sources); None: scans only
+        self.pending: list = []               # batches not handled yet (an outage, a full disk)
+        self.positions: dict = {}             # the sources' positions to save with the next commit
+        self.chat_bot: dict | None = None      # the registered Open Lines chat bot (--register-bot)
+        self.told_bot: set = set()
+        self.scans = 0                        # scans done (--once waits for one)
 
     def _use_bots(self, cfg: bc.Config, bot: bc.BotClient | None) -> None:
         self.cfg_for_bots = cfg
@@ -671,7 +686,7 @@ class Bridge:
         dialog, session = row.dialog, row.payload.get("session_id") or 0
         if dialog in self.cannot_post and self.cannot_post[dialog] == session:
             return False
-        if row.payload.get("waiting") and not self.take:
+        if row.payload.get("waiting") and not self.take and not self.chat_bot:
             self._cannot_post(row, "it waits in the queue and the webhook user has not taken it "
                                    "(--take or BRIDGE_TAKE=answer lets the bridge take queued dialogs)")
             return False
@@ -738,6 +753,9 @@ class Bridge:
             for m in msgs:
                 if m.get("uuid") in ours:
                     found = max(found, ours[m["uuid"]])
+                elif self.chat_bot and bc._int(m.get("author_id")) == bc._int(self.chat_bot["bot_id"]) \
+                        and row.answer and m.get("text") in row.answer[found + 1:]:
+                    found = row.answer.index(m.get("text"), found + 1)   # the bot's parts carry no uuid
             if len(msgs) < bc.MESSAGES_PAGE:
                 break
             after = max(bc._int(m.get("id")) for m in msgs)
@@ -791,7 +809,7 @@ class Bridge:
                 return None
             if len(group) > 1:
                 row = self._fold(group)
-        if row.payload.get("waiting") and self.take:
+        if row.payload.get("waiting") and self.take and not self.chat_bot:
             try:
                 bc.take_dialog(self.client, row.dialog, self.take)
                 log.info("%s: %s the dialog from the queue to answer it", row.where,
@@ -915,16 +933,10 @@ class Bridge:
                 live.append(row)
         if not live:
             return
-        if len(live) == 1:                 # one reply: a plain im.message.add
-            row = live[0]
-            template = self._template(row, row.posted)
-            self.live.beat("posting a reply of %s" % row.where)
-            try:
-                bc.send_text(self.client, row.dialog, row.answer[row.posted], template_id=template, patience=0)
-                error = None
-            except bc.B24Error as exc:
-                error = exc
-            self._after_post(row, error)
+        if len(live) == 1 or self.chat_bot:   # one reply (or the chat bot's): one request each
+            for row in live:
+                self.live.beat("posting a reply of %s" % row.where)
+                self._after_post(row, self._post_one(row))
             return
         names = {"r%d" % i: row for i, row in enumerate(live)}
         commands = {name: ("im.message.add", {
@@ -946,6 +958,42 @@ class Bridge:
                 outcomes[n] = None if found.get(n) else bc.UnknownOutcomeError("not confirmed", "not in the dialog yet")
         for name, row in names.items():
             self._after_post(row, outcomes.get(name))
+
+    def _post_one(self, row: Row) -> Exception | None:
+        """Post the next part of *row*'s answer: as the chat bot when one is registered (falling back to
+        the webhook user where the bot is not in the chat), else with ``im.message.add``."""
+        text = row.answer[row.posted]
+        if self.chat_bot:
+            try:
+                self.client.call("imbot.message.add", {
+                    "BOT_ID": self.chat_bot["bot_id"], "CLIENT_ID": self.chat_bot["client_id"],
+                    "DIALOG_ID": row.dialog, "MESSAGE": text}, write=True)
+                return None
+            except bc.UnknownOutcomeError as exc:
+                # imbot.message.add has no TEMPLATE_ID: look for the bot's text after the customer's message
+                return None if self._bot_posted(row, text) else exc
+            except (bc.RateLimitError, bc.ServerError, bc.TransportError, bc.AuthError) as exc:
+                return exc
+            except bc.APIError as exc:
+                if row.dialog not in self.told_bot:
+                    self.told_bot.add(row.dialog)
+                    log.warning("%s: the chat bot cannot post in %s (%s): answering as the webhook user",
+                                row.where, bc.display_dialog_id(row.dialog), exc)
+        try:
+            bc.send_text(self.client, row.dialog, text, template_id=self._template(row, row.posted), patience=0)
+            return None
+        except bc.B24Error as exc:
+            return exc
+
+    def _bot_posted(self, row: Row, text: str) -> bool:
+        try:
+            res = self.client.call("im.dialog.messages.get", {"DIALOG_ID": row.dialog, "FIRST_ID": row.message_id,
+                                                              "LIMIT": bc.MESSAGES_PAGE})
+        except bc.B24Error:
+            return False
+        bot_id = bc._int(self.chat_bot["bot_id"]) if self.chat_bot else 0
+        return any(isinstance(m, Mapping) and bc._int(m.get("author_id")) == bot_id and m.get("text") == text
+                   for m in bc.as_map(res).get("messages") or [])
 
     def _find_posted(self, rows: dict) -> dict:
         try:
@@ -1059,6 +1107,8 @@ class Bridge:
         rows = self.uncommitted
         changes = self.poller.take_dirty()
         meta = dict(self.poller.meta(), portal=self.client.host, user_id=self.poller.self_id)
+        if self.positions:
+            meta["sources"] = dict(self.positions)
         with self.lock:
             pauses, self.pause_changes = self.pause_changes, {}
         try:
@@ -1090,16 +1140,26 @@ class Bridge:
             log.error(text)
         self.save_error = text
 
-    def cycle(self) -> None:
+    def cycle(self, batches: list | None = None) -> bool:
+        """One round: a scan (*batches* None), or what the sources' batches point at.  False when what
+        was read is not safe on disk yet (the batches are then not acknowledged)."""
         if self.uncommitted and not self.commit():
-            return              # do not read further while what we read is not safe yet
-        msgs = self.poller.poll(auto_ack=True)
+            return False        # do not read further while what we read is not safe yet
+        for b in batches or ():
+            if b.error is not None:
+                raise b.error
+            if getattr(b.source, "name", "") == "events" and b.position is not None:
+                self.positions[b.source.name] = b.position   # saved with what it pointed at
+        hints = None if batches is None else bc.hints_of(batches)
+        msgs = self.poller.poll(auto_ack=True, hints=hints)
+        if hints is None or bc.SCAN in hints:
+            self.scans += 1
         for m in msgs:
             ts = m.timestamp
             if ts is not None:
                 self.activity[m.dialog_id] = max(self.activity.get(m.dialog_id, 0.0), ts)
         self.uncommitted.extend(self.dispatch(msgs))
-        self.commit()
+        return self.commit()
 
     def prune(self) -> None:
         """Forget dialogs idle for BRIDGE_FORGET_DAYS (they come back as first seen, from then on).
@@ -1300,14 +1360,25 @@ class Bridge:
                  self.workers)
         failures = 0
         next_poll = 0.0
+        if self.inbound is None:
+            self.inbound = bc.Inbound([bc.ScanSource(self.interval)])
+        if not self.inbound.started:
+            self.inbound.start()
         while not self.stop.is_set():
             self.live.beat("polling")
             now = time.monotonic()
+            batches: list = []
             if now >= next_poll:
+                batches, self.pending = self.pending or self.inbound.get(0), []
+            if batches:
                 try:
-                    self.cycle()
+                    if self.cycle(batches):
+                        self.inbound.done(batches)
+                        next_poll = now
+                    else:
+                        self.pending = batches
+                        next_poll = now + min(self.interval, 5.0)
                     failures = 0
-                    next_poll = now + self.interval
                     self.last_poll_ok = time.time()
                     if self.trouble:
                         log.info("the portal answers again (unreachable since %s)",
@@ -1320,14 +1391,20 @@ class Bridge:
                     delay = min(bc.POLL_BACKOFF_MAX_SEC, self.interval * (2 ** min(failures, 6)))
                     log.warning("%s -- trying again in %.0f s", exc, delay)
                     next_poll = now + delay
+                    self.pending = batches
             wait = self.release_due()
             self.housekeeping()
             if self.args.once:
                 time.sleep(0.05)
-                if self.idle() and self.busy == 0:
+                if self.scans and self.idle() and self.busy == 0:
                     break
                 continue
-            self.stop.wait(max(0.02, min(next_poll - time.monotonic(), wait, 1.0)))
+            timeout = max(0.02, min(next_poll - time.monotonic(), wait, 1.0))
+            if time.monotonic() >= next_poll and not self.pending:
+                self.inbound.wait(timeout)       # wakes at once when a source has something
+            else:
+                self.stop.wait(timeout)
+        self.inbound.close()
         self.phase = "stopping"
         bc.sd_notify(STOPPING=1, STATUS="stopping")
         self.stop.set()
@@ -1376,21 +1453,6 @@ class Liveness:
         with self.lock:
             return [(name, now - t, self.doing.get(name, "")) for name, t in self.beats.items()
                     if now - t > self.stuck_after]
-
-
-def parse_listen(text: str) -> tuple:
-    """``BRIDGE_HTTP_LISTEN``: ``PORT``, ``:PORT``, ``HOST:PORT`` or ``[V6]:PORT`` -> (host, port)."""
-    text = text.strip()
-    host, port = "127.0.0.1", text
-    if text.startswith("["):
-        host, _, port = text[1:].partition("]")
-        port = port[1:] if port.startswith(":") else ""
-    elif ":" in text:
-        host, port = text.rsplit(":", 1)
-        host = host or "127.0.0.1"
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise bc.ConfigError("BRIDGE_HTTP_LISTEN=%s: expected PORT or HOST:PORT (port 1-65535)" % text)
-    return host, int(port)
 
 
 class HealthServer(ThreadingHTTPServer):
@@ -1451,6 +1513,92 @@ def _metric(out: list, name: str, kind: str, help_: str, samples: list) -> None:
     out.append("# TYPE %s %s" % (name, kind))
     for labels, value in samples:
         out.append("%s%s %s" % (name, labels, repr(float(value)) if isinstance(value, float) else value))
+
+
+# ===========================================================================
+# The Open Lines chat bot (--register-bot): events to the receiver, replies as the bot
+# ===========================================================================
+
+BOT_CODE = "b24_ol_bridge"
+
+
+def chat_bot_path(folder: str) -> str:
+    return os.path.join(folder, "chat-bot.json")
+
+
+def load_chat_bot(folder: str, host: str) -> dict | None:
+    """The bot registered with --register-bot for this portal (None if there is none)."""
+    path = chat_bot_path(folder)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            reg = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise bc.ConfigError("%s: cannot read the chat bot registration (%s); run --register-bot again "
+                             "or delete the file" % (path, exc)) from None
+    if not isinstance(reg, dict) or not reg.get("bot_id") or not reg.get("client_id"):
+        raise bc.ConfigError("%s: not a chat bot registration; run --register-bot again or delete the file" % path)
+    if reg.get("portal") != host:
+        raise bc.ConfigError("%s: the chat bot was registered on %s, not on %s" % (path, reg.get("portal"), host))
+    bc.register_secret(str(reg["client_id"]))
+    return reg
+
+
+def register_chat_bot(client: bc.Client, folder: str, url: str, name: str) -> int:
+    """``imbot.register`` an Open Lines bot (TYPE=O) whose events go to *url*; keep its CLIENT_ID."""
+    parts = bc.split_url(url, "--register-bot", "the public https:// URL of the receiver (B24_LISTEN)")
+    if parts.scheme != "https":
+        log.warning("--register-bot %s: Bitrix24 posts events only to https:// addresses with a valid "
+                    "certificate (plain http:// is fine for the local emulator only)", parts.hostname)
+    old = load_chat_bot(folder, client.host) or {}
+    client_id = old.get("client_id") or "b24olb" + secrets.token_hex(16)
+    bc.register_secret(client_id)
+    if "imbot" not in client.scopes():
+        raise bc.ConfigError("--register-bot: the webhook has no imbot scope; add it to the incoming webhook "
+                             "(Developer resources > Other > Inbound webhook) and try again")
+    bot_id = bc._int(client.call("imbot.register", {
+        "CODE": BOT_CODE, "TYPE": "O", "OPENLINE": "Y", "CLIENT_ID": client_id,
+        "EVENT_MESSAGE_ADD": url, "EVENT_WELCOME_MESSAGE": url, "EVENT_BOT_DELETE": url,
+        "PROPERTIES": {"NAME": name, "WORK_POSITION": "answers through b24_ol_bridge"}}, write=True))
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    path = chat_bot_path(folder)
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump({"portal": client.host, "bot_id": bot_id, "client_id": client_id, "url": url, "name": name}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(path + ".tmp", path)
+    return bot_id
+
+
+def unregister_chat_bot(client: bc.Client, folder: str) -> int | None:
+    reg = load_chat_bot(folder, client.host)
+    if reg is None:
+        return None
+    try:
+        client.call("imbot.unregister", {"BOT_ID": reg["bot_id"], "CLIENT_ID": reg["client_id"]}, write=True)
+    except bc.APIError as exc:
+        if "BOT_ID_ERROR" not in str(exc):
+            raise
+        log.info("the portal no longer knows chat bot %s; forgetting it here too", reg["bot_id"])
+    os.unlink(chat_bot_path(folder))
+    return bc._int(reg["bot_id"])
+
+
+def bot_command(args: argparse.Namespace, client: bc.Client, folder: str, environ: Mapping[str, str]) -> int:
+    if args.unregister_bot:
+        gone = unregister_chat_bot(client, folder)
+        print("no chat bot is registered for %s (nothing in %s)" % (client.host, chat_bot_path(folder))
+              if gone is None else "chat bot %d removed from %s" % (gone, client.host))
+        return bc.EXIT_OK
+    name = (environ.get("BRIDGE_BOT_NAME") or "Assistant").strip() or "Assistant"
+    bot_id = register_chat_bot(client, folder, args.register_bot, name)
+    print("chat bot %r registered on %s (id %d); its events go to %s" % (
+        name, client.host, bot_id, bc.split_url(args.register_bot, "--register-bot", "").hostname))
+    print("next: choose it as the chat bot of your Open Line (Contact Center > the line > Chat bots), and run "
+          "the bridge with B24_LISTEN set so the receiver hears it")
+    return bc.EXIT_OK
 
 
 # ===========================================================================
@@ -1564,6 +1712,8 @@ def main(argv: list | None = None) -> int:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
             except OSError as exc:
                 raise bc.ConfigError("%s: cannot create the state folder (%s)" % (path, exc.strerror)) from None
+            if args.register_bot or args.unregister_bot:
+                return bot_command(args, client, folder, environ)
             lock = InstanceLock(base + ".lock")
             lock.acquire()
             bridge = Bridge(client, bot_client, args, settings, args.interval or cfg.poll_sec,
@@ -1610,7 +1760,21 @@ def main(argv: list | None = None) -> int:
                 bridge.wait_out("reading the dialogs", poller.start)
                 log.info("starting from now: messages already in the dialogs are not forwarded")
             bridge.attach(poller, store, dead)
+            bridge.chat_bot = load_chat_bot(folder, client.host)
+            if bridge.chat_bot:
+                log.info("replies go as the chat bot %s (id %s); where it is not in a dialog, as the webhook user",
+                         bridge.chat_bot.get("name") or "", bridge.chat_bot["bot_id"])
             bridge.wait_out("writing the state", bridge.commit_or_raise)
+            if not args.once:
+                bridge.phase = "choosing the sources of inbound messages"
+                sources = bridge.wait_out("choosing the sources", lambda: bc.choose_sources(
+                    client, self_id=me, interval=bridge.interval,
+                    spool_path=base + ".receiver.sqlite",
+                    client_id=(bridge.chat_bot or {}).get("client_id", ""),
+                    waiting=lambda: any(d.waiting for d in list(poller.dialogs.values())),
+                    skip=lambda m: bc._int(m.get("authorId")) == me and bc.is_bridge_uuid(client.host, m.get("uuid"))))
+                bridge.inbound = bc.Inbound(sources)
+                bridge.inbound.restore(bc.as_map(store.get_meta().get("sources")))
             if args.replay_dead:
                 replay_dead(store, dead, args.dialog)
             code = bridge.run()

@@ -160,9 +160,11 @@ class Reader:
                 raise bc.B24Error("cannot write the output (%s): %s #%d and what follows was not printed"
                                   % (exc.strerror or exc, bc.display_dialog_id(msg.dialog_id), msg.id)) from None
 
-    def cycle(self) -> None:
+    def cycle(self, batches: list | None = None) -> bool:
+        """One round: a scan (*batches* None), or what the sources' batches point at."""
         assert self.poller is not None
-        msgs = self.poller.poll(auto_ack=self.store is None)
+        hints = None if batches is None else bc.hints_of(batches)
+        msgs = self.poller.poll(auto_ack=self.store is None, hints=hints)
         for msg in msgs:
             self.emit(msg)
             if self.store is not None:
@@ -170,6 +172,7 @@ class Reader:
                 self.store.save()
         if self.store is not None and not msgs:
             self.store.save(idle=True)
+        return True
 
     def run(self) -> int:
         me = self.client.whoami()["id"]
@@ -180,10 +183,35 @@ class Reader:
         if not self.args.once:
             log.info("watching %d Open Lines dialog(s); new messages appear below",
                      sum(1 for d in self.poller.dialogs.values() if d.is_lines))
-        bc.poll_forever(self.cycle, interval=self.interval, stop=self.stop, once=self.args.once)
+        if self.args.once:
+            bc.poll_forever(self.cycle, interval=self.interval, stop=self.stop, once=True)
+        else:
+            self.listen(me)
         if self.store is not None:
             self.store.save()       # leaving (--once, SIGTERM): keep the newest watermark
         return bc.EXIT_OK
+
+
+    def listen(self, me: int) -> None:
+        """Until stopped: the sources B24_SOURCE / B24_LISTEN choose, through the poller."""
+        assert self.poller is not None
+        poller = self.poller
+        spool = ":memory:"
+        if self.state is not None and self.client.config.listen:
+            spool = os.path.join(os.path.dirname(os.path.abspath(self.state.path)),
+                                 "reader-receiver-%d.sqlite" % self.client.config.listen[1])
+        sources = bc.choose_sources(self.client, self_id=me, interval=self.interval, spool_path=spool,
+                                    waiting=lambda: any(d.waiting for d in list(poller.dialogs.values())))
+        inbound = bc.Inbound(sources)
+        if self.store is not None:
+            inbound.restore(self.store.saved_sources)
+            self.store.positions = inbound.positions
+        inbound.start()
+        try:
+            bc.run_sources(inbound, self.cycle, stop=self.stop, interval=self.interval,
+                           on_done=self.store.save if self.store is not None else None)
+        finally:
+            inbound.close()
 
 
 def report_queues(client: bc.Client, me: int) -> None:

@@ -117,7 +117,7 @@ class World:
         self.rng = random.Random(seed)
         self.code = code or secrets.token_hex(8)
         self.webhooks: dict = {(WEBHOOK_USER_ID, self.code): {
-            "scopes": ["im", "imopenlines", "imbot", "user"], "active": True}}
+            "scopes": ["im", "imopenlines", "user"], "active": True}}
         self.users: dict = {}
         self.lines: dict = {}
         self.chats: dict = {}

@@ -1,17 +1,23 @@
 #!/usr/bin/env python3
-"""Inbound-to-bot latency of the bridge in poll mode, as a multiple of the poll interval.
+"""Inbound-to-bot latency and idle cost of the bridge for each source of inbound messages.
 
-A bridge runs as a subprocess against the emulator and an instant bot; customers write at random
-moments; for each message, the time from its creation on the portal to the bot receiving it.
-Printed for two poll intervals side by side, with a bare loopback HTTP round trip for scale.
+One bridge per source runs as a subprocess against the emulator and an instant bot, side by side
+in one run, with the same poll interval: FIRST_ID polling, the event queue (im.v2.Event), the HTTP
+receiver fed by an outgoing webhook (ONOPENLINEMESSAGEADD), and the receiver fed by the bridge's
+Open Lines chat bot (ONIMBOTMESSAGEADD).  Customers write at random moments; for each message, the
+time from its creation on the portal to the bot receiving it, as a multiple of the poll interval
+and of a bare loopback HTTP round trip.  Then each bridge sits idle and the requests it costs the
+portal per minute are counted.  No chat waits in a queue (those produce no events, and a scan at
+the poll interval would hide what push does); the emulator's queue server posts without delay.
 
-    python3 bench/latency.py [--messages 60]
+    python3 bench/latency.py [--messages 40] [--poll 1.0]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import random
+import socket
 import statistics
 import sys
 import time
@@ -21,7 +27,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from harness import bridge_world  # noqa: E402
 
+import b24_ol_bridge as bridge  # noqa: E402
+import b24common as bc  # noqa: E402
 import mock_bot_server  # noqa: E402
+
+SOURCES = ("poll", "events", "receiver", "chat bot")
 
 
 def percentile(values: list, p: float) -> float:
@@ -40,41 +50,91 @@ def loopback_round_trip(url: str, n: int = 200) -> float:
     return statistics.median(times)
 
 
-def run(poll_sec: float, messages: int, seed: int) -> list:
-    with bridge_world(20, poll_sec=poll_sec, env={"B24_RATE_PER_SEC": "50", "B24_RATE_BURST": "1000"}) as (
-            portal, bot, chats, _proc):
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def quiet(portal) -> None:
+    """Close the sessions waiting in the webhook user's queue: nothing makes the scan run fast."""
+    for chat in list(portal.chats.values()):
+        if chat["type"] == "lines" and portal._in_queue_for(chat, 7):
+            portal.close_session(chat["id"])
+    portal.behave(push_delay=0.0)
+
+
+def preparer(source: str, poll: float):
+    def prepare(server, folder: str) -> dict:
+        portal = server.portal
+        quiet(portal)
+        env = {"B24_POLL_SEC": str(poll), "B24_RECONCILE_SEC": "60"}
+        if source in ("poll", "events"):
+            return dict(env, B24_SOURCE=source)
+        port = free_port()
+        env.update(B24_SOURCE="poll", B24_LISTEN="127.0.0.1:%d" % port)
+        if source == "receiver":
+            return dict(env, B24_APP_TOKEN=portal.outgoing_webhook("http://127.0.0.1:%d/" % port)["application_token"])
+        portal.set_webhook(scopes=["im", "imopenlines", "imbot"])
+        client = bc.Client(bc.Config.from_env({"B24_WEBHOOK_BASE": server.webhook_base}))
+        bot_id = bridge.register_chat_bot(client, folder, "http://127.0.0.1:%d/" % port, "Bench bot")
+        for line in list(portal.lines):
+            portal.line_bot(line, bot_id)
+        return env
+    return prepare
+
+
+def run(source: str, poll: float, messages: int, seed: int, idle_sec: float) -> tuple:
+    with bridge_world(0, poll_sec=poll, prepare=preparer(source, poll)) as (portal, bot, _chats, _proc):
         rng = random.Random(seed)
+        if source == "chat bot":       # the bot joins the new sessions of its lines
+            chats = [portal.new_conversation(3, "Bench Customer%d" % i, None, "hi")["chat_id"] for i in range(5)]
+        else:
+            chats = [c["id"] for c in portal.chats.values() if c["type"] == "lines" and 7 in c["members"]]
+        time.sleep(1.5)
+        bot.received.clear()
         created = {}
         for i in range(messages):
-            time.sleep(rng.uniform(0.05, 2.2 * poll_sec))
+            time.sleep(rng.uniform(0.05, 2.2 * poll))
             text = "latency %d" % i
             created[text] = time.time()
             portal.customer_message(rng.choice(chats), text)
-        deadline = time.monotonic() + 60
-        while len(bot.received) < messages and time.monotonic() < deadline:
+        deadline = time.monotonic() + 90
+        while sum(1 for r in bot.received if r["payload"]["text"] in created) < messages \
+                and time.monotonic() < deadline:
             time.sleep(0.05)
-        return [r["t"] - created[r["payload"]["text"]] for r in bot.received if r["payload"]["text"] in created]
+        lat = [r["t"] - created[r["payload"]["text"]] for r in bot.received if r["payload"]["text"] in created]
+        time.sleep(1.0)
+        before = sum(portal.counts.values())
+        time.sleep(idle_sec)
+        return lat, (sum(portal.counts.values()) - before) * 60.0 / idle_sec
 
 
 def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=60, help="messages per run (default 60)")
+    parser.add_argument("--messages", type=int, default=40, help="messages per source (default 40)")
+    parser.add_argument("--poll", type=float, default=1.0, help="B24_POLL_SEC for every source (default 1)")
+    parser.add_argument("--idle", type=float, default=20.0, help="seconds of idling measured (default 20)")
     args = parser.parse_args(argv)
     bot = mock_bot_server.BotServer().start()
     try:
         rtt = loopback_round_trip(bot.url.replace("/webhook/whatsapp", "/"))
     finally:
         bot.stop()
-    print("inbound-to-bot latency, poll mode, instant bot, %d messages per run" % args.messages)
+    print("inbound-to-bot latency per source, instant bot, B24_POLL_SEC=%g, B24_RECONCILE_SEC=60, %d messages each"
+          % (args.poll, args.messages))
     print("bare loopback HTTP round trip (median): %.2f ms" % (rtt * 1000))
-    print("%-10s %9s %9s %12s %12s %14s" % ("poll (s)", "p50 (s)", "p99 (s)", "p50 / poll", "p99 / poll",
-                                            "p50 / loopback"))
-    for poll in (0.5, 1.0):
-        lat = run(poll, args.messages, seed=int(poll * 10))
+    print("%-10s %9s %9s %11s %11s %15s %15s" % ("source", "p50 (ms)", "p99 (ms)", "p50 / poll", "p99 / poll",
+                                                 "p50 / loopback", "idle req/min"))
+    for n, source in enumerate(SOURCES):
+        lat, idle = run(source, args.poll, args.messages, seed=n + 1, idle_sec=args.idle)
         if len(lat) < args.messages:
-            print("only %d of %d messages reached the bot" % (len(lat), args.messages))
+            print("%-10s only %d of %d messages reached the bot" % (source, len(lat), args.messages))
+            if not lat:
+                continue
         p50, p99 = percentile(lat, 50), percentile(lat, 99)
-        print("%-10g %9.2f %9.2f %11.2fx %11.2fx %13.0fx" % (poll, p50, p99, p50 / poll, p99 / poll, p50 / rtt))
+        print("%-10s %9.1f %9.1f %10.2fx %10.2fx %14.0fx %15.1f" % (
+            source, p50 * 1000, p99 * 1000, p50 / args.poll, p99 / args.poll, p50 / rtt, idle))
     return 0
 
 

@@ -1,0 +1,361 @@
+"""Push sources: the event queue (im.v2.Event), the HTTP receiver, the chat bot -- polling as the safety net.
+
+Everything over real HTTP on 127.0.0.1: the emulator POSTs its events to the
+bridge's receiver the way the portal does (form-encoded, ``auth[...]``, no
+retries), and the bridge runs as a subprocess.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import sqlite3
+import threading
+import time
+import unittest
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import b24common as bc
+from tests.support import PortalCase
+from tests.test_bridge import BridgeHarness
+
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port: int, body: bytes, *, ctype: str = "application/x-www-form-urlencoded", path: str = "/b24",
+         method: str = "POST", headers: dict | None = None) -> tuple:
+    req = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path), data=body if method == "POST" else None,
+                                 method=method, headers=dict({"Content-Type": ctype}, **(headers or {})))
+    try:
+        with _DIRECT.open(req, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def form(data: dict) -> bytes:
+    return urllib.parse.urlencode(_pairs(data)).encode()
+
+
+def _pairs(data, prefix=""):
+    out = []
+    for k, v in data.items():
+        name = "%s[%s]" % (prefix, k) if prefix else k
+        out.extend(_pairs(v, name) if isinstance(v, dict) else [(name, str(v))])
+    return out
+
+
+class Parsing(unittest.TestCase):
+    """The receiver's reading of Bitrix24's POSTs (no network needed for these)."""
+
+    def test_php_bracket_keys_nest(self) -> None:
+        pairs = urllib.parse.parse_qsl("event=ONIMBOTMESSAGEADD&data[PARAMS][DIALOG_ID]=chat5&data[PARAMS][MESSAGE_ID]=9"
+                                       "&data[BOT][41][BOT_ID]=41&auth[application_token]=t&a[]=1&a[]=2")
+        got = bc.parse_php_form(pairs)
+        self.assertEqual(got["data"]["PARAMS"], {"DIALOG_ID": "chat5", "MESSAGE_ID": "9"})
+        self.assertEqual(got["data"]["BOT"]["41"]["BOT_ID"], "41")
+        self.assertEqual(got["a"], {"0": "1", "1": "2"})
+        self.assertEqual(bc.push_hints(got), [bc.Hint("chat5", 9)])
+
+    def test_openline_events_as_the_source_and_as_the_docs_show_them(self) -> None:
+        inbound = {"event": "ONOPENLINEMESSAGEADD", "data": {"DATA": {"connector": {"line_id": "3"},
+                                                                       "message": {"id": "wamid.X", "text": "hi"}}}}
+        listed = {"event": "ONOPENLINEMESSAGEADD", "data": {"DATA": {"0": {"message": {"id": "wamid.X"}}}}}
+        outbound = {"event": "ONOPENLINEMESSAGEADD",
+                    "data": {"DATA": {"message": {"id": "88100", "chat_id": "1771", "user_id": "7"}}}}
+        self.assertEqual(bc.push_hints(inbound), [bc.SCAN], "no IM chat id: look everywhere")
+        self.assertEqual(bc.push_hints(listed), [bc.SCAN])
+        self.assertEqual(bc.push_hints(outbound), [bc.Hint("chat1771", 88100)])
+        self.assertEqual(bc.push_hints({"event": "ONSESSIONSTART", "data": {}}), [bc.SCAN])
+        self.assertEqual(bc.push_hints({"event": "ONCRMLEADADD", "data": {}}), [])
+
+
+class EventQueueOnTheEmulator(PortalCase):
+    """``im.v2.Event`` as the fact sheet describes it, and the source that reads it."""
+
+    def call(self, method: str, **params):
+        status, body = self.portal.handle_rest("7", self.portal.code, method, params)
+        self.assertEqual(status, 200, body)
+        return body["result"]
+
+    def test_member_chats_only_offsets_acknowledge_and_24_hours(self) -> None:
+        self.assertEqual(self.call("im.v2.Event.get")["events"], [], "nothing is recorded before subscribe")
+        self.assertTrue(self.call("im.v2.Event.subscribe"))
+        self.assertTrue(self.call("im.v2.Event.subscribe"), "subscribe is idempotent")
+        member, queued = self.ids["lines_member"], self.ids["queued"]
+        m1 = self.portal.customer_message(member, "one")["message_id"]
+        self.portal.customer_message(queued, "waiting in the queue: no event")
+        m2 = self.portal.customer_message(member, "two")["message_id"]
+        first = self.call("im.v2.Event.get", limit=1)
+        self.assertEqual([e["data"]["message"]["id"] for e in first["events"]], [m1])
+        self.assertTrue(first["hasMore"])
+        ev = first["events"][0]
+        self.assertEqual((ev["type"], ev["data"]["chat"]["dialogId"], ev["data"]["chat"]["type"]),
+                         ("ONIMV2MESSAGEADD", "chat%d" % member, "lines"))
+        self.assertNotIn("role", ev["data"]["chat"], "the event's chat is the shortened one")
+        again = self.call("im.v2.Event.get")
+        self.assertEqual([e["data"]["message"]["id"] for e in again["events"]], [m1, m2],
+                         "without an offset nothing is acknowledged")
+        rest = self.call("im.v2.Event.get", offset=first["nextOffset"])
+        self.assertEqual([e["data"]["message"]["id"] for e in rest["events"]], [m2])
+        self.assertEqual(self.call("im.v2.Event.get")["events"][0]["data"]["message"]["id"], m2,
+                         "the offset removed the first event for every reader")
+        # 24 hours later the rest is gone (the portal's own clock)
+        now = time.time()
+        self.portal.clock = lambda: now + 24 * 3600 + 60
+        self.assertEqual(self.call("im.v2.Event.get")["events"], [])
+
+    def test_the_source_pages_while_has_more_and_filters_what_is_not_ours(self) -> None:
+        client = self.client()
+        ok, _why = bc.event_source_available(client)
+        self.assertTrue(ok)
+        member = self.ids["lines_member"]
+        ids = [self.portal.customer_message(member, "m%d" % i)["message_id"] for i in range(bc.EVENTS_PAGE + 20)]
+        self.portal.operator_message(self.ids["group"], 9, "a team chat: not an Open Lines dialog")
+        src = bc.EventQueueSource(client, interval=0.2)
+        stop = threading.Event()
+        first = src.next_batch(stop)
+        self.assertTrue(first.more)
+        self.assertEqual(first.hints, [bc.Hint("chat%d" % member, i) for i in ids[:bc.EVENTS_PAGE]])
+        src.ack(first)
+        second = src.next_batch(stop)
+        self.assertFalse(second.more)
+        self.assertEqual([h.message_id for h in second.hints], ids[bc.EVENTS_PAGE:], "the team chat is filtered out")
+        src.ack(second)
+        src.interval = 0.01
+        self.assertIsNone(src.next_batch(stop), "nothing new")
+        self.assertEqual(self.portal.event_queues[7]["events"], [], "passing the offset acknowledged it all")
+
+    def test_a_portal_without_the_event_queue_is_polled(self) -> None:
+        del type(self.portal).METHODS["im.v2.event.subscribe"]
+        self.addCleanup(type(self.portal).METHODS.__setitem__, "im.v2.event.subscribe",
+                        ("m_im_v2_event_subscribe", "im", False))
+        client = self.client(B24_SOURCE="auto")
+        ok, why = bc.event_source_available(client)
+        self.assertFalse(ok)
+        self.assertIn("ERROR_METHOD_NOT_FOUND", why)
+        sources = bc.choose_sources(client, self_id=7, interval=0.5)
+        self.assertEqual([s.name for s in sources], ["poll"])
+        with self.assertRaises(bc.ConfigError) as cm:
+            bc.choose_sources(self.client(B24_SOURCE="events"), self_id=7, interval=0.5)
+        self.assertIn("B24_SOURCE=poll", str(cm.exception))
+
+    def test_auto_skips_the_event_queue_for_a_queue_operator(self) -> None:
+        # user 7 is in the queues of lines 1 and 3: a waiting chat there produces no event
+        self.assertEqual([s.name for s in bc.choose_sources(self.client(), self_id=7, interval=0.5)], ["poll"])
+        for line in self.portal.lines.values():
+            line["queue"] = [u for u in line["queue"] if u != 7]
+        sources = bc.choose_sources(self.client(), self_id=7, interval=0.5)
+        self.assertEqual([s.name for s in sources], ["events", "poll"])
+        self.assertEqual(sources[-1].every, bc.DEFAULT_RECONCILE_SEC)
+
+    def test_imbot_needs_a_client_id_from_a_webhook(self) -> None:
+        self.portal.set_webhook(scopes=["im", "imopenlines", "imbot"])
+        status, body = self.portal.handle_rest("7", self.portal.code, "imbot.register", {
+            "CODE": "x", "TYPE": "O", "EVENT_HANDLER": "http://127.0.0.1:9/", "PROPERTIES": {"NAME": "A"}})
+        self.assertEqual((status, body["error"]), (403, "ACCESS_DENIED"))
+        bot = self.call("imbot.register", CODE="x", TYPE="O", EVENT_HANDLER="http://127.0.0.1:9/",
+                        CLIENT_ID="c1", PROPERTIES={"NAME": "A"})
+        self.assertEqual(self.call("imbot.register", CODE="x", TYPE="O", EVENT_HANDLER="http://127.0.0.1:9/",
+                                   CLIENT_ID="c1", PROPERTIES={"NAME": "A"}), bot, "the same code: the same bot")
+        status, body = self.portal.handle_rest("7", self.portal.code, "imbot.message.add", {
+            "BOT_ID": bot, "CLIENT_ID": "other", "DIALOG_ID": "chat%d" % self.ids["lines_member"], "MESSAGE": "x"})
+        self.assertEqual(body["error"], "APP_ID_ERROR")
+
+
+class QuietWorld(BridgeHarness):
+    """No chat waits in a queue (their sessions are closed), so nothing makes the scan run fast:
+    what arrives before the reconciliation scan arrived by push."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        for chat in list(self.portal.chats.values()):
+            if chat["type"] == "lines" and self.portal._in_queue_for(chat, 7):
+                self.portal.close_session(chat["id"])
+
+    def answered(self, chat: int, text: str) -> bool:
+        return ("Echo: %s" % text) in self.texts(chat)
+
+    def asked(self, text: str) -> int:
+        return sum(1 for r in self.bot.received if r["payload"]["text"] == text)
+
+
+class EventQueueBridge(QuietWorld):
+
+    def test_events_deliver_and_what_the_queue_lost_comes_with_the_reconciliation(self) -> None:
+        proc = self.start_bridge(B24_SOURCE="events", B24_POLL_SEC="0.3", B24_RECONCILE_SEC="4")
+        self.assertTrue(proc.wait_stderr("source: events", 5), proc.all_output())
+        self.assertTrue(any("only ONE program may read it" in ln for ln in proc.stderr_lines))
+        chat = self.ids["lines_member"]
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        self.portal.customer_message(chat, "by event")
+        self.wait_for(lambda: self.answered(chat, "by event"), 5, "the evented message")
+        self.assertLess(time.monotonic() - t0, 2.5, "well before the 4 s reconciliation")
+        self.portal.behave(drop_events=1)
+        self.portal.customer_message(chat, "lost by the queue")
+        self.wait_for(lambda: self.answered(chat, "lost by the queue"), 12, "the reconciliation")
+        self.assertGreater(self.portal.counts["im.v2.event.get"], 3)
+        self.assertEqual((self.asked("by event"), self.asked("lost by the queue")), (1, 1))
+        self.assertEqual(proc.stop(), 0)
+
+    def test_the_event_offset_survives_kill_9_with_nothing_lost_or_doubled(self) -> None:
+        rng = random.Random(11)
+        chats = [self.ids["lines_member"], self.ids["lines_member2"]]
+        sent = []
+        db = os.path.join(self.tmp, "state", "bridge.db")
+        for round_ in range(3):
+            proc = self.start_bridge(B24_SOURCE="events", B24_POLL_SEC="0.2", B24_RECONCILE_SEC="30")
+            for i in range(4):
+                text = "r%d m%d" % (round_, i)
+                self.portal.customer_message(rng.choice(chats), text)
+                sent.append(text)
+                time.sleep(rng.uniform(0.0, 0.25))
+            proc.kill()                           # kill -9, somewhere in the middle
+        proc = self.start_bridge(B24_SOURCE="events", B24_POLL_SEC="0.2", B24_RECONCILE_SEC="30")
+        self.wait_for(lambda: all(self.asked(t) >= 1 for t in sent), 20, "every message")
+        time.sleep(1.0)
+        self.assertEqual({t: self.asked(t) for t in sent}, {t: 1 for t in sent}, "each message once")
+        with sqlite3.connect(db) as conn:
+            saved = dict(conn.execute("SELECT key, value FROM meta"))
+        offset = json.loads(saved["sources"])["events"]
+        self.assertGreater(offset, 2001, "the event queue's offset is saved with the state")
+        self.assertEqual(proc.stop(), 0)
+
+
+class Receiver(QuietWorld):
+    """``B24_LISTEN``: the emulator's outgoing webhook POSTs to the bridge."""
+
+    def start_with_receiver(self, **env):
+        self.port = free_port()
+        hook = self.portal.outgoing_webhook("http://127.0.0.1:%d/b24" % self.port)
+        env = dict(dict(B24_LISTEN="127.0.0.1:%d" % self.port, B24_APP_TOKEN=hook["application_token"],
+                        B24_POLL_SEC="5", B24_RECONCILE_SEC="60"), **env)
+        proc = self.start_bridge(**env)
+        self.assertTrue(proc.wait_stderr("receiving Bitrix24 events", 5), proc.all_output())
+        self.token = hook["application_token"]
+        return proc
+
+    def spooled(self) -> int:
+        with sqlite3.connect(os.path.join(self.tmp, "state", "bridge.receiver.sqlite")) as conn:
+            return conn.execute("SELECT COUNT(*) FROM hints").fetchone()[0]
+
+    def test_a_pushed_message_is_answered_within_a_poll_interval_and_once(self) -> None:
+        proc = self.start_with_receiver(B24_SOURCE="events")   # two sources see the same message
+        chat = self.ids["lines_member"]
+        t0 = time.monotonic()
+        sent = self.portal.customer_message(chat, "pushed")
+        self.wait_for(lambda: self.answered(chat, "pushed"), 4, "the pushed message")
+        self.assertLess(time.monotonic() - t0, 3.0, "not the 5 s poll, not the 60 s reconciliation")
+        # the portal's queue server sends it again, and a replayed outbound event names it too
+        body = {"event": "ONOPENLINEMESSAGEADD", "data": {"DATA": {"message": {
+            "id": sent["message_id"], "chat_id": chat, "user_id": 7}}}, "auth": {"application_token": self.token}}
+        self.assertEqual(post(self.port, form(body))[0], 200)
+        time.sleep(1.5)
+        self.assertEqual(self.asked("pushed"), 1, "seen by the receiver and the event queue, asked once")
+        self.assertEqual(self.spooled(), 0, "handled hints leave the spool")
+        self.assertEqual(proc.stop(), 0)
+
+    def test_forged_oversized_and_malformed_posts_are_refused_and_nothing_is_processed(self) -> None:
+        proc = self.start_with_receiver()
+        chat = self.ids["lines_member"]
+        self.portal.behave(drop_push=10)            # the real events get lost: only ours arrive
+        sent = self.portal.customer_message(chat, "only a forger knows")
+        forged = {"event": "ONOPENLINEMESSAGEADD", "data": {"DATA": {"message": {
+            "id": sent["message_id"], "chat_id": chat}}}, "auth": {"application_token": "f" * 32}}
+        self.assertEqual(post(self.port, form(forged))[0], 401)
+        del forged["auth"]
+        self.assertEqual(post(self.port, form(forged))[0], 401)
+        self.assertEqual(post(self.port, b"x" * (bc.RECEIVER_MAX_BODY + 1))[0], 413)
+        self.assertEqual(post(self.port, b"event=ONOPENLINEMESSAGEADD&\xff\xfe=1")[0], 400)
+        self.assertEqual(post(self.port, b"no_equals_sign&x")[0], 400)
+        self.assertEqual(post(self.port, b"data[a]=1")[0], 400, "no event name")
+        self.assertEqual(post(self.port, b"{not json", ctype="application/json")[0], 400)
+        self.assertEqual(post(self.port, b"", method="GET")[0], 405)
+        time.sleep(1.0)
+        self.assertEqual(self.spooled(), 0)
+        self.assertEqual(self.bot.received, [], "nothing forged or broken reached the bot")
+        self.assertTrue(proc.wait_stderr("refused an event", 2))
+        self.assertNotIn("f" * 32, proc.all_output())
+        # the genuine token works, JSON too
+        genuine = dict(forged, auth={"application_token": self.token})
+        status, _ = post(self.port, json.dumps(genuine).encode(), ctype="application/json")
+        self.assertEqual(status, 200)
+        self.wait_for(lambda: self.answered(chat, "only a forger knows"), 4, "the genuine event")
+        self.assertEqual(proc.stop(), 0)
+
+    def test_events_lost_in_delivery_come_with_the_reconciliation(self) -> None:
+        proc = self.start_with_receiver(B24_POLL_SEC="0.3", B24_RECONCILE_SEC="3")
+        chat = self.ids["lines_member2"]
+        self.portal.behave(drop_push=2)            # the queue server loses it (no retries)
+        t0 = time.monotonic()
+        self.portal.customer_message(chat, "never pushed")
+        self.wait_for(lambda: self.answered(chat, "never pushed"), 10, "the reconciliation scan")
+        self.assertGreater(time.monotonic() - t0, 0.5)
+        self.assertEqual(self.portal.push_stats()["dropped"], 2)
+        self.assertEqual(self.asked("never pushed"), 1)
+        self.assertEqual(proc.stop(), 0)
+
+    def test_without_a_token_the_receiver_does_not_start(self) -> None:
+        proc = self.run_script("b24_ol_bridge.py", env=self.bridge_env(B24_LISTEN=str(free_port())))
+        self.assertOneLineError(proc, 2, "B24_APP_TOKEN")
+
+
+class ChatBot(QuietWorld):
+    """``--register-bot``: an Open Lines chat bot whose events come to the receiver; replies as the bot."""
+
+    def test_register_answer_as_the_bot_and_unregister(self) -> None:
+        port = free_port()
+        url = "http://127.0.0.1:%d/bot-events" % port
+        refused = self.run_script("b24_ol_bridge.py", "--register-bot", url, env=self.bridge_env())
+        self.assertOneLineError(refused, 2, "imbot scope")
+        self.portal.set_webhook(scopes=["im", "imopenlines", "imbot"])
+        reg = self.run_script("b24_ol_bridge.py", "--register-bot", url, env=self.bridge_env())
+        self.assertEqual(reg.returncode, 0, reg.stderr)
+        self.assertIn("registered", reg.stdout)
+        with open(os.path.join(self.tmp, "state", "chat-bot.json"), encoding="utf-8") as fh:
+            saved = json.load(fh)
+        self.assertNotIn(saved["client_id"], reg.stdout + reg.stderr, "the CLIENT_ID is a secret")
+        bot_id = saved["bot_id"]
+        self.portal.line_bot(3, bot_id)            # chosen as the line's chat bot in its settings
+        proc = self.start_bridge(B24_LISTEN="127.0.0.1:%d" % port, B24_POLL_SEC="5", B24_RECONCILE_SEC="60")
+        self.assertTrue(proc.wait_stderr("replies go as the chat bot", 5), proc.all_output())
+        new = self.portal.new_conversation(3, "Rita Example", "+10000000170", "hello bot")
+        chat = new["chat_id"]
+        self.wait_for(lambda: self.answered(chat, "hello bot"), 5, "the bot's answer")
+        reply = self.portal.chat_messages(chat)[-1]
+        self.assertEqual(reply["author_id"], bot_id, "posted by the chat bot")
+        self.assertEqual(self.asked("hello bot"), 1)
+        self.assertNotIn(saved["client_id"], proc.all_output())
+        self.assertEqual(proc.stop(), 0)
+        gone = self.run_script("b24_ol_bridge.py", "--unregister-bot", env=self.bridge_env())
+        self.assertEqual(gone.returncode, 0, gone.stderr)
+        self.assertIn("removed", gone.stdout)
+        self.assertNotIn(bot_id, self.portal.bots)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "state", "chat-bot.json")))
+
+
+class ReaderSources(QuietWorld):
+
+    def test_the_reader_follows_the_event_queue(self) -> None:
+        proc = self.start_script("b24_openlines_reader.py", env=self.env(
+            B24_SOURCE="events", B24_POLL_SEC="0.3", B24_RECONCILE_SEC="30"))
+        self.assertTrue(proc.wait_stderr("source: events", 10), proc.all_output())
+        chat = self.ids["lines_member"]
+        self.portal.customer_message(chat, "to the reader")
+        lines = proc.read_lines(1, 5)
+        self.assertTrue(lines and "to the reader" in lines[0], lines)
+        self.assertEqual(proc.stop(), 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
