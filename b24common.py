@@ -1278,6 +1278,7 @@ class DialogInfo:
     is_lines: bool = True
     session_id: int = 0
     waiting: bool = False          # in the webhook user's queue, not taken: readable, not writable
+    adopted: bool = False          # known through our chat bot, not the recent list: re-read at each scan
     crm: dict = field(default_factory=dict)   # {"lead": id, "contact": id, "deal": id, "company": id} bound
 
     @classmethod
@@ -1314,7 +1315,7 @@ class DialogInfo:
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in ("chat_id", "title", "entity_id", "line_id",
                                               "customer_id", "customer_name", "customer_phone",
-                                              "is_lines", "session_id", "waiting", "crm")}
+                                              "is_lines", "session_id", "waiting", "crm", "adopted")}
 
 
 @dataclass
@@ -1928,6 +1929,24 @@ class Poller:
             info.learn_customer(user)
         return info
 
+    def _adopt(self, did: str, message_id: int) -> dict | None:
+        """A dialog our chat bot is in, met through its event: learn it (``im.dialog.get``) as a dialog
+        first seen; None if the webhook user may not read it (said once)."""
+        try:
+            chat = as_map(self.client.call("im.dialog.get", {"DIALOG_ID": did}))
+        except (AccessDeniedError, NotFoundError, BadRequestError) as exc:
+            if did not in self._unreadable:
+                log.warning("%s: our chat bot is in it, but the webhook user may not read it (%s) -- let the "
+                            "user see the line's dialogs (an administrator, or the line's permissions)",
+                            display_dialog_id(did), exc)
+                self._unreadable[did] = message_id
+            return None
+        item = {"chat": chat, "title": chat.get("name") or "", "last_id": _int(chat.get("last_id")),
+                "message": {"id": max(message_id, _int(chat.get("last_message_id")))}}
+        info = self._learn_dialog(did, item)
+        info.adopted = True
+        return item
+
     # -- fetching -----------------------------------------------------------------
     def _fetch(self, wants: dict) -> set:
         """Read each ``{dialog: _Want}`` until it is satisfied; return the dialogs we may not read.
@@ -2068,15 +2087,29 @@ class Poller:
         if not self.started:
             raise RuntimeError("call start() first")
         hints = None if hints is None else list(hints)
-        if hints is None or any(not h.dialog_id or h.dialog_id not in self.cursors for h in hints):
-            changed, newest = self._scan(full=False)
-        else:
-            changed, newest = {}, None
+        scan = hints is None or any(not h.dialog_id or (h.dialog_id not in self.cursors and not h.adopt)
+                                    for h in hints)
+        changed, newest = self._scan(full=False) if scan else ({}, None)
+        for h in hints or ():
+            if h.adopt and h.dialog_id not in self.cursors and h.dialog_id not in changed:
+                item = self._adopt(h.dialog_id, h.message_id)
+                if item is not None:
+                    changed[h.dialog_id] = item
         wants: dict = {}
         for did, item in changed.items():
             wants[did] = self._want(did, item)
+        if scan:
+            # dialogs our chat bot holds are in no recent list: the scan re-reads them after their cursors
+            for did, info in self.dialogs.items():
+                if info.adopted and did in self.cursors and did not in wants:
+                    done = max(self.cursors[did], self.fetched.get(did, 0))
+                    wants[did] = _Want(done, done)
         for h in hints or ():
             did = h.dialog_id
+            if h.adopt and did in self.dialogs and not self.dialogs[did].adopted:
+                self.dialogs[did].adopted = True
+                if did in self.cursors:
+                    self.cursors.dirty.add(did)
             if did in wants or did not in self.cursors or (
                     self.lines_only and did in self.dialogs and not self.dialogs[did].is_lines):
                 continue
@@ -2163,13 +2196,19 @@ class Poller:
 
 
 class Hint(tuple):
-    """``(dialog_id, message_id)``: something new in this dialog, up to that message (0: unknown).
-    An empty dialog id means "look everywhere" (a scan)."""
+    """``(dialog_id, message_id, adopt)``: something new in this dialog, up to that message (0:
+    unknown).  An empty dialog id means "look everywhere" (a scan).  *adopt*: our chat bot is in
+    this dialog -- read it even if the recent list never shows it (a chat the bot holds is in
+    nobody's queue)."""
 
     __slots__ = ()
 
-    def __new__(cls, dialog_id: str = "", message_id: int = 0) -> Hint:
-        return tuple.__new__(cls, (str(dialog_id or ""), _int(message_id)))
+    def __new__(cls, dialog_id: str = "", message_id: int = 0, adopt: bool = False) -> Hint:
+        return tuple.__new__(cls, (str(dialog_id or ""), _int(message_id), bool(adopt)))
+
+    @property
+    def adopt(self) -> bool:
+        return self[2]
 
     @property
     def dialog_id(self) -> str:
@@ -2573,7 +2612,7 @@ def push_hints(body: Mapping) -> list:
             dialog = "chat%d" % _int(params.get("CHAT_ID") or params.get("TO_CHAT_ID"))
         if not dialog.startswith("chat"):
             return []         # a private chat with the bot: not an Open Lines dialog
-        return [Hint(dialog, _int(params.get("MESSAGE_ID")) if event == "ONIMBOTMESSAGEADD" else 0)]
+        return [Hint(dialog, _int(params.get("MESSAGE_ID")) if event == "ONIMBOTMESSAGEADD" else 0, True)]
     if event == "ONOPENLINEMESSAGEADD":
         inner = _first(data.get("DATA"))
         msg = as_map(inner.get("message"))
@@ -2598,15 +2637,17 @@ class HintSpool:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("CREATE TABLE IF NOT EXISTS hints (id INTEGER PRIMARY KEY AUTOINCREMENT, "
-                        "dialog TEXT NOT NULL, message INTEGER NOT NULL, event TEXT, received REAL)")
+                        "dialog TEXT NOT NULL, message INTEGER NOT NULL, adopt INTEGER NOT NULL DEFAULT 0, "
+                        "event TEXT, received REAL)")
         self.taken = 0
 
     def add(self, hints: list, event: str) -> None:
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
-                self.db.executemany("INSERT INTO hints (dialog, message, event, received) VALUES (?, ?, ?, ?)",
-                                    [(h.dialog_id, h.message_id, event, time.time()) for h in hints])
+                self.db.executemany("INSERT INTO hints (dialog, message, adopt, event, received) "
+                                    "VALUES (?, ?, ?, ?, ?)",
+                                    [(h.dialog_id, h.message_id, int(h.adopt), event, time.time()) for h in hints])
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
@@ -2615,12 +2656,12 @@ class HintSpool:
     def take(self, limit: int = 500) -> tuple:
         """``(highest row id, [hints])`` of the oldest *limit* rows after those already taken."""
         with self.lock:
-            rows = self.db.execute("SELECT id, dialog, message FROM hints WHERE id > ? ORDER BY id LIMIT ?",
+            rows = self.db.execute("SELECT id, dialog, message, adopt FROM hints WHERE id > ? ORDER BY id LIMIT ?",
                                    (self.taken, limit)).fetchall()
         if not rows:
             return self.taken, []
         self.taken = rows[-1][0]
-        return self.taken, [Hint(d, m) for _i, d, m in rows]
+        return self.taken, [Hint(d, m, bool(a)) for _i, d, m, a in rows]
 
     def remove(self, upto: int) -> None:
         with self.lock:
@@ -2745,6 +2786,16 @@ class _PushHandler(BaseHTTPRequestHandler):
     do_PUT = do_DELETE = do_PATCH = do_HEAD = do_GET
 
     def do_POST(self) -> None:
+        try:
+            self._post()
+        except Exception as exc:  # noqa: BLE001 - one bad request must not look like a lost connection
+            log.exception("receiver: could not handle a POST (%s); the reconciliation scan covers it", exc)
+            try:
+                self._answer(500, "internal error")
+            except OSError:
+                pass
+
+    def _post(self) -> None:
         if self.headers.get("Transfer-Encoding"):
             self._answer(411, "send a Content-Length")
             return
@@ -2790,7 +2841,7 @@ class _PushHandler(BaseHTTPRequestHandler):
                 log.error("receiver: cannot keep the event (%s); the reconciliation scan will find it", exc)
                 self._answer(503, "cannot store the event now")
                 return
-        log.debug("receiver: %s -> %s", event, ", ".join("%s#%d" % h if h[0] else "scan" for h in hints) or "-")
+        log.debug("receiver: %s -> %s", event, ", ".join("%s#%d" % h[:2] if h[0] else "scan" for h in hints) or "-")
         self._answer(200, "ok")
 
     def _parse(self, raw: bytes) -> dict | None:

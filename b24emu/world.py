@@ -615,6 +615,8 @@ class World:
         line = self.lines.get(chat["line_id"])
         if not line or status is None or status >= SESSION_ANSWERED or uid not in line["queue"]:
             return False
+        if line.get("bot") and line["bot"] in chat["members"]:
+            return False        # the line's chat bot holds the session: it is in nobody's queue yet
         return line.get("offer") != "one" or chat["offered_to"] == uid
 
     def _can_read(self, chat: dict, uid: int) -> bool:

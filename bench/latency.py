@@ -80,6 +80,7 @@ def preparer(source: str, poll: float):
         bot_id = bridge.register_chat_bot(client, folder, "http://127.0.0.1:%d/" % port, "Bench bot")
         for line in list(portal.lines):
             portal.line_bot(line, bot_id)
+        portal.users[7]["admin"] = True       # a chat the bot holds is read by permission
         return env
     return prepare
 

@@ -64,7 +64,7 @@ class Parsing(unittest.TestCase):
         self.assertEqual(got["data"]["PARAMS"], {"DIALOG_ID": "chat5", "MESSAGE_ID": "9"})
         self.assertEqual(got["data"]["BOT"]["41"]["BOT_ID"], "41")
         self.assertEqual(got["a"], {"0": "1", "1": "2"})
-        self.assertEqual(bc.push_hints(got), [bc.Hint("chat5", 9)])
+        self.assertEqual(bc.push_hints(got), [bc.Hint("chat5", 9, adopt=True)], "the bot is in it: ours to read")
 
     def test_openline_events_as_the_source_and_as_the_docs_show_them(self) -> None:
         inbound = {"event": "ONOPENLINEMESSAGEADD", "data": {"DATA": {"connector": {"line_id": "3"},
@@ -263,6 +263,7 @@ class Receiver(QuietWorld):
         time.sleep(1.5)
         self.assertEqual(self.asked("pushed"), 1, "seen by the receiver and the event queue, asked once")
         self.assertEqual(self.spooled(), 0, "handled hints leave the spool")
+        self.assertEqual(self.portal.push_stats()["failed"], 0, "every POST got its 200")
         self.assertEqual(proc.stop(), 0)
 
     def test_forged_oversized_and_malformed_posts_are_refused_and_nothing_is_processed(self) -> None:
@@ -327,7 +328,9 @@ class ChatBot(QuietWorld):
         self.assertNotIn(saved["client_id"], reg.stdout + reg.stderr, "the CLIENT_ID is a secret")
         bot_id = saved["bot_id"]
         self.portal.line_bot(3, bot_id)            # chosen as the line's chat bot in its settings
-        proc = self.start_bridge(B24_LISTEN="127.0.0.1:%d" % port, B24_POLL_SEC="5", B24_RECONCILE_SEC="60")
+        # a chat the bot holds is in no operator's queue: the webhook user reads it by permission
+        self.portal.users[7]["admin"] = True
+        proc = self.start_bridge(B24_LISTEN="127.0.0.1:%d" % port, B24_POLL_SEC="5", B24_RECONCILE_SEC="4")
         self.assertTrue(proc.wait_stderr("replies go as the chat bot", 5), proc.all_output())
         new = self.portal.new_conversation(3, "Rita Example", "+10000000170", "hello bot")
         chat = new["chat_id"]
@@ -335,6 +338,13 @@ class ChatBot(QuietWorld):
         reply = self.portal.chat_messages(chat)[-1]
         self.assertEqual(reply["author_id"], bot_id, "posted by the chat bot")
         self.assertEqual(self.asked("hello bot"), 1)
+        self.portal.customer_message(chat, "and again")     # after the bot's answer: still ours
+        self.wait_for(lambda: self.answered(chat, "and again"), 5, "the second answer")
+        self.portal.behave(drop_push=1)                     # an event lost: the reconciliation re-reads
+        self.portal.customer_message(chat, "lost event")
+        self.wait_for(lambda: self.answered(chat, "lost event"), 12, "the reconciliation of the bot's dialog")
+        self.assertEqual((self.asked("and again"), self.asked("lost event")), (1, 1))
+        self.assertEqual(self.portal.push_stats()["failed"], 0, "every POST got its 200")
         self.assertNotIn(saved["client_id"], proc.all_output())
         self.assertEqual(proc.stop(), 0)
         gone = self.run_script("b24_ol_bridge.py", "--unregister-bot", env=self.bridge_env())
