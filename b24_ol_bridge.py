@@ -1317,6 +1317,9 @@ class Bridge:
             log.warning("reload: B24_WEBHOOK_BASE changed -- that needs a restart; the rest is applied")
         if settings.http_listen != self.settings.http_listen:
             log.warning("reload: BRIDGE_HTTP_LISTEN changed -- that needs a restart; the rest is applied")
+        if (cfg.source, cfg.listen, cfg.app_token) != (self.cfg.source, self.cfg.listen, self.cfg.app_token):
+            log.warning("reload: B24_SOURCE, B24_LISTEN or B24_APP_TOKEN changed -- that needs a restart; "
+                        "the rest is applied")
         with self.lock:
             self._use_bots(cfg, bot)
         if settings.concurrency != self.settings.concurrency and not self.args.workers:
@@ -1324,6 +1327,8 @@ class Bridge:
         self.take = "answer" if getattr(self.args, "take", False) else settings.take
         self.settings = settings
         self.interval = self.args.interval or cfg.poll_sec
+        if self.inbound is not None:
+            self.inbound.retune(self.interval, cfg.reconcile_sec)
         self.live.stuck_after = settings.stuck_sec or max(cfg.bot_timeout, cfg.http_timeout) + 60
         if bot is not None and bot.insecure_remote:
             log.warning("BOT_HTTP_URL is plain http:// to %s: the bot's token and your customers' messages "
@@ -1650,8 +1655,19 @@ def check(args: argparse.Namespace) -> int:
         doctor.ok("bridge settings: retry for %g h, replies up to %d characters%s" % (
             settings.retry_hours, settings.max_chars,
             ", health on %s:%d" % settings.http_listen if settings.http_listen else ""))
-        _folder, path, _base = _state_paths(args, cfg, environ)
+        folder, path, _base = _state_paths(args, cfg, environ)
         doctor.state_dir(os.path.dirname(os.path.abspath(path)))
+        try:
+            reg = load_chat_bot(folder, cfg.portal_host)
+        except bc.ConfigError as exc:
+            doctor.fail(str(exc), "run --register-bot again")
+            reg = None
+        if reg:
+            doctor.ok("chat bot %s registered; replies go as the bot, its events to %s" % (
+                reg["bot_id"], bc.split_url(str(reg.get("url") or "http://unknown/"), "url", "").hostname))
+            if not cfg.listen:
+                doctor.warn("a chat bot is registered but B24_LISTEN is not set: its events are not heard "
+                            "(the scan still finds what the webhook user can see)")
         for what, bot in all_bots(cfg):
             if bot.insecure_remote:
                 doctor.warn("bot (%s): plain http:// to %s -- the token and messages cross the network "

@@ -2259,6 +2259,9 @@ class Source:
     def restore(self, position: Any) -> None:
         pass
 
+    def retune(self, poll_sec: float, reconcile_sec: float) -> None:
+        """New intervals (a reloaded settings file)."""
+
     def close(self) -> None:
         pass
 
@@ -2274,6 +2277,12 @@ class ScanSource(Source):
                  fast: Callable[[], bool] | None = None):
         self.every, self.fast_every, self.fast = every, fast_every, fast
         self.first = True
+
+    def retune(self, poll_sec: float, reconcile_sec: float) -> None:
+        if self.fast_every is None:        # the whole job
+            self.every = poll_sec
+        else:                              # the reconciliation pass
+            self.every, self.fast_every = reconcile_sec, poll_sec
 
     def interval(self) -> float:
         if self.fast_every is not None and self.fast is not None and self.fast():
@@ -2338,6 +2347,9 @@ class EventQueueSource(Source):
 
     def position(self) -> Any:
         return self.offset
+
+    def retune(self, poll_sec: float, reconcile_sec: float) -> None:
+        self.interval = poll_sec
 
     def restore(self, position: Any) -> None:
         if isinstance(position, int) and position > 0:
@@ -2456,6 +2468,10 @@ class Inbound:
 
     def positions(self) -> dict:
         return {s.name: s.position() for s in self.sources if s.position() is not None}
+
+    def retune(self, poll_sec: float, reconcile_sec: float) -> None:
+        for s in self.sources:
+            s.retune(poll_sec, reconcile_sec)
 
     def restore(self, positions: Mapping | None) -> None:
         for s in self.sources:
@@ -3676,7 +3692,26 @@ class Doctor:
         if lines and not any(inside for _l, _n, inside in lines):
             self.fail("Open Lines: the webhook user is in no line's queue",
                       "add it to the WhatsApp lines' queues (Contact Center -> Open Channels -> Queue)")
+        self.sources(cfg)
         return client
+
+    def sources(self, cfg: Config) -> None:
+        """What push settings say (without subscribing to anything: the doctor changes nothing)."""
+        self.ok("source: B24_SOURCE=%s, reconciliation every %g s" % (cfg.source, cfg.reconcile_sec))
+        if not cfg.listen:
+            return
+        if not cfg.app_token:
+            self.warn("B24_LISTEN is set without B24_APP_TOKEN: only the registered chat bot's events are "
+                      "accepted (set the outgoing webhook's application token)")
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in cfg.listen[0] else socket.AF_INET) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(cfg.listen)
+        except OSError as exc:
+            self.fail("B24_LISTEN %s:%d: cannot listen (%s)" % (cfg.listen + (exc.strerror or exc,)),
+                      "pick a free port (is a bridge already running?)")
+            return
+        self.ok("B24_LISTEN %s:%d: free; put your TLS proxy in front of it" % cfg.listen)
 
     def state_dir(self, folder: str) -> None:
         """The state folder exists (or can be made), is writable, and is not readable by others."""

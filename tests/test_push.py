@@ -135,6 +135,25 @@ class EventQueueOnTheEmulator(PortalCase):
         self.assertIsNone(src.next_batch(stop), "nothing new")
         self.assertEqual(self.portal.event_queues[7]["events"], [], "passing the offset acknowledged it all")
 
+    def test_errors_back_off_and_a_revoked_webhook_is_handed_up(self) -> None:
+        client = self.client(B24_MAX_RETRIES="0")
+        self.assertTrue(bc.event_source_available(client)[0])
+        src = bc.EventQueueSource(client, interval=0.05)
+        stop = threading.Event()
+        self.portal.fault("http500", count=2, method="im.v2.event.get")
+        self.portal.customer_message(self.ids["lines_member"], "after the errors")
+        started = time.monotonic()
+        self.assertIsNone(src.next_batch(stop))
+        self.assertIsNone(src.next_batch(stop))
+        self.assertEqual(src.failures, 2)
+        self.assertGreaterEqual(time.monotonic() - started, 0.05 * 2 + 0.05 * 4 - 0.02, "growing pauses")
+        got = src.next_batch(stop)
+        self.assertEqual(len(got.hints), 1)
+        self.assertEqual(src.failures, 0)
+        self.portal.set_webhook(active=False)
+        revoked = src.next_batch(stop)
+        self.assertIsInstance(revoked.error, bc.AuthError, "the host decides: exit 2")
+
     def test_a_portal_without_the_event_queue_is_polled(self) -> None:
         del type(self.portal).METHODS["im.v2.event.subscribe"]
         self.addCleanup(type(self.portal).METHODS.__setitem__, "im.v2.event.subscribe",
