@@ -1787,7 +1787,7 @@ def main(argv: list | None = None) -> int:
                     client, self_id=me, interval=bridge.interval,
                     spool_path=base + ".receiver.sqlite",
                     client_id=(bridge.chat_bot or {}).get("client_id", ""),
-                    waiting=lambda: any(d.waiting for d in list(poller.dialogs.values())),
+                    waiting=poller.has_waiting,
                     skip=lambda m: bc._int(m.get("authorId")) == me and bc.is_bridge_uuid(client.host, m.get("uuid"))))
                 bridge.inbound = bc.Inbound(sources)
                 bridge.inbound.restore(bc.as_map(store.get_meta().get("sources")))

@@ -191,17 +191,15 @@ class Reader:
             self.store.save()       # leaving (--once, SIGTERM): keep the newest watermark
         return bc.EXIT_OK
 
-
     def listen(self, me: int) -> None:
         """Until stopped: the sources B24_SOURCE / B24_LISTEN choose, through the poller."""
         assert self.poller is not None
-        poller = self.poller
         spool = ":memory:"
         if self.state is not None and self.client.config.listen:
             spool = os.path.join(os.path.dirname(os.path.abspath(self.state.path)),
                                  "reader-receiver-%d.sqlite" % self.client.config.listen[1])
         sources = bc.choose_sources(self.client, self_id=me, interval=self.interval, spool_path=spool,
-                                    waiting=lambda: any(d.waiting for d in list(poller.dialogs.values())))
+                                    waiting=self.poller.has_waiting)
         inbound = bc.Inbound(sources)
         if self.store is not None:
             inbound.restore(self.store.saved_sources)

@@ -72,7 +72,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 VERSION = "0.3.0"
 
@@ -1753,6 +1753,11 @@ class Poller:
         """The scalar state a store keeps beside the per-dialog cursors."""
         return {"watermark": self._committed_watermark, "floor_id": self.floor_id}
 
+    def has_waiting(self) -> bool:
+        """Is a dialog waiting in a queue in sight?  (Such chats produce no events.)  Safe from any
+        thread: the values are copied in one step."""
+        return any(d.waiting for d in list(self.dialogs.values()))
+
     @_locked
     def forget(self, dialog_id: str) -> None:
         """Drop what is known of a dialog (it comes back as a dialog first seen, from then on)."""
@@ -2193,30 +2198,14 @@ class Poller:
 # (or how many) saw it.  A hint about a message at or below the cursor costs
 # nothing; a hint that was lost is made good by the reconciliation scan.
 
+class Hint(NamedTuple):
+    """Something new in *dialog_id*, up to *message_id* (0: unknown).  An empty dialog id means "look
+    everywhere" (a scan).  *adopt*: our chat bot is in this dialog -- read it even if the recent list
+    never shows it (a chat the bot holds is in nobody's queue)."""
 
-
-class Hint(tuple):
-    """``(dialog_id, message_id, adopt)``: something new in this dialog, up to that message (0:
-    unknown).  An empty dialog id means "look everywhere" (a scan).  *adopt*: our chat bot is in
-    this dialog -- read it even if the recent list never shows it (a chat the bot holds is in
-    nobody's queue)."""
-
-    __slots__ = ()
-
-    def __new__(cls, dialog_id: str = "", message_id: int = 0, adopt: bool = False) -> Hint:
-        return tuple.__new__(cls, (str(dialog_id or ""), _int(message_id), bool(adopt)))
-
-    @property
-    def adopt(self) -> bool:
-        return self[2]
-
-    @property
-    def dialog_id(self) -> str:
-        return self[0]
-
-    @property
-    def message_id(self) -> int:
-        return self[1]
+    dialog_id: str = ""
+    message_id: int = 0
+    adopt: bool = False
 
 
 SCAN = Hint()
@@ -2231,10 +2220,6 @@ class Delivery:
                  error: BaseException | None = None):
         self.source, self.hints, self.position, self.more, self.error = source, hints, position, more, error
         self.handled = threading.Event()
-
-    @property
-    def scan(self) -> bool:
-        return any(not h.dialog_id for h in self.hints)
 
 
 class Source:
@@ -2515,9 +2500,9 @@ def choose_sources(client: Client, *, self_id: int, interval: float, spool_path:
         if not ok:
             log.info("source: polling every %g s (this portal has no event queue: %s)", interval, why)
         elif queues:
-            log.info("source: polling every %g s -- the event queue is not used: you are in the queue of line %s "
-                     "and chats waiting there produce no events (B24_SOURCE=events uses it anyway)",
-                     interval, ", ".join(queues))
+            log.info("source: polling every %g s -- the event queue is not used: you are in the queue of %s %s, "
+                     "and chats waiting in a queue produce no events (B24_SOURCE=events uses it anyway)",
+                     interval, "lines" if len(queues) > 1 else "line", ", ".join(queues))
         events = ok and not queues
     elif events:
         ok, why = event_source_available(client)
@@ -2700,7 +2685,10 @@ class ReceiverSource(Source):
     def __init__(self, listen: tuple, *, app_token: str = "", client_id: str = "", spool_path: str = ":memory:",
                  portal_host: str = ""):
         self.listen = listen
-        self.spool = HintSpool(spool_path)
+        try:
+            self.spool = HintSpool(spool_path)
+        except sqlite3.Error as exc:
+            raise ConfigError("%s: cannot open the receiver's spool (%s)" % (spool_path, exc)) from None
         self.arrived = threading.Event()
         self.server = PushReceiver(listen, self, app_token=app_token, client_id=client_id, portal_host=portal_host)
 

@@ -152,7 +152,7 @@ def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=40, help="messages per source (default 40)")
     parser.add_argument("--poll", type=float, default=1.0, help="B24_POLL_SEC for every source (default 1)")
-    parser.add_argument("--idle", type=float, default=20.0, help="seconds of idling measured (default 20)")
+    parser.add_argument("--idle", type=float, default=60.0, help="seconds of idling measured (default 60)")
     args = parser.parse_args(argv)
     bot = mock_bot_server.BotServer().start()
     server = mp.serve()

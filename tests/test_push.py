@@ -388,3 +388,35 @@ class ReaderSources(QuietWorld):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class ReadmePushMode(BridgeHarness):
+    """The README's "try all of it locally" steps, as a newcomer runs them (free ports instead of 8088/8089)."""
+
+    def test_the_local_walkthrough_works_as_printed(self) -> None:
+        with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as fh:
+            block = fh.read().split("Try all of it locally", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+        self.assertIn("python3 mock_b24_portal.py --port 8088 &", block)
+        self.assertIn("_control/outgoing_webhook -d '{\"url\": \"http://127.0.0.1:8089/b24\"}'", block)
+        self.assertIn("B24_LISTEN=127.0.0.1:8089 B24_APP_TOKEN=... python3 b24_ol_bridge.py", block)
+        self.assertIn("_control/customer_message -d '{\"chat_id\": 1778, \"text\": \"hi\"}'", block)
+        portal_port, listen = free_port(), free_port()
+        portal = self.start_script("mock_b24_portal.py", "--port", str(portal_port))
+        first = portal.read_lines(1, 10)
+        self.assertTrue(first and first[0].startswith("B24_WEBHOOK_BASE="), first)
+        base = first[0].split("=", 1)[1]
+        status, text = post(portal_port, json.dumps({"url": "http://127.0.0.1:%d/b24" % listen}).encode(),
+                            ctype="application/json", path="/_control/outgoing_webhook")
+        self.assertEqual(status, 200, text)
+        token = json.loads(text)["result"]["application_token"]
+        proc = self.start_script("b24_ol_bridge.py", env=self.bridge_env(
+            B24_WEBHOOK_BASE=base, B24_LISTEN="127.0.0.1:%d" % listen, B24_APP_TOKEN=token, B24_POLL_SEC="30"))
+        self.assertTrue(proc.wait_stderr("bridging Open Lines", 20), proc.all_output())
+        t0 = time.monotonic()
+        status, text = post(portal_port, json.dumps({"chat_id": 1778, "text": "hi"}).encode(),
+                            ctype="application/json", path="/_control/customer_message")
+        self.assertEqual(status, 200, text)
+        self.wait_for(lambda: any(r["payload"]["text"] == "hi" for r in self.bot.received), 10, "the bot")
+        self.assertLess(time.monotonic() - t0, 5, "pushed, not the 30 s poll")
+        self.assertNotIn(token, proc.all_output())
+        self.assertEqual(proc.stop(), 0)
