@@ -1148,7 +1148,7 @@ class Bridge:
         for b in batches or ():
             if b.error is not None:
                 raise b.error
-            if getattr(b.source, "name", "") == "events" and b.position is not None:
+            if b.source.keeps_position and b.position is not None:
                 self.positions[b.source.name] = b.position   # saved with what it pointed at
         hints = None if batches is None else bc.hints_of(batches)
         msgs = self.poller.poll(auto_ack=True, hints=hints)

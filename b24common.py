@@ -2228,6 +2228,7 @@ class Source:
     :meth:`restore` carry what must survive a restart (the event queue's offset)."""
 
     name = "source"
+    keeps_position = False      # True: position() must be saved with the work a batch led to
 
     def start(self) -> None:
         pass
@@ -2316,6 +2317,7 @@ class EventQueueSource(Source):
     """
 
     name = "events"
+    keeps_position = True
 
     def __init__(self, client: Client, *, interval: float, lines_only: bool = True,
                  skip: Callable[[Mapping], bool] | None = None):

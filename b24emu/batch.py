@@ -5,10 +5,7 @@ import re
 import urllib.parse
 from typing import Any
 
-from .world import (
-    RestError,
-    php_parse,
-)
+from .world import RestError, php_parse
 
 
 class Batch:

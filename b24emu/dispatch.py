@@ -3,12 +3,7 @@ from __future__ import annotations
 
 import time
 
-from .world import (
-    OPERATING_MIN_COUNTED,
-    RestError,
-    _int_param,
-    _iso,
-)
+from .world import OPERATING_MIN_COUNTED, RestError, _int_param, _iso
 
 
 class Dispatch:

@@ -4,12 +4,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .world import (
-    RestError,
-    _int_param,
-    _iso,
-    _yes,
-)
+from .world import RestError, _int_param, _iso, _yes
 
 
 class ImDialog:

@@ -5,10 +5,7 @@ import re
 import time
 from typing import Any
 
-from .world import (
-    RestError,
-    _yes,
-)
+from .world import RestError, _yes
 
 
 class ImMessage:

@@ -4,11 +4,7 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Any
 
-from .world import (
-    RestError,
-    _int_param,
-    _yes,
-)
+from .world import RestError, _int_param, _yes
 
 
 class ImRecent:

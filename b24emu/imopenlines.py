@@ -4,13 +4,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .world import (
-    SESSION_NEW,
-    RestError,
-    _int_param,
-    _iso,
-    _yes,
-)
+from .world import SESSION_NEW, RestError, _int_param, _iso, _yes
 
 
 class Imopenlines:

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .world import (
-    _iso,
-    _yes,
-)
+from .world import _iso, _yes
 
 
 class UserMethods:
