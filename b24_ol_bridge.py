@@ -1668,6 +1668,7 @@ def check(args: argparse.Namespace) -> int:
             if not cfg.listen:
                 doctor.warn("a chat bot is registered but B24_LISTEN is not set: its events are not heard "
                             "(the scan still finds what the webhook user can see)")
+        doctor.receiver_token(cfg, chat_bot=bool(reg))
         for what, bot in all_bots(cfg):
             if bot.insecure_remote:
                 doctor.warn("bot (%s): plain http:// to %s -- the token and messages cross the network "

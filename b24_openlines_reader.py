@@ -232,6 +232,8 @@ def main(argv: list | None = None, out: TextIO | None = None) -> int:
     bc.setup_logging(-1 if args.quiet else args.verbose, json_lines=args.log_json)
 
     def check_state(doctor: bc.Doctor, environ: dict, client: bc.Client | None) -> None:
+        if client is not None:
+            doctor.receiver_token(client.config)
         if args.state is not None:
             folder = os.path.dirname(os.path.abspath(args.state)) if args.state else bc.default_state_dir(environ)
             doctor.state_dir(folder)

@@ -3690,9 +3690,6 @@ class Doctor:
         self.ok("source: B24_SOURCE=%s, reconciliation every %g s" % (cfg.source, cfg.reconcile_sec))
         if not cfg.listen:
             return
-        if not cfg.app_token:
-            self.warn("B24_LISTEN is set without B24_APP_TOKEN: only the registered chat bot's events are "
-                      "accepted (set the outgoing webhook's application token)")
         try:
             with socket.socket(socket.AF_INET6 if ":" in cfg.listen[0] else socket.AF_INET) as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -3702,6 +3699,16 @@ class Doctor:
                       "pick a free port (is a bridge already running?)")
             return
         self.ok("B24_LISTEN %s:%d: free; put your TLS proxy in front of it" % cfg.listen)
+
+    def receiver_token(self, cfg: Config, *, chat_bot: bool = False) -> None:
+        """With B24_LISTEN: something must authenticate the POSTs (the token, or the chat bot's CLIENT_ID)."""
+        if not cfg.listen or cfg.app_token:
+            return
+        if chat_bot:
+            self.warn("B24_LISTEN without B24_APP_TOKEN: only the chat bot's events are accepted")
+        else:
+            self.fail("B24_LISTEN is set but B24_APP_TOKEN is not: the receiver would accept nothing",
+                      "put the outgoing webhook's application token in B24_APP_TOKEN")
 
     def state_dir(self, folder: str) -> None:
         """The state folder exists (or can be made), is writable, and is not readable by others."""

@@ -328,6 +328,10 @@ class Receiver(QuietWorld):
     def test_without_a_token_the_receiver_does_not_start(self) -> None:
         proc = self.run_script("b24_ol_bridge.py", env=self.bridge_env(B24_LISTEN=str(free_port())))
         self.assertOneLineError(proc, 2, "B24_APP_TOKEN")
+        check = self.run_script("b24_ol_bridge.py", "--check", env=self.bridge_env(B24_LISTEN=str(free_port())))
+        self.assertEqual(check.returncode, 1, check.stdout)
+        self.assertIn("\u2717 B24_LISTEN is set but B24_APP_TOKEN is not", check.stdout)
+        self.assertIn("source: B24_SOURCE=auto", check.stdout)
 
 
 class ChatBot(QuietWorld):
