@@ -101,8 +101,6 @@ class EventMethods:
                                  "message": {"id": (msg["params"].get("CONNECTOR_MID") or [""])[0]
                                              if isinstance(msg["params"], dict) else "",
                                              "date": int(msg["date"]), "text": msg["text"]}}}
-                if getattr(self, "event_data_list", False):
-                    data["DATA"] = [data["DATA"]]
             elif msg["author_id"]:
                 # outbound (an operator or the API wrote): IM ids
                 data = {"CONNECTOR": line.get("connector", ""), "LINE": chat["line_id"],
