@@ -1295,7 +1295,7 @@ class Bridge:
                 failures += 1
                 if not self.trouble:
                     self.trouble = (time.time(), str(exc))
-                delay = min(bc.POLL_BACKOFF_MAX_SEC, 2.0 ** min(failures, 6))
+                delay = bc.poll_backoff(1.0, failures)
                 log.warning("%s: %s -- trying again in %.0f s", what, exc, delay)
                 bc.sd_notify(STATUS="%s; %s" % (self.phase, self.problem()))
                 if self.stop.wait(delay):
@@ -1393,7 +1393,7 @@ class Bridge:
                     failures += 1
                     if not self.trouble:
                         self.trouble = (time.time(), str(exc))
-                    delay = min(bc.POLL_BACKOFF_MAX_SEC, self.interval * (2 ** min(failures, 6)))
+                    delay = bc.poll_backoff(self.interval, failures)
                     log.warning("%s -- trying again in %.0f s", exc, delay)
                     next_poll = now + delay
                     self.pending = batches

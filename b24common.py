@@ -2352,7 +2352,7 @@ class EventQueueSource(Source):
             res = as_map(self.client.call("im.v2.Event.get", params))
         except (RateLimitError, ServerError, TransportError) as exc:
             self.failures += 1
-            delay = min(POLL_BACKOFF_MAX_SEC, self.interval * (2 ** min(self.failures, 6)))
+            delay = poll_backoff(self.interval, self.failures)
             log.warning("event queue: %s -- trying again in %.0f s", exc, delay)
             self.more = False
             stop.wait(delay)
@@ -2551,7 +2551,7 @@ def run_sources(inbound: Inbound, handle: Callable[[list], bool], *, stop: threa
             ok = handle(batches)
         except (RateLimitError, ServerError, TransportError) as exc:
             failures += 1
-            delay = min(POLL_BACKOFF_MAX_SEC, interval * (2 ** min(failures, 6)))
+            delay = poll_backoff(interval, failures)
             log.warning("%s -- trying again in %.0f s", exc, delay)
             inbound.put_back(batches)
             stop.wait(delay)
@@ -3435,6 +3435,11 @@ class PollerStore:
             self.saved_at = time.monotonic()
 
 
+def poll_backoff(interval: float, failures: int) -> float:
+    """The pause after *failures* failed cycles in a row: the interval doubled each time, at most a minute."""
+    return min(POLL_BACKOFF_MAX_SEC, interval * (2 ** min(failures, 6)))
+
+
 def poll_forever(cycle: Callable[[], Any], *, interval: float, stop: threading.Event, once: bool = False,
                  on_success: Callable[[], Any] | None = None) -> None:
     """Run *cycle* every *interval* seconds until *stop* is set.
@@ -3454,7 +3459,7 @@ def poll_forever(cycle: Callable[[], Any], *, interval: float, stop: threading.E
             if once:
                 raise
             failures += 1
-            delay = min(POLL_BACKOFF_MAX_SEC, interval * (2 ** min(failures, 6)))
+            delay = poll_backoff(interval, failures)
             log.warning("%s -- trying again in %.0f s", exc, delay)
         if once:
             return
