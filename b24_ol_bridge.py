@@ -515,7 +515,7 @@ class Bridge:
         self.outbox: queue.Queue = queue.Queue()
         self.inbound: bc.Inbound | None = None     # the sources (see choose_sources); None: scans only
         self.pending: list = []               # batches not handled yet (an outage, a full disk)
-        self.positions: dict = {}             # the sources' positions to save with the next commit
+        self.positions: dict = {}             # the sources' positions to save with the next commit (cycle())
         self.chat_bot: dict | None = None      # the registered Open Lines chat bot (--register-bot)
         self.told_bot: set = set()
         self.scans = 0                        # scans done (--once waits for one)
@@ -1148,8 +1148,8 @@ class Bridge:
         for b in batches or ():
             if b.error is not None:
                 raise b.error
-            if b.source.keeps_position and b.position is not None:
-                self.positions[b.source.name] = b.position   # saved with what it pointed at
+        if batches and self.inbound is not None:
+            self.positions = self.inbound.positions(after=batches)   # saved with the work they led to
         hints = None if batches is None else bc.hints_of(batches)
         msgs = self.poller.poll(auto_ack=True, hints=hints)
         if hints is None or bc.SCAN in hints:

@@ -2228,7 +2228,6 @@ class Source:
     :meth:`restore` carry what must survive a restart (the event queue's offset)."""
 
     name = "source"
-    keeps_position = False      # True: position() must be saved with the work a batch led to
 
     def start(self) -> None:
         pass
@@ -2241,6 +2240,10 @@ class Source:
 
     def position(self) -> Any:
         return None
+
+    def position_after(self, delivery: Delivery) -> Any:
+        """What :meth:`position` will be once *delivery* is acknowledged (saved with its work)."""
+        return self.position()
 
     def restore(self, position: Any) -> None:
         pass
@@ -2317,7 +2320,6 @@ class EventQueueSource(Source):
     """
 
     name = "events"
-    keeps_position = True
 
     def __init__(self, client: Client, *, interval: float, lines_only: bool = True,
                  skip: Callable[[Mapping], bool] | None = None):
@@ -2374,9 +2376,13 @@ class EventQueueSource(Source):
                 hints.append(h)
         return Delivery(self, hints, upto, more=self.more)
 
-    def ack(self, delivery: Delivery) -> None:
+    def position_after(self, delivery: Delivery) -> Any:
         if isinstance(delivery.position, int):
-            self.offset = max(self.offset or 0, delivery.position)
+            return max(self.offset or 0, delivery.position)
+        return self.offset
+
+    def ack(self, delivery: Delivery) -> None:
+        self.offset = self.position_after(delivery)
 
 
 def event_source_available(client: Client) -> tuple:
@@ -2453,8 +2459,12 @@ class Inbound:
             b.source.ack(b)
             b.handled.set()
 
-    def positions(self) -> dict:
-        return {s.name: s.position() for s in self.sources if s.position() is not None}
+    def positions(self, after: Iterable[Delivery] = ()) -> dict:
+        """``{source: position}`` to save -- as they will be once the batches *after* are acknowledged."""
+        out = {s.name: s.position() for s in self.sources}
+        for b in after:
+            out[b.source.name] = b.source.position_after(b)
+        return {name: pos for name, pos in out.items() if pos is not None}
 
     def retune(self, poll_sec: float, reconcile_sec: float) -> None:
         for s in self.sources:
