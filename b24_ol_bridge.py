@@ -740,7 +740,8 @@ class Bridge:
         self.cannot_post[row.dialog] = session
 
     def _posted_parts(self, row: Row) -> int:
-        """How many parts of this message's answer are already in the dialog (by their TEMPLATE_IDs).
+        """How many parts of this message's answer are already in the dialog (by their TEMPLATE_IDs, or the
+        chat bot's texts: imbot.message.add takes no TEMPLATE_ID).
 
         Asked once for a message left over from an earlier run: a crash between posting a part and
         recording it must not post it twice, even on a portal that has forgotten the uuid."""
@@ -970,8 +971,11 @@ class Bridge:
                     "DIALOG_ID": row.dialog, "MESSAGE": text}, write=True)
                 return None
             except bc.UnknownOutcomeError as exc:
-                # imbot.message.add has no TEMPLATE_ID: look for the bot's text after the customer's message
-                return None if self._bot_posted(row, text) else exc
+                # imbot.message.add has no TEMPLATE_ID: _posted_parts() looks for the bot's texts instead
+                try:
+                    return None if self._posted_parts(row) > row.posted else exc
+                except bc.B24Error:
+                    return exc
             except (bc.RateLimitError, bc.ServerError, bc.TransportError, bc.AuthError) as exc:
                 return exc
             except bc.APIError as exc:
@@ -984,16 +988,6 @@ class Bridge:
             return None
         except bc.B24Error as exc:
             return exc
-
-    def _bot_posted(self, row: Row, text: str) -> bool:
-        try:
-            res = self.client.call("im.dialog.messages.get", {"DIALOG_ID": row.dialog, "FIRST_ID": row.message_id,
-                                                              "LIMIT": bc.MESSAGES_PAGE})
-        except bc.B24Error:
-            return False
-        bot_id = bc._int(self.chat_bot["bot_id"]) if self.chat_bot else 0
-        return any(isinstance(m, Mapping) and bc._int(m.get("author_id")) == bot_id and m.get("text") == text
-                   for m in bc.as_map(res).get("messages") or [])
 
     def _find_posted(self, rows: dict) -> dict:
         try:
