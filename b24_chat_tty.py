@@ -51,6 +51,76 @@ COLORS = {"customer": "32", "self": "36", "operator": "33", "bot": "35", "system
           "note": "2", "error": "31", "title": "1"}
 
 
+class DialogReader:
+    """Reads one dialog: newest N, older pages (``LAST_ID``), new ones (``FIRST_ID``)."""
+
+    def __init__(self, client: bc.Client, dialog_id: str, *, self_id: int):
+        self.client = client
+        self.dialog_id = dialog_id
+        self.factory = bc.MessageFactory(self_id)
+        self.info = bc.DialogInfo(dialog_id, is_lines=dialog_id.startswith("chat"))
+        self.cursor = 0
+
+    def load_info(self) -> bc.DialogInfo:
+        """``im.dialog.get`` -> title (the other person's name for a private dialog), line, customer."""
+        chat = bc.as_map(self.client.call("im.dialog.get", {"DIALOG_ID": self.dialog_id}))
+        self.info = bc.DialogInfo.from_chat(self.dialog_id, chat)
+        return self.info
+
+    def _get(self, params: dict) -> list:
+        params = dict(params, DIALOG_ID=self.dialog_id)
+        msgs, users, files = bc.messages_of(self.client.call("im.dialog.messages.get", params))
+        self.factory.learn(users, self.info, files)
+        msgs.sort(key=lambda m: bc.as_int(m.get("id")))
+        return [self.factory.make(m, self.dialog_id, self.info) for m in msgs]
+
+    def newest(self, count: int) -> list:
+        """The newest *count* messages, oldest first; moves the cursor to the newest."""
+        out: list = []
+        last = 0
+        while len(out) < count:
+            want = min(bc.MESSAGES_PAGE, count - len(out))
+            page = self._get({"LAST_ID": last, "LIMIT": want})
+            if not page:
+                break
+            out = page + out
+            last = page[0].id
+            if len(page) < want:
+                break
+        out = out[-count:] if count else []
+        if out:
+            self.cursor = max(self.cursor, out[-1].id)
+        elif not self.cursor:
+            latest = self._get({"LAST_ID": 0, "LIMIT": 1})
+            self.cursor = latest[-1].id if latest else 0
+        return out
+
+    def older(self, before_id: int, count: int) -> list:
+        """Up to *count* messages older than *before_id*, oldest first."""
+        out: list = []
+        while len(out) < count and before_id > 0:
+            page = self._get({"LAST_ID": before_id, "LIMIT": min(bc.MESSAGES_PAGE, count - len(out))})
+            if not page:
+                break
+            out = page + out
+            before_id = page[0].id
+        return out[-count:]
+
+    def new(self) -> list:
+        """Messages after the cursor, oldest first, all of them (pages of 50)."""
+        out: list = []
+        while True:
+            page = [m for m in self._get({"FIRST_ID": self.cursor, "LIMIT": bc.MESSAGES_PAGE})
+                    if m.id > self.cursor]
+            if not page:
+                return out
+            out.extend(page)
+            self.cursor = page[-1].id
+            if len(page) < bc.MESSAGES_PAGE:
+                return out
+
+
+
 def _parse_args(argv: list | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="b24_chat_tty.py",
@@ -154,7 +224,7 @@ class Chat:
         self.inbox: queue.Queue = queue.Queue()
         self.wake = threading.Event()
         self.stop = threading.Event()
-        self.reader: bc.DialogReader | None = None
+        self.reader: DialogReader | None = None
         self.reader_lock = threading.Lock()
         self.oldest = 0
         self.prefill = ""
@@ -326,7 +396,7 @@ class Chat:
                 rows = self.client.call("imopenlines.config.list.get",
                                         {"PARAMS": {"select": ["ID", "LINE_NAME"]}})
                 for row in rows if isinstance(rows, list) else []:
-                    self.line_names[bc._int(row.get("ID"))] = str(row.get("LINE_NAME") or "")
+                    self.line_names[bc.as_int(row.get("ID"))] = str(row.get("LINE_NAME") or "")
             except bc.APIError:
                 pass
         return self.line_names
@@ -342,7 +412,7 @@ class Chat:
                 continue
             seen.add(info.dialog_id)
             user = item.get("user")
-            if isinstance(user, dict) and bc._int(user.get("id")) == info.customer_id:
+            if isinstance(user, dict) and bc.as_int(user.get("id")) == info.customer_id:
                 info.learn_customer(user)
             dialogs.append((info, item))
         if not dialogs:
@@ -354,9 +424,9 @@ class Chat:
         self.screen.line("Your Open Lines dialogs:", "title")
         for n, (info, item) in enumerate(dialogs, 1):
             msg = bc.as_map(item.get("message"))
-            when = _local(bc._parse_date(msg.get("date")))
+            when = _local(bc.parse_date(msg.get("date")))
             waiting = "date_last_activity" not in item and "last_id" not in item
-            unread = bc._int(item.get("counter"))
+            unread = bc.as_int(item.get("counter"))
             name = info.customer_name or info.title.split(" - ")[0]
             text = bc.bbcode_to_text(msg.get("text")).replace("\n", " ")
             self.screen.line("%3d. %-9s %s%s  [%s]%s%s" % (
@@ -407,12 +477,12 @@ class Chat:
         for info in missing:
             users = res.results.get(info.dialog_id)
             for u in users if isinstance(users, list) else []:
-                if isinstance(u, dict) and bc._int(u.get("id")) == info.customer_id:
+                if isinstance(u, dict) and bc.as_int(u.get("id")) == info.customer_id:
                     info.learn_customer(u)
 
     # -- one dialog ------------------------------------------------------------------------
     def open(self, dialog_id: str) -> None:
-        reader = bc.DialogReader(self.client, dialog_id, self_id=self.me["id"])
+        reader = DialogReader(self.client, dialog_id, self_id=self.me["id"])
         try:
             info = reader.load_info()
             history = reader.newest(self.args.history)
@@ -439,7 +509,7 @@ class Chat:
             users = self.client.call("im.dialog.users.list", {"DIALOG_ID": dialog_id})
         except bc.B24Error:
             return True
-        return any(isinstance(u, dict) and bc._int(u.get("id")) == self.me["id"] for u in users or [])
+        return any(isinstance(u, dict) and bc.as_int(u.get("id")) == self.me["id"] for u in users or [])
 
     def who(self) -> None:
         assert self.reader is not None
@@ -456,12 +526,12 @@ class Chat:
             line = self._lines().get(info.line_id or 0) or ("line %s" % info.line_id)
             self.screen.line("Dialog %s on %s" % (self.reader.dialog_id, line), "title")
         for u in customers:
-            phone = bc._user_phone(u) or info.customer_phone or "no phone"
+            phone = bc.user_phone(u) or info.customer_phone or "no phone"
             self.screen.line("  customer: %s, %s" % (u.get("name"), phone))
         if info.is_lines and not customers:
             self.screen.line("  customer: %s %s" % (info.customer_name or "?", info.customer_phone or ""))
         for u in others:
-            kind = "bot" if u.get("bot") else "you" if bc._int(u.get("id")) == self.me["id"] else "operator"
+            kind = "bot" if u.get("bot") else "you" if bc.as_int(u.get("id")) == self.me["id"] else "operator"
             self.screen.line("  %s: %s%s" % (kind, u.get("name"),
                                               (", " + u["work_position"]) if u.get("work_position") else ""))
 
@@ -519,7 +589,7 @@ class Chat:
                 return None
             assert self.reader is not None
             self.screen.last_day = None
-            msgs = bc.DialogReader(self.client, self.reader.dialog_id, self_id=self.me["id"]).newest(int(n))
+            msgs = DialogReader(self.client, self.reader.dialog_id, self_id=self.me["id"]).newest(int(n))
             self.screen.messages(msgs)
         elif name == "/more":
             assert self.reader is not None

@@ -53,6 +53,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Mapping
 
 import b24common as bc
+import b24push as push
+import olbridge.bot as botlib
 
 log = logging.getLogger("b24_ol_bridge")
 
@@ -274,7 +276,7 @@ class Store:
                            "ON CONFLICT (dialog) DO UPDATE SET cursor = excluded.cursor, info = excluded.info, "
                            "touched = excluded.touched",
                            (did, change["cursor"], json.dumps(change["info"], ensure_ascii=False),
-                            bc._int(bc.as_map(change["info"]).get("session_id")), now)))
+                            bc.as_int(bc.as_map(change["info"]).get("session_id")), now)))
         for r in rows:
             if r.get("session"):
                 st.append(("UPDATE dialogs SET session_seen = ? WHERE dialog = ?", (r["session"], r["dialog"])))
@@ -363,9 +365,9 @@ def migrate_json_state(store: Store, json_path: str) -> None:
     if not os.path.exists(json_path) or store.get_meta():
         return
     doc = bc.StateFile(json_path).load()
-    changes = {str(d): {"cursor": bc._int(c), "info": bc.as_map(bc.as_map(doc.get("dialogs")).get(d))}
+    changes = {str(d): {"cursor": bc.as_int(c), "info": bc.as_map(bc.as_map(doc.get("dialogs")).get(d))}
                for d, c in bc.as_map(doc.get("cursors")).items()}
-    meta = {"watermark": doc.get("watermark"), "floor_id": bc._int(doc.get("floor_id")),
+    meta = {"watermark": doc.get("watermark"), "floor_id": bc.as_int(doc.get("floor_id")),
             "portal": doc.get("portal"), "user_id": doc.get("user_id")}
     store.commit_cycle([], changes, meta)
     os.replace(json_path, json_path + ".migrated")
@@ -467,7 +469,7 @@ class Bridge:
     """The main thread polls and writes new customer messages to the inbox; workers take one
     dialog at a time, oldest message first: ask the bot, keep its answer, post it part by part."""
 
-    def __init__(self, client: bc.Client, bot: bc.BotClient, args: argparse.Namespace, settings: Settings,
+    def __init__(self, client: bc.Client, bot: botlib.BotClient, args: argparse.Namespace, settings: Settings,
                  interval: float, environ: Mapping[str, str] | None = None):
         self.client = client
         self.poller: bc.Poller = None      # type: ignore[assignment]  -- see attach()
@@ -513,14 +515,14 @@ class Bridge:
         self.posting: set = set()             # dialogs whose answer the poster is posting
         self.rewake: set = set()              # woken while held or posting: wake again when released
         self.outbox: queue.Queue = queue.Queue()
-        self.inbound: bc.Inbound | None = None     # the sources (see choose_sources); None: scans only
+        self.inbound: push.Inbound | None = None     # the sources (see choose_sources); None: scans only
         self.pending: list = []               # batches not handled yet (an outage, a full disk)
         self.positions: dict = {}             # the sources' positions to save with the next commit (cycle())
         self.chat_bot: dict | None = None      # the registered Open Lines chat bot (--register-bot)
         self.told_bot: set = set()
         self.scans = 0                        # scans done (--once waits for one)
 
-    def _use_bots(self, cfg: bc.Config, bot: bc.BotClient | None) -> None:
+    def _use_bots(self, cfg: bc.Config, bot: botlib.BotClient | None) -> None:
         self.cfg_for_bots = cfg
         self.cfg_routes = dict(cfg.bot_routes)
         self.bot_url = cfg.bot_url
@@ -625,7 +627,7 @@ class Bridge:
                 "customer_name": msg.customer_name or msg.author_name, "author_id": msg.author_id,
                 "line_id": msg.line_id, "session_id": msg.session_id or None,
                 "business_phone": self.cfg.business_phone or None, "new_dialog": new_dialog,
-                "event_id": bc.reply_template_id(self.client.host, msg.dialog_id, msg.id, -1),
+                "event_id": botlib.reply_template_id(self.client.host, msg.dialog_id, msg.id, -1),
                 "message_ids": [msg.id], "crm": {k: msg.crm.get(k) for k in ("lead", "contact", "deal", "company")},
                 "waiting": msg.waiting,
                 "metadata": {"dialog_id": did, "message_id": msg.id, "line_id": msg.line_id,
@@ -661,7 +663,7 @@ class Bridge:
 
     def _template(self, row: Row, index: int) -> str:
         """The ``TEMPLATE_ID`` of part *index* of this message's answer (the same on every try)."""
-        return bc.reply_template_id(self.client.host, row.dialog, row.message_id, index)
+        return botlib.reply_template_id(self.client.host, row.dialog, row.message_id, index)
 
     def _dead_letter(self, row: Row, reason: str, stage: str) -> None:
         self.dead.add(row, reason, stage)
@@ -717,7 +719,7 @@ class Bridge:
             pause = self.pauses.get(row.dialog)
         return bool(pause and pause[2] > row.message_id)
 
-    def _bot_for(self, row: Row) -> bc.BotClient | None:
+    def _bot_for(self, row: Row) -> botlib.BotClient | None:
         line = row.payload.get("line_id")
         url = self.cfg_routes.get(line) or self.bot_url
         if not url:
@@ -729,7 +731,7 @@ class Bridge:
         with self.lock:
             bot = self.bots.get(url)
             if bot is None:
-                bot = self.bots[url] = bc.BotClient(self.cfg_for_bots, url)
+                bot = self.bots[url] = botlib.BotClient(self.cfg_for_bots, url)
         return bot
 
     def _cannot_post(self, row: Row, why: str) -> None:
@@ -754,12 +756,12 @@ class Bridge:
             for m in msgs:
                 if m.get("uuid") in ours:
                     found = max(found, ours[m["uuid"]])
-                elif self.chat_bot and bc._int(m.get("author_id")) == bc._int(self.chat_bot["bot_id"]) \
+                elif self.chat_bot and bc.as_int(m.get("author_id")) == bc.as_int(self.chat_bot["bot_id"]) \
                         and row.answer and m.get("text") in row.answer[found + 1:]:
                     found = row.answer.index(m.get("text"), found + 1)   # the bot's parts carry no uuid
             if len(msgs) < bc.MESSAGES_PAGE:
                 break
-            after = max(bc._int(m.get("id")) for m in msgs)
+            after = max(bc.as_int(m.get("id")) for m in msgs)
         return found + 1
 
     def _reconcile(self, row: Row) -> bool:
@@ -829,7 +831,7 @@ class Bridge:
         self.live.beat("asking the bot about %s" % row.where)
         try:
             answer = bot.ask(payload, headers={"Idempotency-Key": row.payload.get("event_id") or ""})
-        except bc.BotError as exc:
+        except botlib.BotError as exc:
             self.live.beat("handling %s" % row.where)
             self.stats["bot_failures"] += 1
             if not self._retry_later(row, str(exc), unusable=not exc.retryable):
@@ -1066,7 +1068,7 @@ class Bridge:
         sessions: dict = {}
         for msg in msgs:
             if msg.author_kind == "operator" or (
-                    msg.author_kind == "self" and not bc.is_bridge_uuid(self.client.host, msg.uuid)):
+                    msg.author_kind == "self" and not botlib.is_bridge_uuid(self.client.host, msg.uuid)):
                 self._human_wrote(msg)
                 continue
             if msg.author_kind != "customer":
@@ -1144,9 +1146,9 @@ class Bridge:
                 raise b.error
         if batches and self.inbound is not None:
             self.positions = self.inbound.positions(after=batches)   # saved with the work they led to
-        hints = None if batches is None else bc.hints_of(batches)
+        hints = None if batches is None else push.hints_of(batches)
         msgs = self.poller.poll(auto_ack=True, hints=hints)
-        if hints is None or bc.SCAN in hints:
+        if hints is None or push.SCAN in hints:
             self.scans += 1
         for m in msgs:
             ts = m.timestamp
@@ -1303,7 +1305,7 @@ class Bridge:
             bc.apply_env_file(self.args, environ)
             cfg = bc.Config.from_env(environ, require_bot=True)
             settings = Settings(environ)
-            bot = bc.BotClient(cfg) if cfg.bot_url else None
+            bot = botlib.BotClient(cfg) if cfg.bot_url else None
         except bc.B24Error as exc:
             log.error("reload refused, the running settings stay: %s", bc.format_error(exc))
             return
@@ -1360,7 +1362,7 @@ class Bridge:
         failures = 0
         next_poll = 0.0
         if self.inbound is None:
-            self.inbound = bc.Inbound([bc.ScanSource(self.interval)])
+            self.inbound = push.Inbound([push.ScanSource(self.interval)])
         if not self.inbound.started:
             self.inbound.start()
         while not self.stop.is_set():
@@ -1556,7 +1558,7 @@ def register_chat_bot(client: bc.Client, folder: str, url: str, name: str) -> in
     if "imbot" not in client.scopes():
         raise bc.ConfigError("--register-bot: the webhook has no imbot scope; add it to the incoming webhook "
                              "(Developer resources > Other > Inbound webhook) and try again")
-    bot_id = bc._int(client.call("imbot.register", {
+    bot_id = bc.as_int(client.call("imbot.register", {
         "CODE": BOT_CODE, "TYPE": "O", "OPENLINE": "Y", "CLIENT_ID": client_id,
         "EVENT_MESSAGE_ADD": url, "EVENT_WELCOME_MESSAGE": url, "EVENT_BOT_DELETE": url,
         "PROPERTIES": {"NAME": name, "WORK_POSITION": "answers through b24_ol_bridge"}}, write=True))
@@ -1582,7 +1584,7 @@ def unregister_chat_bot(client: bc.Client, folder: str) -> int | None:
             raise
         log.info("the portal no longer knows chat bot %s; forgetting it here too", reg["bot_id"])
     os.unlink(chat_bot_path(folder))
-    return bc._int(reg["bot_id"])
+    return bc.as_int(reg["bot_id"])
 
 
 def bot_command(args: argparse.Namespace, client: bc.Client, folder: str, environ: Mapping[str, str]) -> int:
@@ -1606,12 +1608,12 @@ def bot_command(args: argparse.Namespace, client: bc.Client, folder: str, enviro
 
 def all_bots(cfg: bc.Config) -> list:
     """``[(what, BotClient)]``: BOT_HTTP_URL's bot and each BOT_ROUTES bot."""
-    out = [("BOT_HTTP_URL", bc.BotClient(cfg))] if cfg.bot_url else []
-    out += [("BOT_ROUTES line %d" % line, bc.BotClient(cfg, url)) for line, url in sorted(cfg.bot_routes.items())]
+    out = [("BOT_HTTP_URL", botlib.BotClient(cfg))] if cfg.bot_url else []
+    out += [("BOT_ROUTES line %d" % line, botlib.BotClient(cfg, url)) for line, url in sorted(cfg.bot_routes.items())]
     return out
 
 
-def _banner(client: bc.Client, bot: bc.BotClient | None) -> int:
+def _banner(client: bc.Client, bot: botlib.BotClient | None) -> int:
     me = client.whoami()
     bc.check_scopes(client)
     log.info("signed in as %s (id %s) on %s", me["name"], me["id"], client.host)
@@ -1717,7 +1719,7 @@ def main(argv: list | None = None) -> int:
             cfg = bc.Config.from_env(environ, require_bot=True)
             settings = Settings(environ)
             client = bc.Client(cfg)
-            bot_client = bc.BotClient(cfg) if cfg.bot_url else None
+            bot_client = botlib.BotClient(cfg) if cfg.bot_url else None
             folder, path, base = _state_paths(args, cfg, environ)
             try:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
@@ -1778,13 +1780,13 @@ def main(argv: list | None = None) -> int:
             bridge.wait_out("writing the state", bridge.commit_or_raise)
             if not args.once:
                 bridge.phase = "choosing the sources of inbound messages"
-                sources = bridge.wait_out("choosing the sources", lambda: bc.choose_sources(
+                sources = bridge.wait_out("choosing the sources", lambda: push.choose_sources(
                     client, self_id=me, interval=bridge.interval,
                     spool_path=base + ".receiver.sqlite",
                     client_id=(bridge.chat_bot or {}).get("client_id", ""),
                     waiting=poller.has_waiting,
-                    skip=lambda m: bc._int(m.get("authorId")) == me and bc.is_bridge_uuid(client.host, m.get("uuid"))))
-                bridge.inbound = bc.Inbound(sources)
+                    skip=lambda m: bc.as_int(m.get("authorId")) == me and botlib.is_bridge_uuid(client.host, m.get("uuid"))))
+                bridge.inbound = push.Inbound(sources)
                 bridge.inbound.restore(bc.as_map(store.get_meta().get("sources")))
             if args.replay_dead:
                 replay_dead(store, dead, args.dialog)

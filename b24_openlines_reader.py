@@ -24,11 +24,91 @@ import signal
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import Any, Callable, TextIO
 
 import b24common as bc
+import b24push as push
 
 log = logging.getLogger("b24_openlines_reader")
+
+IDLE_SAVE_SEC = 60.0     # an idle reader's state file is rewritten at most this often
+
+
+class PollerStore:
+    """Binds a :class:`Poller` to a :class:`StateFile` for one portal and user.
+
+    A state file written for another portal or user is refused.  :meth:`save`
+    with ``idle=True`` writes at most once a minute: then only the scan
+    watermark moved, and an older one merely makes a restart read further.
+    """
+
+    def __init__(self, poller: bc.Poller, state: bc.StateFile, host: str):
+        self.poller, self.state, self.host = poller, state, host
+        self.saved_at = 0.0
+        self.failing = False
+        self.lock = threading.Lock()
+        self.positions: Callable[[], dict] | None = None   # the sources' positions, saved alongside
+        self.saved_sources: dict = {}
+
+    def load(self) -> None:
+        saved = self.state.load()
+        owner = (saved.get("portal"), saved.get("user_id"))
+        if owner[0] is not None and owner != (self.host, self.poller.self_id):
+            raise bc.ConfigError("%s: this state file belongs to user %s on %s, not to user %s on %s: use "
+                              "another state file, or delete this one to start from now"
+                              % (self.state.path, owner[1], owner[0], self.poller.self_id, self.host))
+        self.poller.load_state(saved)
+        self.saved_sources = bc.as_map(saved.get("sources"))
+
+    def save(self, *, idle: bool = False) -> None:
+        """Write the state; a failed write (disk full) is reported once and tried again next time --
+        the cursors in memory are still right, and an older file only makes a restart read more."""
+        with self.lock:
+            if idle and time.monotonic() - self.saved_at < IDLE_SAVE_SEC:
+                return
+            doc = self.poller.to_state()
+            doc.update(portal=self.host, user_id=self.poller.self_id)
+            if self.positions is not None:
+                doc["sources"] = self.positions()
+            try:
+                self.state.save(doc)
+            except bc.StateWriteError as exc:
+                if not self.failing:
+                    log.error("%s; trying again at the next message", exc)
+                self.failing = True
+                return
+            if self.failing:
+                log.info("%s: the state is written again", self.state.path)
+            self.failing = False
+            self.saved_at = time.monotonic()
+
+
+
+def poll_forever(cycle: Callable[[], Any], *, interval: float, stop: threading.Event, once: bool = False,
+                 on_success: Callable[[], Any] | None = None) -> None:
+    """Run *cycle* every *interval* seconds until *stop* is set.
+
+    Rate limits, 5xx and network trouble cost one warning line and a growing
+    pause (up to a minute); anything else -- a revoked webhook -- ends the loop.
+    """
+    failures = 0
+    while not stop.is_set():
+        try:
+            cycle()
+            failures = 0
+            delay = interval
+            if on_success:
+                on_success()
+        except (bc.RateLimitError, bc.ServerError, bc.TransportError) as exc:
+            if once:
+                raise
+            failures += 1
+            delay = bc.poll_backoff(interval, failures)
+            log.warning("%s -- trying again in %.0f s", exc, delay)
+        if once:
+            return
+        stop.wait(delay)
+
 
 
 def _parse_args(argv: list | None) -> argparse.Namespace:
@@ -103,7 +183,7 @@ class Reader:
         self.state = state
         self.stop = threading.Event()
         self.poller: bc.Poller | None = None
-        self.store: bc.PollerStore | None = None
+        self.store: PollerStore | None = None
         self.pending_new: set = set()
         self.started = time.monotonic()
         self.progress_shown = False
@@ -118,7 +198,7 @@ class Reader:
     def make_poller(self, me: int) -> bc.Poller:
         poller = bc.Poller(self.client, self_id=me)
         if self.state is not None:
-            self.store = bc.PollerStore(poller, self.state, self.client.host)
+            self.store = PollerStore(poller, self.state, self.client.host)
             self.store.load()
         if not poller.started:
             poller.start()
@@ -163,7 +243,7 @@ class Reader:
     def cycle(self, batches: list | None = None) -> bool:
         """One round: a scan (*batches* None), or what the sources' batches point at."""
         assert self.poller is not None
-        hints = None if batches is None else bc.hints_of(batches)
+        hints = None if batches is None else push.hints_of(batches)
         msgs = self.poller.poll(auto_ack=self.store is None, hints=hints)
         for msg in msgs:
             self.emit(msg)
@@ -184,7 +264,7 @@ class Reader:
             log.info("watching %d Open Lines dialog(s); new messages appear below",
                      sum(1 for d in self.poller.dialogs.values() if d.is_lines))
         if self.args.once:
-            bc.poll_forever(self.cycle, interval=self.interval, stop=self.stop, once=True)
+            poll_forever(self.cycle, interval=self.interval, stop=self.stop, once=True)
         else:
             self.listen(me)
         if self.store is not None:
@@ -198,15 +278,15 @@ class Reader:
         if self.state is not None and self.client.config.listen:
             spool = os.path.join(os.path.dirname(os.path.abspath(self.state.path)),
                                  "reader-receiver-%d.sqlite" % self.client.config.listen[1])
-        sources = bc.choose_sources(self.client, self_id=me, interval=self.interval, spool_path=spool,
+        sources = push.choose_sources(self.client, self_id=me, interval=self.interval, spool_path=spool,
                                     waiting=self.poller.has_waiting)
-        inbound = bc.Inbound(sources)
+        inbound = push.Inbound(sources)
         if self.store is not None:
             inbound.restore(self.store.saved_sources)
             self.store.positions = inbound.positions
         inbound.start()
         try:
-            bc.run_sources(inbound, self.cycle, stop=self.stop, interval=self.interval,
+            push.run_sources(inbound, self.cycle, stop=self.stop, interval=self.interval,
                            on_done=self.store.save if self.store is not None else None)
         finally:
             inbound.close()

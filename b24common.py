@@ -37,10 +37,10 @@ __all__ = [
     "redact", "register_secret", "dotenv_values", "load_dotenv", "parse_dotenv",
     "Config", "Client", "BatchResult", "RateLimiter", "php_query",
     "parse_dialog_id", "display_dialog_id", "Message", "classify", "bbcode_to_text",
-    "normalize_phone", "visible", "Poller", "DialogReader", "normalize_reply", "ReplyShapeError",
+    "normalize_phone", "visible", "Poller", "normalize_reply", "ReplyShapeError",
     "StateFile", "StateWriteError", "default_state_dir", "under_systemd", "send_text", "find_by_uuid", "check_text", "what_came_back", "split_text", "new_template_id", "take_dialog",
-    "BotClient", "BotError", "BotAnswer", "parse_bot_answer", "reply_template_id", "is_bridge_uuid",
-    "sign_request", "verify_signature", "parse_routes", "PollerStore", "poll_forever", "sd_notify",
+    "BotAnswer", "parse_bot_answer",
+    "parse_routes", "sd_notify",
     "watchdog_seconds",
     "add_common_arguments", "load_config_from_args", "run_main", "setup_logging",
     "environment_or_demo", "start_demo_portal", "check_scopes", "Doctor", "line_queues", "run_doctor",
@@ -49,8 +49,6 @@ __all__ = [
 
 import argparse
 import datetime as _dt
-import hashlib
-import hmac
 import http.client
 import json
 import logging
@@ -59,7 +57,6 @@ import os
 import random
 import re
 import socket
-import sqlite3
 import ssl
 import sys
 import tempfile
@@ -71,8 +68,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 VERSION = "0.3.0"
 
@@ -106,13 +102,9 @@ SYNC_MARGIN_SEC = 60.0               # recent rows are written after their messa
 SESSION_ANSWERED = 10                # Open Lines session status from which an operator has it
 MESSAGE_MAX_CHARS = 20000            # longer texts are cut by im.message.add
 SEND_PATIENCE_SEC = 30.0             # how long send_text resends (same TEMPLATE_ID) an unknown outcome
-IDLE_SAVE_SEC = 60.0                 # an idle poller's state file is rewritten at most this often
 POLL_BACKOFF_MAX_SEC = 60.0
 SOURCES = ("auto", "poll", "events")   # B24_SOURCE
 DEFAULT_RECONCILE_SEC = 60.0         # the scan beside a push source (B24_RECONCILE_SEC)
-EVENTS_PAGE = 100                    # im.v2.Event.get limit (1-1000)
-RECEIVER_MAX_BODY = 1 << 20          # a POSTed event larger than this is refused (413)
-RECEIVER_READ_TIMEOUT_SEC = 10.0
 USERS_CACHE_MAX = 5000               # authors remembered for classification (oldest dropped first)
 
 log = logging.getLogger("b24common")
@@ -567,7 +559,7 @@ _LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
 _RE_REST_PATH = re.compile(r"^(?P<prefix>.*?/rest/)(?P<uid>[^/]+)/(?P<code>[^/]+)(?:/(?P<rest>.*))?$")
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     host = (host or "").lower()
     return host in _LOOPBACK_HOSTS or host.startswith("127.")
 
@@ -652,7 +644,7 @@ def normalize_webhook(raw: str, name: str = "B24_WEBHOOK_BASE") -> tuple:
     if not re.fullmatch(r"[A-Za-z0-9_]{4,64}", code):
         raise ConfigError("%s: the webhook code in /rest/%s/<code>/ looks wrong: expected "
                           "letters and digits (host %s)" % (name, uid, host))
-    if scheme == "http" and not _is_loopback(host):
+    if scheme == "http" and not is_loopback(host):
         raise ConfigError("%s: Bitrix24 accepts webhooks over https:// only "
                           "(plain http:// is allowed for a local emulator on 127.0.0.1)" % name)
     netloc = parts.netloc.rsplit("@", 1)[-1]
@@ -912,7 +904,7 @@ def _opener_for(host: str) -> urllib.request.OpenerDirector:
     """Redirects are reported, not followed (urllib would turn a POST into a bare GET);
     a loopback host never goes through a proxy from the environment."""
     handlers: list = [_NoRedirect()]
-    if _is_loopback(host):
+    if is_loopback(host):
         handlers.append(urllib.request.ProxyHandler({}))
     return urllib.request.build_opener(*handlers)
 
@@ -1127,7 +1119,7 @@ class Client:
             if not prof:
                 raise AuthError("authorization_error", "the webhook user is inactive", 0, "profile")
             name = " ".join(x for x in (prof.get("NAME"), prof.get("LAST_NAME")) if x).strip()
-            self._me = {"id": _int(prof.get("ID")), "name": name or "user %s" % prof.get("ID"),
+            self._me = {"id": as_int(prof.get("ID")), "name": name or "user %s" % prof.get("ID"),
                         "admin": bool(prof.get("ADMIN"))}
         return self._me
 
@@ -1136,7 +1128,7 @@ class Client:
         return [str(s) for s in res] if isinstance(res, list) else list(as_map(res).values())
 
 
-def _int(value: Any, default: int = 0) -> int:
+def as_int(value: Any, default: int = 0) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -1179,7 +1171,7 @@ def normalize_phone(value: Any) -> str:
     return ""
 
 
-def _user_phone(user: Mapping | None) -> str:
+def user_phone(user: Mapping | None) -> str:
     phones = user.get("phones") if isinstance(user, Mapping) else None
     if isinstance(phones, Mapping):
         for key in ("personal_mobile", "work_phone", "personal_phone", "inner_phone"):
@@ -1251,7 +1243,7 @@ def _parse_iso(value: Any) -> _dt.datetime | None:
         return None
 
 
-def _parse_date(value: Any) -> float | None:
+def parse_date(value: Any) -> float | None:
     """An ISO-8601 date of the portal as Unix time (None if absent or unreadable)."""
     parsed = _parse_iso(value)
     return parsed.timestamp() if parsed else None
@@ -1288,18 +1280,18 @@ class DialogInfo:
         is_lines = entity_type == "LINES" or str(chat.get("type") or "").lower() == "lines" \
             or str(chat.get("message_type") or "") == "L"
         entity_id = str(chat.get("entity_id") or "")
-        info = cls(dialog_id, _int(chat.get("id")), str(title or chat.get("name") or ""),
+        info = cls(dialog_id, as_int(chat.get("id")), str(title or chat.get("name") or ""),
                    entity_id, None, 0, is_lines=is_lines)
         parts = entity_id.split("|")
         data1 = str(chat.get("entity_data_1") or "").split("|")
         if is_lines and len(data1) >= 6:
-            info.session_id = _int(data1[5])      # 0 once the session is closed
+            info.session_id = as_int(data1[5])      # 0 once the session is closed
         data2 = str(chat.get("entity_data_2") or "").split("|")
-        info.crm = {data2[i].lower(): _int(data2[i + 1]) for i in range(0, len(data2) - 1, 2)
-                    if data2[i] and _int(data2[i + 1])}
+        info.crm = {data2[i].lower(): as_int(data2[i + 1]) for i in range(0, len(data2) - 1, 2)
+                    if data2[i] and as_int(data2[i + 1])}
         if is_lines and len(parts) >= 4:
-            info.line_id = _int(parts[1], 0) or None
-            info.customer_id = _int(parts[3])
+            info.line_id = as_int(parts[1], 0) or None
+            info.customer_id = as_int(parts[3])
             # WhatsApp connectors often use the phone (or phone@c.us) as the external chat id;
             # other messengers (Telegram...) use numbers that are not phones
             if parts[2].endswith("@c.us") or re.search(r"whatsapp|wazzup|(^|_)wa(_|$)", parts[0], re.I):
@@ -1310,7 +1302,7 @@ class DialogInfo:
         if not isinstance(user, Mapping):
             return
         self.customer_name = _user_name(user, self.customer_id)
-        self.customer_phone = _user_phone(user) or self.customer_phone
+        self.customer_phone = user_phone(user) or self.customer_phone
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in ("chat_id", "title", "entity_id", "line_id",
@@ -1344,7 +1336,7 @@ class Message:
 
     @property
     def timestamp(self) -> float | None:
-        return _parse_date(self.date)
+        return parse_date(self.date)
 
     @property
     def display_text(self) -> str:
@@ -1371,8 +1363,8 @@ def attachment_of(raw: Mapping) -> dict:
     name = str(raw.get("name") or "")
     ext = str(raw.get("extension") or (name.rsplit(".", 1)[-1] if "." in name else "")).lower()
     kind = str(raw.get("type") or "file").lower()
-    return {"id": _int(raw.get("id")), "type": _MEDIA_WORDS.get(kind, "file"), "portal_type": kind,
-            "name": name, "size": _int(raw.get("size")), "extension": ext,
+    return {"id": as_int(raw.get("id")), "type": _MEDIA_WORDS.get(kind, "file"), "portal_type": kind,
+            "name": name, "size": as_int(raw.get("size")), "extension": ext,
             "mime": mimetypes.guess_type(name)[0] or "", "url_download": str(raw.get("urlDownload") or "")}
 
 
@@ -1386,7 +1378,7 @@ def _human_size(size: int) -> str:
 
 def describe_attachment(att: Mapping) -> str:
     """``[photo: a.jpg, 230 KB]`` -- what a text-only reader (or bot) sees of a file."""
-    bits = [x for x in (str(att.get("name") or ""), _human_size(_int(att.get("size"))) if att.get("size") else "")
+    bits = [x for x in (str(att.get("name") or ""), _human_size(as_int(att.get("size"))) if att.get("size") else "")
             if x]
     return "[%s%s]" % (att.get("type") or "file", ": " + ", ".join(bits) if bits else "")
 
@@ -1394,7 +1386,7 @@ def describe_attachment(att: Mapping) -> str:
 def classify(raw: Mapping, users: Mapping[int, Mapping], *, self_id: int,
              customer_id: int = 0) -> str:
     """Who wrote *raw*: ``system``, ``self``, ``customer``, ``bot`` or ``operator``."""
-    author = _int(raw.get("author_id"))
+    author = as_int(raw.get("author_id"))
     if author == 0:
         return "system"
     if author == self_id:
@@ -1412,28 +1404,28 @@ def _users_map(users: Any) -> dict:
     out = {}
     items = users.values() if isinstance(users, Mapping) else users if isinstance(users, list) else []
     for u in items:
-        if isinstance(u, Mapping) and _int(u.get("id")):
-            out[_int(u.get("id"))] = u
+        if isinstance(u, Mapping) and as_int(u.get("id")):
+            out[as_int(u.get("id"))] = u
     return out
 
 
-def _messages_list(result: Any) -> tuple:
+def messages_of(result: Any) -> tuple:
     """``im.dialog.messages.get``'s result -> (raw messages, {user id: user}, {file id: file})."""
     res = as_map(result)
     msgs = res.get("messages")
     msgs = list(msgs.values()) if isinstance(msgs, Mapping) else msgs if isinstance(msgs, list) else []
-    msgs = [m for m in msgs if isinstance(m, Mapping) and _int(m.get("id"))]
+    msgs = [m for m in msgs if isinstance(m, Mapping) and as_int(m.get("id"))]
     files = res.get("files")
     files = files.values() if isinstance(files, Mapping) else files if isinstance(files, list) else []
-    return msgs, _users_map(res.get("users")), {_int(f.get("id")): f for f in files
-                                                if isinstance(f, Mapping) and _int(f.get("id"))}
+    return msgs, _users_map(res.get("users")), {as_int(f.get("id")): f for f in files
+                                                if isinstance(f, Mapping) and as_int(f.get("id"))}
 
 
 _USER_KEYS = ("id", "name", "first_name", "last_name", "connector", "bot", "type", "external_auth_id",
               "phones")
 
 
-class _MessageFactory:
+class MessageFactory:
     """Turns raw ``im.dialog.messages.get`` rows into :class:`Message` objects."""
 
     def __init__(self, self_id: int):
@@ -1453,7 +1445,7 @@ class _MessageFactory:
             info.learn_customer(users[info.customer_id])
 
     def make(self, raw: Mapping, dialog_id: str, info: DialogInfo | None) -> Message:
-        author = _int(raw.get("author_id"))
+        author = as_int(raw.get("author_id"))
         cid = info.customer_id if info else 0
         kind = classify(raw, self.users, self_id=self.self_id, customer_id=cid)
         if info and kind == "customer" and not info.customer_id:
@@ -1464,15 +1456,15 @@ class _MessageFactory:
         file_ids = params.get("FILE_ID")
         file_ids = list(file_ids.values()) if isinstance(file_ids, Mapping) else \
             file_ids if isinstance(file_ids, list) else [file_ids] if file_ids else []
-        attachments = [self.files.get(_int(f)) or attachment_of({"id": f}) for f in file_ids if _int(f)]
+        attachments = [self.files.get(as_int(f)) or attachment_of({"id": f}) for f in file_ids if as_int(f)]
         caption = bbcode_to_text(raw.get("text"))
         text = caption
         if attachments and not caption.strip():
             # text-only consumers (and bots) still see that something came
             text = " ".join(describe_attachment(a) for a in attachments)
         return Message(
-            dialog_id=dialog_id, chat_id=_int(raw.get("chat_id")) or (info.chat_id if info else 0),
-            id=_int(raw.get("id")), date=str(raw.get("date") or ""), author_id=author,
+            dialog_id=dialog_id, chat_id=as_int(raw.get("chat_id")) or (info.chat_id if info else 0),
+            id=as_int(raw.get("id")), date=str(raw.get("date") or ""), author_id=author,
             author_kind=kind, author_name=_user_name(self.users.get(author), author),
             text=text, caption=caption, attachments=attachments,
             customer_name=info.customer_name if info else "",
@@ -1486,78 +1478,9 @@ class _MessageFactory:
 def _dialog_of(item: Mapping) -> str:
     did = str(item.get("id") or "")
     if not did:
-        chat_id = _int(item.get("chat_id"))
+        chat_id = as_int(item.get("chat_id"))
         did = "chat%d" % chat_id if chat_id else ""
     return did
-
-
-class DialogReader:
-    """Reads one dialog: newest N, older pages (``LAST_ID``), new ones (``FIRST_ID``)."""
-
-    def __init__(self, client: Client, dialog_id: str, *, self_id: int):
-        self.client = client
-        self.dialog_id = dialog_id
-        self.factory = _MessageFactory(self_id)
-        self.info = DialogInfo(dialog_id, is_lines=dialog_id.startswith("chat"))
-        self.cursor = 0
-
-    def load_info(self) -> DialogInfo:
-        """``im.dialog.get`` -> title (the other person's name for a private dialog), line, customer."""
-        chat = as_map(self.client.call("im.dialog.get", {"DIALOG_ID": self.dialog_id}))
-        self.info = DialogInfo.from_chat(self.dialog_id, chat)
-        return self.info
-
-    def _get(self, params: dict) -> list:
-        params = dict(params, DIALOG_ID=self.dialog_id)
-        msgs, users, files = _messages_list(self.client.call("im.dialog.messages.get", params))
-        self.factory.learn(users, self.info, files)
-        msgs.sort(key=lambda m: _int(m.get("id")))
-        return [self.factory.make(m, self.dialog_id, self.info) for m in msgs]
-
-    def newest(self, count: int) -> list:
-        """The newest *count* messages, oldest first; moves the cursor to the newest."""
-        out: list = []
-        last = 0
-        while len(out) < count:
-            want = min(MESSAGES_PAGE, count - len(out))
-            page = self._get({"LAST_ID": last, "LIMIT": want})
-            if not page:
-                break
-            out = page + out
-            last = page[0].id
-            if len(page) < want:
-                break
-        out = out[-count:] if count else []
-        if out:
-            self.cursor = max(self.cursor, out[-1].id)
-        elif not self.cursor:
-            latest = self._get({"LAST_ID": 0, "LIMIT": 1})
-            self.cursor = latest[-1].id if latest else 0
-        return out
-
-    def older(self, before_id: int, count: int) -> list:
-        """Up to *count* messages older than *before_id*, oldest first."""
-        out: list = []
-        while len(out) < count and before_id > 0:
-            page = self._get({"LAST_ID": before_id, "LIMIT": min(MESSAGES_PAGE, count - len(out))})
-            if not page:
-                break
-            out = page + out
-            before_id = page[0].id
-        return out[-count:]
-
-    def new(self) -> list:
-        """Messages after the cursor, oldest first, all of them (pages of 50)."""
-        out: list = []
-        while True:
-            page = [m for m in self._get({"FIRST_ID": self.cursor, "LIMIT": MESSAGES_PAGE})
-                    if m.id > self.cursor]
-            if not page:
-                return out
-            out.extend(page)
-            self.cursor = page[-1].id
-            if len(page) < MESSAGES_PAGE:
-                return out
 
 
 # ===========================================================================
@@ -1623,16 +1546,16 @@ class _Want:
         return {"FIRST_ID": self.after, "LIMIT": MESSAGES_PAGE}
 
     def _recent(self, raw: Mapping) -> bool:
-        date = _parse_date(raw.get("date"))
+        date = parse_date(raw.get("date"))
         return self.cut is None or date is None or date >= self.cut
 
     def take(self, msgs: list) -> bool:
         """Take one page; True if another page is needed."""
         full = len(msgs) >= MESSAGES_PAGE
-        rows = sorted((m for m in msgs if _int(m.get("id")) > (self.first if self.tail else self.after)),
-                      key=lambda m: _int(m.get("id")))
+        rows = sorted((m for m in msgs if as_int(m.get("id")) > (self.first if self.tail else self.after)),
+                      key=lambda m: as_int(m.get("id")))
         for m in rows:
-            mid = _int(m.get("id"))
+            mid = as_int(m.get("id"))
             self.highest = max(self.highest, mid)
             if self._recent(m):
                 self.keep[mid] = m
@@ -1641,12 +1564,12 @@ class _Want:
         if not rows:
             return False
         if self.tail:
-            oldest = _int(rows[0].get("id"))
+            oldest = as_int(rows[0].get("id"))
             if full and len(rows) == len(msgs) and self._recent(rows[0]):
                 self.before = oldest
                 return True
             return False
-        self.after = _int(rows[-1].get("id"))
+        self.after = as_int(rows[-1].get("id"))
         if full and self.cut is not None and not any(self._recent(m) for m in rows):
             # a long stretch written while the dialog was out of sight: read back from its end
             self.tail, self.first, self.before = True, self.after, 0
@@ -1683,7 +1606,7 @@ class Poller:
         self.self_id = self_id
         self.lines_only = lines_only
         self.page_min = page_min
-        self.factory = _MessageFactory(self_id)
+        self.factory = MessageFactory(self_id)
         self.cursors: dict = _TrackedDict()   # dialog_id -> last delivered (acked) message id
         self.fetched: dict = {}       # dialog_id -> last fetched message id (in memory)
         self.last_seen: dict = {}     # dialog_id -> last message id the recent list showed
@@ -1714,10 +1637,10 @@ class Poller:
     def load_state(self, state: Mapping | None) -> None:
         if not state:
             return
-        self.cursors = _TrackedDict((str(k), _int(v)) for k, v in as_map(state.get("cursors")).items())
+        self.cursors = _TrackedDict((str(k), as_int(v)) for k, v in as_map(state.get("cursors")).items())
         self.fetched = dict(self.cursors)
         self.last_seen = dict(self.cursors)
-        self.floor_id = _int(state.get("floor_id"))
+        self.floor_id = as_int(state.get("floor_id"))
         wm = state.get("watermark")
         self.watermark = self._committed_watermark = float(wm) if isinstance(wm, (int, float)) else None
         for d, raw in as_map(state.get("dialogs")).items():
@@ -1801,7 +1724,7 @@ class Poller:
         """Look at one recent item; return ``(unchanged, activity date, in-queue)``."""
         did = _dialog_of(item)
         queued = self._in_queue(item)
-        date = _parse_date(item.get("date_last_activity") or item.get("date_update"))
+        date = parse_date(item.get("date_last_activity") or item.get("date_update"))
         if not did or did in seen:
             return True, date, queued
         seen.add(did)
@@ -1809,7 +1732,7 @@ class Poller:
             self._newest = date if self._newest is None else max(self._newest, date)
         info = self._learn_dialog(did, item)
         relevant = info.is_lines or not self.lines_only
-        mid = _int(as_map(item.get("message")).get("id"))
+        mid = as_int(as_map(item.get("message")).get("id"))
         if full:
             changed[did] = item
             return False, date, queued
@@ -1898,7 +1821,7 @@ class Poller:
                 # judge the filter on member rows only: in-queue chats come whatever the date
                 if not isinstance(item, Mapping) or self._in_queue(item):
                     continue
-                updated = _parse_date(item.get("date_update") or item.get("date_last_activity")
+                updated = parse_date(item.get("date_update") or item.get("date_last_activity")
                                       or as_map(item.get("message")).get("date"))
                 if updated is not None and updated < since - 1:
                     self._use_sync = False      # the filter was ignored: older items came back
@@ -1925,12 +1848,12 @@ class Poller:
         lines = as_map(item.get("lines"))
         before = (info.session_id, info.waiting)
         if lines.get("id") is not None:
-            info.session_id = _int(lines.get("id"))
+            info.session_id = as_int(lines.get("id"))
         info.waiting = info.is_lines and self._in_queue(item)
         if (info.session_id, info.waiting) != before and did in self.cursors:
             self.cursors.dirty.add(did)
         user = item.get("user")
-        if isinstance(user, Mapping) and info.customer_id and _int(user.get("id")) == info.customer_id:
+        if isinstance(user, Mapping) and info.customer_id and as_int(user.get("id")) == info.customer_id:
             info.learn_customer(user)
         return info
 
@@ -1946,8 +1869,8 @@ class Poller:
                             display_dialog_id(did), exc)
                 self._unreadable[did] = message_id
             return None
-        item = {"chat": chat, "title": chat.get("name") or "", "last_id": _int(chat.get("last_id")),
-                "message": {"id": max(message_id, _int(chat.get("last_message_id")))}}
+        item = {"chat": chat, "title": chat.get("name") or "", "last_id": as_int(chat.get("last_id")),
+                "message": {"id": max(message_id, as_int(chat.get("last_message_id")))}}
         info = self._learn_dialog(did, item)
         info.adopted = True
         return item
@@ -1984,7 +1907,7 @@ class Poller:
                     pending.pop(d)
                     failed.add(d)
                     continue
-                msgs, users, files = _messages_list(results[d])
+                msgs, users, files = messages_of(results[d])
                 self.factory.learn(users, self.dialogs.get(d), files)
                 if not pending[d].take(msgs):
                     pending.pop(d)
@@ -1992,14 +1915,14 @@ class Poller:
 
     def _want(self, did: str, item: Mapping) -> _Want:
         """How to read a changed dialog: after its cursor, or -- first seen -- from where it came into sight."""
-        target = _int(as_map(item.get("message")).get("id"))
+        target = as_int(as_map(item.get("message")).get("id"))
         cut = None if self.watermark is None or did in self._rewound else self.watermark - SYNC_MARGIN_SEC
         if did in self.cursors:
             return _Want(max(self.cursors[did], self.fetched.get(did, 0)), target, cut=cut)
         lines = as_map(item.get("lines"))
-        began = _parse_date(lines.get("date_create"))
+        began = parse_date(lines.get("date_create"))
         if cut is not None and self._in_queue(item) and began is not None \
-                and _int(lines.get("status"), 99) < SESSION_ANSWERED:
+                and as_int(lines.get("status"), 99) < SESSION_ANSWERED:
             # a waiting session nobody has answered: what the customer wrote in it is news
             cut = min(cut, began - 1)
         return _Want(self.floor_id, target, cut=cut, tail=True)
@@ -2016,7 +1939,7 @@ class Poller:
             return self.poll()
         changed, newest = self._scan(full=True)
         for did, item in changed.items():
-            mid = _int(as_map(item.get("message")).get("id"))
+            mid = as_int(as_map(item.get("message")).get("id"))
             self.last_seen[did] = mid
             self.floor_id = max(self.floor_id, mid)
             if self.dialogs.get(did) and (self.dialogs[did].is_lines or not self.lines_only):
@@ -2061,8 +1984,8 @@ class Poller:
                 if err is not None or d not in br.results:
                     continue
                 st = state[d]
-                rows = sorted(((_int(m.get("id")), _parse_date(m.get("date")))
-                               for m in _messages_list(br.results[d])[0]), reverse=True)
+                rows = sorted(((as_int(m.get("id")), parse_date(m.get("date")))
+                               for m in messages_of(br.results[d])[0]), reverse=True)
                 for mid, date in rows:
                     st["seen"] += 1
                     if count and st["by_count"] is None and st["seen"] > count:
@@ -2081,7 +2004,7 @@ class Poller:
         return points
 
     @_locked
-    def poll(self, *, auto_ack: bool = True, hints: Iterable[Hint] | None = None) -> list:
+    def poll(self, *, auto_ack: bool = True, hints: Iterable[Any] | None = None) -> list:
         """One cycle: new messages since the cursors, oldest first (each once).
 
         With *hints* (from a push source) only the hinted dialogs are read,
@@ -2189,696 +2112,6 @@ class Poller:
 
 
 # ===========================================================================
-# Sources of inbound messages: FIRST_ID polling, the event queue, the HTTP receiver
-# ===========================================================================
-#
-# Every source says the same small thing -- "look at this dialog (after its
-# cursor)" or "look everywhere" -- and the Poller does the looking: one code
-# path classifies, orders and delivers each message once, whichever source
-# (or how many) saw it.  A hint about a message at or below the cursor costs
-# nothing; a hint that was lost is made good by the reconciliation scan.
-
-class Hint(NamedTuple):
-    """Something new in *dialog_id*, up to *message_id* (0: unknown).  An empty dialog id means "look
-    everywhere" (a scan).  *adopt*: our chat bot is in this dialog -- read it even if the recent list
-    never shows it (a chat the bot holds is in nobody's queue)."""
-
-    dialog_id: str = ""
-    message_id: int = 0
-    adopt: bool = False
-
-
-SCAN = Hint()
-
-
-class Delivery:
-    """One batch of hints from one source; ``position`` is what acknowledging it commits."""
-
-    __slots__ = ("source", "hints", "position", "more", "error", "handled")
-
-    def __init__(self, source: Source, hints: list, position: Any = None, *, more: bool = False,
-                 error: BaseException | None = None):
-        self.source, self.hints, self.position, self.more, self.error = source, hints, position, more, error
-        self.handled = threading.Event()
-
-
-class Source:
-    """One way in: :meth:`start`, then :meth:`next_batch` (blocks until there is something, or *stop*),
-    and :meth:`ack` once what a batch pointed at is durably handed on.  :meth:`position` /
-    :meth:`restore` carry what must survive a restart (the event queue's offset)."""
-
-    name = "source"
-
-    def start(self) -> None:
-        pass
-
-    def next_batch(self, stop: threading.Event) -> Delivery | None:
-        raise NotImplementedError
-
-    def ack(self, delivery: Delivery) -> None:
-        pass
-
-    def position(self) -> Any:
-        return None
-
-    def position_after(self, delivery: Delivery) -> Any:
-        """What :meth:`position` will be once *delivery* is acknowledged (saved with its work)."""
-        return self.position()
-
-    def restore(self, position: Any) -> None:
-        pass
-
-    def retune(self, poll_sec: float, reconcile_sec: float) -> None:
-        """New intervals (a reloaded settings file)."""
-
-    def close(self) -> None:
-        pass
-
-
-class ScanSource(Source):
-    """FIRST_ID polling: "look everywhere" every *every* seconds -- the whole job when it is the only
-    source, the reconciliation pass (``B24_RECONCILE_SEC``) beside a push source.  *fast* says when
-    to scan at *fast_every* anyway (dialogs waiting in a queue produce no events)."""
-
-    name = "poll"
-
-    def __init__(self, every: float, *, fast_every: float | None = None,
-                 fast: Callable[[], bool] | None = None):
-        self.every, self.fast_every, self.fast = every, fast_every, fast
-        self.first = True
-
-    def retune(self, poll_sec: float, reconcile_sec: float) -> None:
-        if self.fast_every is None:        # the whole job
-            self.every = poll_sec
-        else:                              # the reconciliation pass
-            self.every, self.fast_every = reconcile_sec, poll_sec
-
-    def interval(self) -> float:
-        if self.fast_every is not None and self.fast is not None and self.fast():
-            return min(self.every, self.fast_every)
-        return self.every
-
-    def next_batch(self, stop: threading.Event) -> Delivery | None:
-        if not self.first and stop.wait(self.interval()):
-            return None
-        self.first = False
-        return Delivery(self, [SCAN])
-
-
-def _event_hint(event: Mapping, *, lines_only: bool, skip: Callable[[Mapping], bool] | None) -> Hint | None:
-    """An ``im.v2.Event.get`` event -> a hint (None: not ours to look at)."""
-    etype = str(event.get("type") or "").upper()
-    data = as_map(event.get("data"))
-    chat = as_map(data.get("chat"))
-    kind = str(chat.get("type") or "").lower()
-    entity = str(chat.get("entityType") or chat.get("entity_type") or "").upper()
-    if lines_only and chat and kind != "lines" and entity != "LINES":
-        return None
-    dialog = str(chat.get("dialogId") or data.get("dialogId") or "") or (
-        "chat%d" % _int(chat.get("id")) if _int(chat.get("id")) else "")
-    if etype == "ONIMV2MESSAGEADD":
-        msg = as_map(data.get("message"))
-        if skip is not None and skip(msg):
-            return None
-        dialog = dialog or ("chat%d" % _int(msg.get("chatId")) if _int(msg.get("chatId")) else "")
-        return Hint(dialog, _int(msg.get("id")))
-    if etype == "ONIMV2JOINCHAT":
-        return Hint(dialog, 0)
-    return None       # updates, deletions, reactions: nothing new to deliver
-
-
-class EventQueueSource(Source):
-    """``im.v2.Event.get`` (after ``im.v2.Event.subscribe``): no public URL needed.
-
-    The offset of a batch is passed to the portal -- which acknowledges,
-    i.e. deletes, everything before it for every reader of this user's queue
-    -- only by the ``get`` after the batch was acknowledged here, and it is
-    saved with the state, so a restart neither skips nor needs the portal to
-    remember.  Again at once while ``hasMore``; otherwise every *interval*;
-    growing pauses on errors.  Only chats the user is part of produce
-    events: dialogs waiting in a queue come through the reconciliation scan.
-    """
-
-    name = "events"
-
-    def __init__(self, client: Client, *, interval: float, lines_only: bool = True,
-                 skip: Callable[[Mapping], bool] | None = None):
-        self.client, self.interval, self.lines_only, self.skip = client, interval, lines_only, skip
-        self.offset: int | None = None
-        self.more = False
-        self.failures = 0
-
-    def start(self) -> None:
-        # subscribed already: see event_source_available()
-        log.warning("reading the portal's event queue (im.v2.Event) of user %d: only ONE program may read it "
-                    "-- a second reader or bridge on this webhook user takes events away from this one "
-                    "(they then arrive only with the reconciliation scan)", self.client.config.user_id)
-
-    def position(self) -> Any:
-        return self.offset
-
-    def retune(self, poll_sec: float, reconcile_sec: float) -> None:
-        self.interval = poll_sec
-
-    def restore(self, position: Any) -> None:
-        if isinstance(position, int) and position > 0:
-            self.offset = position
-
-    def next_batch(self, stop: threading.Event) -> Delivery | None:
-        if not self.more and self.offset is not None and stop.wait(self.interval):
-            return None
-        params: dict = {"limit": EVENTS_PAGE}
-        if self.offset is not None:
-            params["offset"] = self.offset
-        try:
-            res = as_map(self.client.call("im.v2.Event.get", params))
-        except (RateLimitError, ServerError, TransportError) as exc:
-            self.failures += 1
-            delay = poll_backoff(self.interval, self.failures)
-            log.warning("event queue: %s -- trying again in %.0f s", exc, delay)
-            self.more = False
-            stop.wait(delay)
-            return None
-        except B24Error as exc:            # a revoked webhook, a lost scope: the host decides
-            return Delivery(self, [], error=exc)
-        self.failures = 0
-        events = [e for e in (res.get("events") or []) if isinstance(e, Mapping)]
-        self.more = bool(res.get("hasMore")) and bool(events)
-        if not events:
-            if self.offset is None:
-                self.offset = _int(res.get("nextOffset")) or 0
-            return None
-        upto = _int(res.get("nextOffset")) or max(_int(e.get("eventId")) for e in events) + 1
-        hints = []
-        for e in events:
-            h = _event_hint(e, lines_only=self.lines_only, skip=self.skip)
-            if h is not None and h not in hints:
-                hints.append(h)
-        return Delivery(self, hints, upto, more=self.more)
-
-    def position_after(self, delivery: Delivery) -> Any:
-        if isinstance(delivery.position, int):
-            return max(self.offset or 0, delivery.position)
-        return self.offset
-
-    def ack(self, delivery: Delivery) -> None:
-        self.offset = self.position_after(delivery)
-
-
-def event_source_available(client: Client) -> tuple:
-    """``(True, "")`` if the portal answers ``im.v2.Event.subscribe``; else ``(False, why)``."""
-    try:
-        client.call("im.v2.Event.subscribe")
-        return True, ""
-    except (AuthError, RateLimitError, ServerError, TransportError):
-        raise
-    except APIError as exc:
-        return False, "%s" % exc
-
-
-class Inbound:
-    """The sources behind one queue, for one consumer (the main loop).
-
-    Each source runs in its own thread and offers one batch at a time: the
-    next is asked for only once the previous one was :meth:`done` (so an
-    acknowledgement never overtakes the work).  :meth:`get` waits for
-    batches; :meth:`done` acknowledges them and lets their sources go on.
-    """
-
-    def __init__(self, sources: Sequence[Source]):
-        self.sources = list(sources)
-        self.stop = threading.Event()
-        self.cond = threading.Condition()
-        self.ready: list = []
-        self.started = False
-
-    def start(self) -> None:
-        for src in self.sources:
-            threading.Thread(target=self._run, args=(src,), name="source-%s" % src.name, daemon=True).start()
-        self.started = True
-
-    def _run(self, src: Source) -> None:
-        while not self.stop.is_set():
-            try:
-                batch = src.next_batch(self.stop)
-            except Exception as exc:  # noqa: BLE001 - a source must not die silently
-                log.exception("source %s failed (%s); it starts over in 5 s", src.name, exc)
-                self.stop.wait(5)
-                continue
-            if batch is None:
-                continue
-            with self.cond:
-                self.ready.append(batch)
-                self.cond.notify_all()
-            while not batch.handled.wait(0.5):
-                if self.stop.is_set():
-                    return
-
-    def get(self, timeout: float) -> list:
-        """Every batch ready now, waiting up to *timeout* seconds for the first."""
-        with self.cond:
-            if not self.ready and timeout > 0:
-                self.cond.wait(timeout)
-            out, self.ready = self.ready, []
-        return out
-
-    def wait(self, timeout: float) -> bool:
-        """Wait up to *timeout* seconds for a batch (without taking it); True if one is ready."""
-        with self.cond:
-            if not self.ready and timeout > 0:
-                self.cond.wait(timeout)
-            return bool(self.ready)
-
-    def put_back(self, batches: list) -> None:
-        """Batches that could not be handled now: offered again by the next :meth:`get`."""
-        with self.cond:
-            self.ready[:0] = batches
-
-    def done(self, batches: Iterable[Delivery]) -> None:
-        for b in batches:
-            b.source.ack(b)
-            b.handled.set()
-
-    def positions(self, after: Iterable[Delivery] = ()) -> dict:
-        """``{source: position}`` to save -- as they will be once the batches *after* are acknowledged."""
-        out = {s.name: s.position() for s in self.sources}
-        for b in after:
-            out[b.source.name] = b.source.position_after(b)
-        return {name: pos for name, pos in out.items() if pos is not None}
-
-    def retune(self, poll_sec: float, reconcile_sec: float) -> None:
-        for s in self.sources:
-            s.retune(poll_sec, reconcile_sec)
-
-    def restore(self, positions: Mapping | None) -> None:
-        for s in self.sources:
-            if positions and s.name in positions:
-                s.restore(positions[s.name])
-
-    def close(self) -> None:
-        self.stop.set()
-        with self.cond:
-            self.cond.notify_all()
-        for s in self.sources:
-            s.close()
-
-    def names(self) -> str:
-        return " + ".join(s.name for s in self.sources)
-
-
-def choose_sources(client: Client, *, self_id: int, interval: float, spool_path: str = ":memory:",
-                   client_id: str = "", waiting: Callable[[], bool] | None = None,
-                   skip: Callable[[Mapping], bool] | None = None) -> list:
-    """The sources ``B24_SOURCE`` and ``B24_LISTEN`` ask for, started, and always a scan: the whole
-    job when nothing pushes, the reconciliation pass (``B24_RECONCILE_SEC``) when something does.
-
-    ``auto`` takes the cheapest source that misses nothing: the receiver when
-    ``B24_LISTEN`` is set; else the event queue if the portal offers it and
-    the webhook user is in no Open Lines queue -- a chat waiting in a queue
-    produces no events, so a queue operator's scan must run at the poll
-    interval anyway, and then polling alone costs less.
-    """
-    cfg = client.config
-    push: list = []
-    events = cfg.source == "events"
-    if cfg.source == "auto" and not cfg.listen:
-        ok, why = event_source_available(client)
-        queues: list = []
-        if ok:
-            try:
-                queues = [str(lid) for lid, _name, inside in line_queues(client, self_id) if inside]
-            except APIError:
-                queues = []
-        if not ok:
-            log.info("source: polling every %g s (this portal has no event queue: %s)", interval, why)
-        elif queues:
-            log.info("source: polling every %g s -- the event queue is not used: you are in the queue of %s %s, "
-                     "and chats waiting in a queue produce no events (B24_SOURCE=events uses it anyway)",
-                     interval, "lines" if len(queues) > 1 else "line", ", ".join(queues))
-        events = ok and not queues
-    elif events:
-        ok, why = event_source_available(client)
-        if not ok:
-            raise ConfigError("B24_SOURCE=events: this portal does not offer the event queue im.v2.Event (%s); "
-                              "use B24_SOURCE=poll" % why)
-    if events:
-        push.append(EventQueueSource(client, interval=interval, skip=skip))
-    if cfg.listen:
-        if not cfg.app_token and not client_id:
-            raise ConfigError("B24_LISTEN is set but B24_APP_TOKEN is not: put the application token shown "
-                              "when you created the outgoing webhook in .env (or register the bridge's chat bot)")
-        try:
-            push.append(ReceiverSource(cfg.listen, app_token=cfg.app_token, client_id=client_id,
-                                       spool_path=spool_path, portal_host=cfg.portal_host))
-        except OSError as exc:
-            raise ConfigError("B24_LISTEN=%s:%d: cannot listen (%s)" % (cfg.listen + (exc.strerror or exc,))) from None
-    for src in push:
-        src.start()
-    if not push:
-        return [ScanSource(interval)]
-    log.info("source: %s, and a reconciliation scan every %g s (B24_RECONCILE_SEC)",
-             " + ".join(s.name for s in push), cfg.reconcile_sec)
-    return push + [ScanSource(cfg.reconcile_sec, fast_every=interval, fast=waiting)]
-
-
-def run_sources(inbound: Inbound, handle: Callable[[list], bool], *, stop: threading.Event,
-                interval: float, on_done: Callable[[], Any] | None = None) -> None:
-    """Feed the batches of *inbound* to *handle* until *stop*; acknowledge what it handled.
-
-    *handle* returns False when it could not keep the result (the batches are
-    offered again).  Rate limits, 5xx and network trouble cost one warning and
-    a growing pause; a revoked webhook -- from any source -- ends the loop.
-    """
-    failures = 0
-    while not stop.is_set():
-        batches = inbound.get(min(1.0, interval))
-        if not batches:
-            continue
-        for b in batches:
-            if b.error is not None:
-                raise b.error
-        try:
-            ok = handle(batches)
-        except (RateLimitError, ServerError, TransportError) as exc:
-            failures += 1
-            delay = poll_backoff(interval, failures)
-            log.warning("%s -- trying again in %.0f s", exc, delay)
-            inbound.put_back(batches)
-            stop.wait(delay)
-            continue
-        if ok is False:
-            inbound.put_back(batches)
-            stop.wait(min(interval, 5.0))
-            continue
-        failures = 0
-        inbound.done(batches)
-        if on_done is not None:
-            on_done()
-
-
-def hints_of(batches: Iterable[Delivery]) -> list:
-    """Every hint of these batches, once each, in order."""
-    return list(dict.fromkeys(h for b in batches for h in b.hints))
-
-# -- the HTTP receiver ---------------------------------------------------------------
-
-def parse_php_form(pairs: Iterable[tuple]) -> dict:
-    """``[("data[PARAMS][DIALOG_ID]", "chat5")]`` -> ``{"data": {"PARAMS": {"DIALOG_ID": "chat5"}}}``.
-
-    How PHP reads a form body: bracket keys nest, ``[]`` appends, a later
-    scalar loses to an earlier array.  Values stay strings."""
-    out: dict = {}
-    for key, value in pairs:
-        m = re.fullmatch(r"([^\[\]]+)((?:\[[^\[\]]*\])*)", key)
-        parts = [m.group(1)] + re.findall(r"\[([^\[\]]*)\]", m.group(2)) if m else [key]
-        node = out
-        for i, part in enumerate(parts):
-            if part == "":
-                part = str(sum(1 for k in node if str(k).isdigit()))
-            if i == len(parts) - 1:
-                if not isinstance(node.get(part), dict):
-                    node[part] = value
-            else:
-                if not isinstance(node.get(part), dict):
-                    node[part] = {}
-                node = node[part]
-    return out
-
-
-def _first(value: Any) -> Mapping:
-    """``DATA`` as the docs show it (a one-element list, here a ``{"0": {...}}`` map) or as the
-    source sends it (the object itself)."""
-    value = as_map(value)
-    if "0" in value and len(value) == 1:
-        return as_map(value["0"])
-    return value
-
-
-def push_hints(body: Mapping) -> list:
-    """What a POSTed event tells us: hints (possibly ``[SCAN]``), or ``[]`` for events we ignore."""
-    event = str(body.get("event") or "").upper()
-    data = as_map(body.get("data"))
-    if event in ("ONIMBOTMESSAGEADD", "ONIMBOTJOINCHAT"):
-        params = as_map(data.get("PARAMS"))
-        dialog = str(params.get("DIALOG_ID") or "")
-        if not dialog.startswith("chat") and _int(params.get("CHAT_ID") or params.get("TO_CHAT_ID")):
-            dialog = "chat%d" % _int(params.get("CHAT_ID") or params.get("TO_CHAT_ID"))
-        if not dialog.startswith("chat"):
-            return []         # a private chat with the bot: not an Open Lines dialog
-        return [Hint(dialog, _int(params.get("MESSAGE_ID")) if event == "ONIMBOTMESSAGEADD" else 0, True)]
-    if event == "ONOPENLINEMESSAGEADD":
-        inner = _first(data.get("DATA"))
-        msg = as_map(inner.get("message"))
-        chat_id = _int(msg.get("chat_id"))
-        if chat_id:            # an outbound message: it carries the IM chat and message ids
-            return [Hint("chat%d" % chat_id, _int(msg.get("id")))]
-        return [SCAN]          # an inbound one carries only the connector's ids (fact sheet §12)
-    if event in ("ONSESSIONSTART", "ONSESSIONFINISH", "ONIMBOTDELETE"):
-        return [SCAN]
-    return []
-
-
-class HintSpool:
-    """Hints received over HTTP, kept in SQLite (WAL) until the pipeline has handled them.
-    ``path=":memory:"`` keeps them in memory (the reconciliation scan covers a restart)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.lock = threading.Lock()
-        self.db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
-        if path != ":memory:":
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS hints (id INTEGER PRIMARY KEY AUTOINCREMENT, "
-                        "dialog TEXT NOT NULL, message INTEGER NOT NULL, adopt INTEGER NOT NULL DEFAULT 0, "
-                        "event TEXT, received REAL)")
-        self.taken = 0
-
-    def add(self, hints: list, event: str) -> None:
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                self.db.executemany("INSERT INTO hints (dialog, message, adopt, event, received) "
-                                    "VALUES (?, ?, ?, ?, ?)",
-                                    [(h.dialog_id, h.message_id, int(h.adopt), event, time.time()) for h in hints])
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-
-    def take(self, limit: int = 500) -> tuple:
-        """``(highest row id, [hints])`` of the oldest *limit* rows after those already taken."""
-        with self.lock:
-            rows = self.db.execute("SELECT id, dialog, message, adopt FROM hints WHERE id > ? ORDER BY id LIMIT ?",
-                                   (self.taken, limit)).fetchall()
-        if not rows:
-            return self.taken, []
-        self.taken = rows[-1][0]
-        return self.taken, [Hint(d, m, bool(a)) for _i, d, m, a in rows]
-
-    def remove(self, upto: int) -> None:
-        with self.lock:
-            self.db.execute("DELETE FROM hints WHERE id <= ?", (upto,))
-
-    def pending(self) -> int:
-        with self.lock:
-            return self.db.execute("SELECT COUNT(*) FROM hints").fetchone()[0]
-
-    def close(self) -> None:
-        with self.lock:
-            self.db.close()
-
-
-class ReceiverSource(Source):
-    """Bitrix24's own POSTs (outgoing webhook, chat bot) through :class:`PushReceiver`, spooled first."""
-
-    name = "receiver"
-
-    def __init__(self, listen: tuple, *, app_token: str = "", client_id: str = "", spool_path: str = ":memory:",
-                 portal_host: str = ""):
-        self.listen = listen
-        try:
-            self.spool = HintSpool(spool_path)
-        except sqlite3.Error as exc:
-            raise ConfigError("%s: cannot open the receiver's spool (%s)" % (spool_path, exc)) from None
-        self.arrived = threading.Event()
-        self.server = PushReceiver(listen, self, app_token=app_token, client_id=client_id, portal_host=portal_host)
-
-    @property
-    def address(self) -> tuple:
-        return self.server.server_address[:2]
-
-    def start(self) -> None:
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
-                         name="push-receiver", daemon=True).start()
-        log.info("receiving Bitrix24 events on http://%s:%d/ (put your TLS proxy in front of it)",
-                 *self.address)
-        if self.spool.pending():
-            self.arrived.set()          # left over from before a restart
-
-    def received(self, hints: list, event: str) -> None:
-        self.spool.add(hints, event)    # durable before the portal hears 200
-        self.arrived.set()
-
-    def next_batch(self, stop: threading.Event) -> Delivery | None:
-        if not self.arrived.wait(0.5):
-            return None
-        self.arrived.clear()
-        upto, hints = self.spool.take()
-        if not hints:
-            return None
-        self.arrived.set()              # there may be more: look again after this batch
-        unique = list(dict.fromkeys(hints))
-        return Delivery(self, unique, upto)
-
-    def ack(self, delivery: Delivery) -> None:
-        self.spool.remove(delivery.position)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.spool.close()
-
-
-class PushReceiver(ThreadingHTTPServer):
-    """``POST`` only; form (PHP bracket keys) or JSON bodies up to 1 MiB; ``auth[application_token]``
-    (``B24_APP_TOKEN``) or the registered bot's ``CLIENT_ID`` checked in constant time; 200 once the
-    event is spooled -- the work happens after."""
-
-    daemon_threads = True
-    request_queue_size = 64
-
-    def __init__(self, address: tuple, source: ReceiverSource, *, app_token: str, client_id: str,
-                 portal_host: str):
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, _PushHandler)
-        self.source, self.app_token, self.client_id = source, app_token, client_id
-        self.portal_host = portal_host
-        self.counts: dict = {}
-        self.told_domain = False
-
-    def count(self, what: str) -> None:
-        self.counts[what] = self.counts.get(what, 0) + 1
-
-    def authentic(self, body: Mapping, query: Mapping) -> bool:
-        token = str(as_map(body.get("auth")).get("application_token") or "")
-        if self.app_token and token and hmac.compare_digest(token.encode(), self.app_token.encode()):
-            return True
-        if self.client_id:
-            given = str(query.get("CLIENT_ID") or "")
-            if given and hmac.compare_digest(given.encode(), self.client_id.encode()):
-                return True
-        return False
-
-    def handle_error(self, request, client_address) -> None:   # a sender that hung up: fine
-        pass
-
-
-class _PushHandler(BaseHTTPRequestHandler):
-    server: PushReceiver
-    server_version = "b24-receiver"
-    timeout = RECEIVER_READ_TIMEOUT_SEC
-
-    def log_message(self, fmt: str, *args: Any) -> None:
-        pass
-
-    def _answer(self, status: int, text: str) -> None:
-        body = (json.dumps({"result": text}) if status == 200 else json.dumps({"error": text})).encode()
-        self.server.count(str(status))
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        if status == 405:
-            self.send_header("Allow", "POST")
-        if status >= 400:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:
-        self._answer(405, "POST only")
-
-    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_GET
-
-    def do_POST(self) -> None:
-        try:
-            self._post()
-        except Exception as exc:  # noqa: BLE001 - one bad request must not look like a lost connection
-            log.exception("receiver: could not handle a POST (%s); the reconciliation scan covers it", exc)
-            try:
-                self._answer(500, "internal error")
-            except OSError:
-                pass
-
-    def _post(self) -> None:
-        if self.headers.get("Transfer-Encoding"):
-            self._answer(411, "send a Content-Length")
-            return
-        try:
-            length = int(self.headers.get("Content-Length") or "")
-        except ValueError:
-            self._answer(411, "send a Content-Length")
-            return
-        if length > RECEIVER_MAX_BODY:
-            self._answer(413, "body larger than %d bytes" % RECEIVER_MAX_BODY)
-            return
-        try:
-            raw = self.rfile.read(length)
-        except OSError:
-            return
-        if len(raw) < length:
-            self._answer(400, "body shorter than its Content-Length")
-            return
-        body = self._parse(raw)
-        if body is None:
-            self._answer(400, "not a Bitrix24 event (form or JSON with an 'event' field)")
-            return
-        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
-        if not self.server.authentic(body, query):
-            log.warning("receiver: refused an event from %s: wrong or missing application token",
-                        self.client_address[0])
-            self._answer(401, "wrong application token")
-            return
-        domain = str(as_map(body.get("auth")).get("domain") or "")
-        if domain and self.server.portal_host and domain.split(":")[0] != self.server.portal_host \
-                and not self.server.told_domain:
-            self.server.told_domain = True
-            log.warning("receiver: events come from %s, the webhook is on %s -- is this the same portal?",
-                        domain, self.server.portal_host)
-        event = str(body.get("event")).upper()
-        hints = push_hints(body)
-        if event == "ONIMBOTDELETE":
-            log.warning("receiver: the portal says our chat bot was deleted; replies go as the webhook user")
-        if hints:
-            try:
-                self.server.source.received(hints, event)
-            except sqlite3.Error as exc:
-                log.error("receiver: cannot keep the event (%s); the reconciliation scan will find it", exc)
-                self._answer(503, "cannot store the event now")
-                return
-        log.debug("receiver: %s -> %s", event, ", ".join("%s#%d" % h[:2] if h[0] else "scan" for h in hints) or "-")
-        self._answer(200, "ok")
-
-    def _parse(self, raw: bytes) -> dict | None:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        try:
-            if ctype == "application/json":
-                body = json.loads(text)
-            else:
-                body = parse_php_form(urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=True))
-        except ValueError:
-            return None
-        if not isinstance(body, dict) or not str(body.get("event") or "").strip():
-            return None
-        return body
-
-
-# ===========================================================================
 # Sending
 # ===========================================================================
 
@@ -2920,9 +2153,9 @@ def split_text(text: str, limit: int = MESSAGE_MAX_CHARS) -> list:
 def find_by_uuid(client: Client, dialog_id: str, template_id: str) -> int:
     """The id of the message carrying *template_id* among the dialog's newest 50, else 0."""
     res = client.call("im.dialog.messages.get", {"DIALOG_ID": dialog_id, "LAST_ID": 0, "LIMIT": MESSAGES_PAGE})
-    for m in _messages_list(res)[0]:
+    for m in messages_of(res)[0]:
         if m.get("uuid") == template_id:
-            return _int(m.get("id"))
+            return as_int(m.get("id"))
     return 0
 
 
@@ -2948,7 +2181,7 @@ def send_text(client: Client, dialog_id: str, text: str, *, template_id: str | N
     what = ""
     while True:
         try:
-            return _int(client.call("im.message.add", params, write=True))
+            return as_int(client.call("im.message.add", params, write=True))
         except UnknownOutcomeError as exc:
             what = exc.cause or "no usable answer came back"
         except DuplicateUuidError:
@@ -3074,14 +2307,6 @@ def normalize_reply(body: Any) -> list:
     raise ReplyShapeError("bot reply: got %s; expected an object, a string or a list" % _describe(body))
 
 
-class BotError(B24Error):
-    """The bot could not be asked (``retryable``: an outage), or its answer was unusable."""
-
-    def __init__(self, message: str, *, retryable: bool = False):
-        super().__init__(message)
-        self.retryable = retryable
-
-
 @dataclass
 class BotAnswer:
     """What the bot said: texts to post (maybe none), and whether it hands the dialog to a person."""
@@ -3100,218 +2325,6 @@ def parse_bot_answer(body: Any) -> BotAnswer:
         return BotAnswer(normalize_reply(body))
     except RecursionError:
         raise ReplyShapeError("bot reply: nested too deeply to be a reply") from None
-
-
-class BotClient:
-    """POSTs one inbound message to the bot (``BOT_HTTP_URL``) and returns its :class:`BotAnswer`.
-
-    ``Authorization: <BOT_HTTP_AUTH>`` is sent when set (and never logged).
-    ``BOT_HTTP_TIMEOUT_SEC`` is the deadline of the whole exchange -- connect,
-    send, every byte of the answer -- so a bot that trickles its answer cannot
-    hold a dialog forever; an answer over ``BOT_MAX_REPLY_BYTES`` is refused.
-    Connection failures, timeouts, 429 and 5xx are outages (``retryable``);
-    any other 4xx, a body that is not a reply, or one too large is unusable.
-    An empty answer (204, empty body) means "no reply"; ``text/plain`` is one
-    reply; JSON goes through :func:`parse_bot_answer`.  The caller decides
-    about retries.
-    """
-
-    def __init__(self, config: Config, url: str | None = None):
-        url = url or config.bot_url
-        if not url:
-            raise ConfigError("BOT_HTTP_URL is not set")
-        self.url = url
-        self.auth = config.bot_auth
-        self.secret = config.bot_secret
-        self.timeout = config.bot_timeout
-        self.max_bytes = config.bot_max_bytes
-        parts = urllib.parse.urlsplit(self.url)
-        self.scheme = parts.scheme
-        self.host = parts.hostname or "?"
-        self.target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
-        self.port = parts.port or (443 if self.scheme == "https" else 80)   # checked by split_url()
-        self.insecure_remote = self.scheme == "http" and not _is_loopback(self.host)
-
-    def __repr__(self) -> str:
-        return "BotClient(host=%s)" % self.host
-
-    def _connect(self, timeout: float) -> tuple:
-        """``(connection, request target)``, through an https/http proxy from the environment if one
-        applies (never for loopback)."""
-        proxy = None
-        if not _is_loopback(self.host) and not urllib.request.proxy_bypass(self.host):
-            proxy = urllib.request.getproxies().get(self.scheme)
-        if self.scheme == "https":
-            ctx = ssl.create_default_context()
-            if proxy:
-                pp = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
-                conn = http.client.HTTPSConnection(pp.hostname, pp.port or 8080, timeout=timeout, context=ctx)
-                conn.set_tunnel(self.host, self.port)
-            else:
-                conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=ctx)
-            return conn, self.target
-        if proxy:
-            pp = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
-            return http.client.HTTPConnection(pp.hostname, pp.port or 8080, timeout=timeout), self.url
-        return http.client.HTTPConnection(self.host, self.port, timeout=timeout), self.target
-
-    def _exchange(self, body: bytes, headers: dict) -> tuple:
-        """One POST under one deadline -> ``(status, content type, raw body)``."""
-        where = "bot on %s" % self.host
-        deadline = time.monotonic() + self.timeout
-
-        def left() -> float:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("deadline")
-            return remaining
-
-        conn, target = self._connect(self.timeout)
-        try:
-            conn.request("POST", target, body=body, headers=headers)
-            if conn.sock is not None:
-                conn.sock.settimeout(left())
-            resp = conn.getresponse()
-            status, ctype = resp.status, resp.getheader("Content-Type", "") or ""
-            declared = resp.getheader("Content-Length")
-            if declared and declared.isdigit() and int(declared) > self.max_bytes:
-                raise BotError("%s: the answer is %s bytes, more than BOT_MAX_REPLY_BYTES=%d"
-                               % (where, declared, self.max_bytes))
-            chunks: list = []
-            size = 0
-            while True:
-                if conn.sock is not None:
-                    conn.sock.settimeout(left())
-                chunk = resp.read1(65536) if hasattr(resp, "read1") else resp.read(65536)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > self.max_bytes:
-                    raise BotError("%s: the answer is larger than BOT_MAX_REPLY_BYTES=%d"
-                                   % (where, self.max_bytes))
-                chunks.append(chunk)
-                left()
-            return status, ctype, b"".join(chunks)
-        except ssl.SSLCertVerificationError as exc:
-            raise BotError("%s: its TLS certificate could not be verified (%s)"
-                           % (where, getattr(exc, "verify_message", exc)), retryable=True) from None
-        except (TimeoutError, socket.timeout):
-            raise BotError("%s: no complete answer within BOT_HTTP_TIMEOUT_SEC=%g s"
-                           % (where, self.timeout), retryable=True) from None
-        except (ConnectionRefusedError, socket.gaierror) as exc:
-            raise BotError("%s: cannot connect: %s" % (where, exc.strerror or exc), retryable=True) from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise BotError("%s: connection failed or dropped (%s)" % (where, type(exc).__name__),
-                           retryable=True) from None
-        finally:
-            conn.close()
-
-    def _headers(self, extra: Mapping[str, str] | None = None, *, json_body: bool = True) -> dict:
-        """What every request to the bot carries (``Authorization`` when set), plus *extra*."""
-        headers = {"User-Agent": "b24-openlines-toolkit/" + VERSION}
-        if json_body:
-            headers.update({"Content-Type": "application/json", "Accept": "application/json"})
-        headers.update(extra or {})
-        if self.auth:
-            headers["Authorization"] = self.auth
-        return headers
-
-    def probe(self) -> tuple:
-        """A GET to the bot's URL (for ``--check``): ``(HTTP status, "")`` or ``(None, what failed)``."""
-        conn, target = self._connect(min(self.timeout, 10.0))
-        try:
-            conn.request("GET", target, headers=self._headers(json_body=False))
-            resp = conn.getresponse()
-            resp.read(65536)
-            return resp.status, ""
-        except (OSError, http.client.HTTPException) as exc:
-            return None, "bot on %s does not answer (%s)" % (self.host, getattr(exc, "strerror", None) or exc)
-        finally:
-            conn.close()
-
-    def probe_signature(self) -> tuple:
-        """With ``BOT_HTTP_SECRET``: POST a probe whose signature is wrong; a bot that checks
-        signatures refuses it.  ``(HTTP status, "")`` or ``(None, what failed)``."""
-        body = json.dumps({"platform": "bitrix24", "direction": "probe", "text": ""}).encode()
-        forged = {TIMESTAMP_HEADER: str(int(time.time())), SIGNATURE_HEADER: "sha256=" + "0" * 64}
-        try:
-            status, _ctype, _raw = self._exchange(body, self._headers(forged))
-        except BotError as exc:
-            return None, str(exc)
-        return status, ""
-
-    def ask(self, payload: Mapping, *, headers: Mapping[str, str] | None = None) -> BotAnswer:
-        """One exchange with the bot; raises :class:`BotError`."""
-        all_headers = self._headers(headers)
-        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        if self.secret:
-            all_headers.update(sign_request(self.secret, body))
-        status, ctype, raw = self._exchange(body, all_headers)
-        where = "bot on %s" % self.host
-        if status == 429 or status >= 500:
-            raise BotError("%s answered HTTP %d" % (where, status), retryable=True)
-        if status >= 300:
-            raise BotError("%s answered HTTP %d" % (where, status))
-        if status == 204 or not raw.strip():
-            return BotAnswer()
-        text = raw.decode("utf-8", "replace")
-        if "json" in ctype.lower() or text.lstrip()[:1] in ("{", "["):
-            try:
-                decoded = json.loads(text)
-            except RecursionError:
-                raise BotError("%s: the answer is nested too deeply to be a reply" % where) from None
-            except ValueError:
-                raise BotError("%s: the answer is not valid JSON" % where) from None
-            try:
-                return parse_bot_answer(decoded)
-            except ReplyShapeError as exc:
-                raise BotError("%s: %s" % (where, exc)) from None
-        if "html" in ctype.lower():
-            raise BotError("%s answered with an HTML page, not a reply" % where)
-        return BotAnswer(normalize_reply(text))
-
-
-SIGNATURE_HEADER = "X-B24-Signature"
-TIMESTAMP_HEADER = "X-B24-Timestamp"
-
-
-def sign_request(secret: str, body: bytes, now: float | None = None) -> dict:
-    """``BOT_HTTP_SECRET``: HMAC-SHA256 over ``<timestamp>.<body>`` -- the bot checks it to reject
-    forgeries, and the timestamp to reject replays."""
-    ts = str(int(time.time() if now is None else now))
-    mac = hmac.new(secret.encode("utf-8"), ts.encode("ascii") + b"." + body, hashlib.sha256).hexdigest()
-    return {TIMESTAMP_HEADER: ts, SIGNATURE_HEADER: "sha256=" + mac}
-
-
-def verify_signature(secret: str, body: bytes, timestamp: str, signature: str, *, max_age: float = 300,
-                     now: float | None = None) -> str:
-    """What a bot does with a signed request: "" if genuine and fresh, else why not."""
-    if not timestamp.isdigit():
-        return "no timestamp"
-    if abs((time.time() if now is None else now) - int(timestamp)) > max_age:
-        return "stale timestamp (a replay?)"
-    want = sign_request(secret, body, now=int(timestamp))[SIGNATURE_HEADER]
-    return "" if hmac.compare_digest(want, signature or "") else "bad signature"
-
-
-def _bridge_tag(portal: str) -> bytes:
-    return hashlib.sha256(("b24-bridge|%s" % portal).encode()).digest()[:4]
-
-
-def reply_template_id(portal: str, dialog_id: str, message_id: int, index: int) -> str:
-    """The same UUID v4-shaped ``TEMPLATE_ID`` for the same reply, however often it is sent.
-
-    A reply re-sent after a crash carries the id of the first attempt, so the
-    portal recognises it instead of posting it twice.  Its first 8 hex digits
-    are the bridge's tag for this portal: :func:`is_bridge_uuid` tells the
-    bridge's own messages from anything a person typed as the same user.
-    """
-    digest = hashlib.sha256(("%s|%s|%d|%d" % (portal, dialog_id, message_id, index)).encode()).digest()
-    return str(uuid.UUID(bytes=_bridge_tag(portal) + digest[:12], version=4))
-
-
-def is_bridge_uuid(portal: str, value: Any) -> bool:
-    return isinstance(value, str) and value.startswith(_bridge_tag(portal).hex())
 
 
 # ===========================================================================
@@ -3396,84 +2409,9 @@ class StateFile:
             pass
 
 
-class PollerStore:
-    """Binds a :class:`Poller` to a :class:`StateFile` for one portal and user.
-
-    A state file written for another portal or user is refused.  :meth:`save`
-    with ``idle=True`` writes at most once a minute: then only the scan
-    watermark moved, and an older one merely makes a restart read further.
-    """
-
-    def __init__(self, poller: Poller, state: StateFile, host: str):
-        self.poller, self.state, self.host = poller, state, host
-        self.saved_at = 0.0
-        self.failing = False
-        self.lock = threading.Lock()
-        self.positions: Callable[[], dict] | None = None   # the sources' positions, saved alongside
-        self.saved_sources: dict = {}
-
-    def load(self) -> None:
-        saved = self.state.load()
-        owner = (saved.get("portal"), saved.get("user_id"))
-        if owner[0] is not None and owner != (self.host, self.poller.self_id):
-            raise ConfigError("%s: this state file belongs to user %s on %s, not to user %s on %s: use "
-                              "another state file, or delete this one to start from now"
-                              % (self.state.path, owner[1], owner[0], self.poller.self_id, self.host))
-        self.poller.load_state(saved)
-        self.saved_sources = as_map(saved.get("sources"))
-
-    def save(self, *, idle: bool = False) -> None:
-        """Write the state; a failed write (disk full) is reported once and tried again next time --
-        the cursors in memory are still right, and an older file only makes a restart read more."""
-        with self.lock:
-            if idle and time.monotonic() - self.saved_at < IDLE_SAVE_SEC:
-                return
-            doc = self.poller.to_state()
-            doc.update(portal=self.host, user_id=self.poller.self_id)
-            if self.positions is not None:
-                doc["sources"] = self.positions()
-            try:
-                self.state.save(doc)
-            except StateWriteError as exc:
-                if not self.failing:
-                    log.error("%s; trying again at the next message", exc)
-                self.failing = True
-                return
-            if self.failing:
-                log.info("%s: the state is written again", self.state.path)
-            self.failing = False
-            self.saved_at = time.monotonic()
-
-
 def poll_backoff(interval: float, failures: int) -> float:
     """The pause after *failures* failed cycles in a row: the interval doubled each time, at most a minute."""
     return min(POLL_BACKOFF_MAX_SEC, interval * (2 ** min(failures, 6)))
-
-
-def poll_forever(cycle: Callable[[], Any], *, interval: float, stop: threading.Event, once: bool = False,
-                 on_success: Callable[[], Any] | None = None) -> None:
-    """Run *cycle* every *interval* seconds until *stop* is set.
-
-    Rate limits, 5xx and network trouble cost one warning line and a growing
-    pause (up to a minute); anything else -- a revoked webhook -- ends the loop.
-    """
-    failures = 0
-    while not stop.is_set():
-        try:
-            cycle()
-            failures = 0
-            delay = interval
-            if on_success:
-                on_success()
-        except (RateLimitError, ServerError, TransportError) as exc:
-            if once:
-                raise
-            failures += 1
-            delay = poll_backoff(interval, failures)
-            log.warning("%s -- trying again in %.0f s", exc, delay)
-        if once:
-            return
-        stop.wait(delay)
 
 
 def sd_notify(**fields: Any) -> bool:
@@ -3623,7 +2561,7 @@ def line_queues(client: Client, me: int) -> list:
     out = []
     for row in rows:
         if isinstance(row, Mapping):
-            queue = [_int(x) for x in (row.get("QUEUE") or [])]
+            queue = [as_int(x) for x in (row.get("QUEUE") or [])]
             out.append((str(row.get("ID")), str(row.get("LINE_NAME") or ""), me in queue))
     return out
 

@@ -23,7 +23,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from b24common import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
+from olbridge.bot import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 
 SHAPES = ("reply_text", "response", "text", "message", "replies", "messages", "rasa", "string", "none")
 PATH = "/webhook/whatsapp"

@@ -32,8 +32,10 @@ from harness import bridge_world  # noqa: E402
 
 import b24_ol_bridge as bridge  # noqa: E402
 import b24common as bc  # noqa: E402
+import b24push as push  # noqa: E402
 import mock_b24_portal as mp  # noqa: E402
 import mock_bot_server  # noqa: E402
+import olbridge.bot as botlib  # noqa: E402
 
 SOURCES = ("poll", "events", "receiver", "chat bot")
 
@@ -57,13 +59,13 @@ def loopback_round_trip(url: str, n: int = 200) -> float:
 def pipeline_floor(server, bot, n: int = 100) -> float:
     """What a pushed message needs at the least, each step measured alone on loopback: the portal's
     form POST to a receiver, one ``im.dialog.messages.get``, one bot exchange (medians, summed)."""
-    receiver = bc.ReceiverSource(("127.0.0.1", 0), app_token="t" * 16)
+    receiver = push.ReceiverSource(("127.0.0.1", 0), app_token="t" * 16)
     receiver.start()
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     client = bc.Client(bc.Config.from_env({"B24_WEBHOOK_BASE": server.webhook_base,
                                            "B24_RATE_PER_SEC": "100", "B24_RATE_BURST": "10000"}))
     server.portal.set_limits(rate=10000, burst=10 ** 6)
-    asker = bc.BotClient(bc.Config.from_env({"B24_WEBHOOK_BASE": server.webhook_base, "BOT_HTTP_URL": bot.url}))
+    asker = botlib.BotClient(bc.Config.from_env({"B24_WEBHOOK_BASE": server.webhook_base, "BOT_HTTP_URL": bot.url}))
     chat = server.portal.world_ids["lines_member"]
     body = b"event=ONIMBOTJOINCHAT&data[PARAMS][DIALOG_ID]=chat1&auth[application_token]=" + b"t" * 16
     steps: dict = {"post": [], "rest": [], "bot": []}

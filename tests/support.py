@@ -23,8 +23,9 @@ import b24common as bc  # noqa: E402
 import mock_b24_portal as mp  # noqa: E402
 
 # retries log warnings; in-process tests check behaviour, not those lines
-logging.getLogger("b24common").addHandler(logging.NullHandler())
-logging.getLogger("b24common").propagate = False
+for _name in ("b24common", "b24push"):
+    logging.getLogger(_name).addHandler(logging.NullHandler())
+    logging.getLogger(_name).propagate = False
 
 PY = sys.executable
 

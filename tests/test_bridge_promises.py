@@ -11,6 +11,7 @@ import threading
 import time
 
 import b24_ol_bridge
+import olbridge.bot as botlib
 from tests.support import PortalCase, bc
 from tests.test_bridge import BRIDGE
 from tests.test_bridge import BridgeHarness as BridgeCase
@@ -356,10 +357,10 @@ class Internals(PortalCase):
         handler.emit = records.append
         logging.getLogger("b24_ol_bridge").addHandler(handler)
         self.addCleanup(logging.getLogger("b24_ol_bridge").removeHandler, handler)
-        b24_ol_bridge._banner(bc.Client(cfg), bc.BotClient(cfg))
+        b24_ol_bridge._banner(bc.Client(cfg), botlib.BotClient(cfg))
         self.assertTrue(any("unencrypted" in r.getMessage() for r in records))
         loopback = bc.Config.from_env({"B24_WEBHOOK_BASE": self.server.webhook_base,
                                        "BOT_HTTP_URL": "http://127.0.0.1:9/bot"})
-        self.assertFalse(bc.BotClient(loopback).insecure_remote)
+        self.assertFalse(botlib.BotClient(loopback).insecure_remote)
 
 

@@ -7,7 +7,8 @@ import subprocess
 import time
 
 import mock_bot_server
-from tests.support import PY, bc, script
+import olbridge.bot as botlib
+from tests.support import PY, script
 from tests.test_bridge import BRIDGE, TOKEN, BridgeHarness
 
 SECRET = "s3cret-shared-with-the-bot"
@@ -83,7 +84,7 @@ class Business(BridgeHarness):
         self.portal.customer_message(chat, "signed")
         self.wait_for(lambda: "Echo: signed" in self.texts(chat), what="the signed request answered")
         headers = self.bot.received[0]["headers"]
-        self.assertTrue(headers[bc.SIGNATURE_HEADER].startswith("sha256="))
+        self.assertTrue(headers[botlib.SIGNATURE_HEADER].startswith("sha256="))
         self.assertEqual(proc.stop(), 0)
         self.assertNotIn(SECRET, proc.all_output())
         proc = self.start_bridge(BOT_HTTP_SECRET="not-the-right-secret-at-all")
@@ -92,13 +93,13 @@ class Business(BridgeHarness):
         self.assertIn("bad signature", self.bot.rejected)
         self.assertEqual(proc.stop(), 0)
         body = b'{"text": "replayed"}'
-        old = bc.sign_request(SECRET, body, now=time.time() - 3600)
-        self.assertEqual(bc.verify_signature(SECRET, body, old[bc.TIMESTAMP_HEADER], old[bc.SIGNATURE_HEADER]),
+        old = botlib.sign_request(SECRET, body, now=time.time() - 3600)
+        self.assertEqual(botlib.verify_signature(SECRET, body, old[botlib.TIMESTAMP_HEADER], old[botlib.SIGNATURE_HEADER]),
                          "stale timestamp (a replay?)")
-        fresh = bc.sign_request(SECRET, body)
-        self.assertEqual(bc.verify_signature(SECRET, body, fresh[bc.TIMESTAMP_HEADER], fresh[bc.SIGNATURE_HEADER]), "")
-        self.assertEqual(bc.verify_signature(SECRET, body + b" ", fresh[bc.TIMESTAMP_HEADER],
-                                             fresh[bc.SIGNATURE_HEADER]), "bad signature")
+        fresh = botlib.sign_request(SECRET, body)
+        self.assertEqual(botlib.verify_signature(SECRET, body, fresh[botlib.TIMESTAMP_HEADER], fresh[botlib.SIGNATURE_HEADER]), "")
+        self.assertEqual(botlib.verify_signature(SECRET, body + b" ", fresh[botlib.TIMESTAMP_HEADER],
+                                             fresh[botlib.SIGNATURE_HEADER]), "bad signature")
 
     def test_routes_pick_the_bot_per_line(self) -> None:
         sales = mock_bot_server.BotServer(token=TOKEN).start()

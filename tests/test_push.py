@@ -19,6 +19,7 @@ import urllib.parse
 import urllib.request
 
 import b24common as bc
+import b24push as push
 from tests.support import PortalCase
 from tests.test_bridge import BridgeHarness
 
@@ -60,11 +61,11 @@ class Parsing(unittest.TestCase):
     def test_php_bracket_keys_nest(self) -> None:
         pairs = urllib.parse.parse_qsl("event=ONIMBOTMESSAGEADD&data[PARAMS][DIALOG_ID]=chat5&data[PARAMS][MESSAGE_ID]=9"
                                        "&data[BOT][41][BOT_ID]=41&auth[application_token]=t&a[]=1&a[]=2")
-        got = bc.parse_php_form(pairs)
+        got = push.parse_php_form(pairs)
         self.assertEqual(got["data"]["PARAMS"], {"DIALOG_ID": "chat5", "MESSAGE_ID": "9"})
         self.assertEqual(got["data"]["BOT"]["41"]["BOT_ID"], "41")
         self.assertEqual(got["a"], {"0": "1", "1": "2"})
-        self.assertEqual(bc.push_hints(got), [bc.Hint("chat5", 9, adopt=True)], "the bot is in it: ours to read")
+        self.assertEqual(push.push_hints(got), [push.Hint("chat5", 9, adopt=True)], "the bot is in it: ours to read")
 
     def test_openline_events_as_the_source_and_as_the_docs_show_them(self) -> None:
         inbound = {"event": "ONOPENLINEMESSAGEADD", "data": {"DATA": {"connector": {"line_id": "3"},
@@ -72,11 +73,11 @@ class Parsing(unittest.TestCase):
         listed = {"event": "ONOPENLINEMESSAGEADD", "data": {"DATA": {"0": {"message": {"id": "wamid.X"}}}}}
         outbound = {"event": "ONOPENLINEMESSAGEADD",
                     "data": {"DATA": {"message": {"id": "88100", "chat_id": "1771", "user_id": "7"}}}}
-        self.assertEqual(bc.push_hints(inbound), [bc.SCAN], "no IM chat id: look everywhere")
-        self.assertEqual(bc.push_hints(listed), [bc.SCAN])
-        self.assertEqual(bc.push_hints(outbound), [bc.Hint("chat1771", 88100)])
-        self.assertEqual(bc.push_hints({"event": "ONSESSIONSTART", "data": {}}), [bc.SCAN])
-        self.assertEqual(bc.push_hints({"event": "ONCRMLEADADD", "data": {}}), [])
+        self.assertEqual(push.push_hints(inbound), [push.SCAN], "no IM chat id: look everywhere")
+        self.assertEqual(push.push_hints(listed), [push.SCAN])
+        self.assertEqual(push.push_hints(outbound), [push.Hint("chat1771", 88100)])
+        self.assertEqual(push.push_hints({"event": "ONSESSIONSTART", "data": {}}), [push.SCAN])
+        self.assertEqual(push.push_hints({"event": "ONCRMLEADADD", "data": {}}), [])
 
 
 class EventQueueOnTheEmulator(PortalCase):
@@ -116,20 +117,20 @@ class EventQueueOnTheEmulator(PortalCase):
 
     def test_the_source_pages_while_has_more_and_filters_what_is_not_ours(self) -> None:
         client = self.client()
-        ok, _why = bc.event_source_available(client)
+        ok, _why = push.event_source_available(client)
         self.assertTrue(ok)
         member = self.ids["lines_member"]
-        ids = [self.portal.customer_message(member, "m%d" % i)["message_id"] for i in range(bc.EVENTS_PAGE + 20)]
+        ids = [self.portal.customer_message(member, "m%d" % i)["message_id"] for i in range(push.EVENTS_PAGE + 20)]
         self.portal.operator_message(self.ids["group"], 9, "a team chat: not an Open Lines dialog")
-        src = bc.EventQueueSource(client, interval=0.2)
+        src = push.EventQueueSource(client, interval=0.2)
         stop = threading.Event()
         first = src.next_batch(stop)
         self.assertTrue(first.more)
-        self.assertEqual(first.hints, [bc.Hint("chat%d" % member, i) for i in ids[:bc.EVENTS_PAGE]])
+        self.assertEqual(first.hints, [push.Hint("chat%d" % member, i) for i in ids[:push.EVENTS_PAGE]])
         src.ack(first)
         second = src.next_batch(stop)
         self.assertFalse(second.more)
-        self.assertEqual([h.message_id for h in second.hints], ids[bc.EVENTS_PAGE:], "the team chat is filtered out")
+        self.assertEqual([h.message_id for h in second.hints], ids[push.EVENTS_PAGE:], "the team chat is filtered out")
         src.ack(second)
         src.interval = 0.01
         self.assertIsNone(src.next_batch(stop), "nothing new")
@@ -137,8 +138,8 @@ class EventQueueOnTheEmulator(PortalCase):
 
     def test_errors_back_off_and_a_revoked_webhook_is_handed_up(self) -> None:
         client = self.client(B24_MAX_RETRIES="0")
-        self.assertTrue(bc.event_source_available(client)[0])
-        src = bc.EventQueueSource(client, interval=0.05)
+        self.assertTrue(push.event_source_available(client)[0])
+        src = push.EventQueueSource(client, interval=0.05)
         stop = threading.Event()
         self.portal.fault("http500", count=2, method="im.v2.event.get")
         self.portal.customer_message(self.ids["lines_member"], "after the errors")
@@ -159,21 +160,21 @@ class EventQueueOnTheEmulator(PortalCase):
         self.addCleanup(type(self.portal).METHODS.__setitem__, "im.v2.event.subscribe",
                         ("m_im_v2_event_subscribe", "im", False))
         client = self.client(B24_SOURCE="auto")
-        ok, why = bc.event_source_available(client)
+        ok, why = push.event_source_available(client)
         self.assertFalse(ok)
         self.assertIn("ERROR_METHOD_NOT_FOUND", why)
-        sources = bc.choose_sources(client, self_id=7, interval=0.5)
+        sources = push.choose_sources(client, self_id=7, interval=0.5)
         self.assertEqual([s.name for s in sources], ["poll"])
         with self.assertRaises(bc.ConfigError) as cm:
-            bc.choose_sources(self.client(B24_SOURCE="events"), self_id=7, interval=0.5)
+            push.choose_sources(self.client(B24_SOURCE="events"), self_id=7, interval=0.5)
         self.assertIn("B24_SOURCE=poll", str(cm.exception))
 
     def test_auto_skips_the_event_queue_for_a_queue_operator(self) -> None:
         # user 7 is in the queues of lines 1 and 3: a waiting chat there produces no event
-        self.assertEqual([s.name for s in bc.choose_sources(self.client(), self_id=7, interval=0.5)], ["poll"])
+        self.assertEqual([s.name for s in push.choose_sources(self.client(), self_id=7, interval=0.5)], ["poll"])
         for line in self.portal.lines.values():
             line["queue"] = [u for u in line["queue"] if u != 7]
-        sources = bc.choose_sources(self.client(), self_id=7, interval=0.5)
+        sources = push.choose_sources(self.client(), self_id=7, interval=0.5)
         self.assertEqual([s.name for s in sources], ["events", "poll"])
         self.assertEqual(sources[-1].every, bc.DEFAULT_RECONCILE_SEC)
 
@@ -304,7 +305,7 @@ class Receiver(QuietWorld):
         self.assertEqual(post(self.port, form(forged))[0], 401)
         del forged["auth"]
         self.assertEqual(post(self.port, form(forged))[0], 401)
-        self.assertEqual(post(self.port, b"x" * (bc.RECEIVER_MAX_BODY + 1))[0], 413)
+        self.assertEqual(post(self.port, b"x" * (push.RECEIVER_MAX_BODY + 1))[0], 413)
         self.assertEqual(post(self.port, b"event=ONOPENLINEMESSAGEADD&\xff\xfe=1")[0], 400)
         self.assertEqual(post(self.port, b"no_equals_sign&x")[0], 400)
         self.assertEqual(post(self.port, b"data[a]=1")[0], 400, "no event name")

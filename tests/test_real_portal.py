@@ -52,7 +52,7 @@ class PortalFacts(PortalCase):
         before = [i for i in self.http("im.recent.get", {})[1]["result"] if i["chat_id"] == queued][0]
         self.portal.customer_message(queued, "still waiting")
         after = [i for i in self.http("im.recent.get", {})[1]["result"] if i["chat_id"] == queued][0]
-        self.assertGreater(bc._parse_date(after["date_update"]), bc._parse_date(before["date_update"]))
+        self.assertGreater(bc.parse_date(after["date_update"]), bc.parse_date(before["date_update"]))
 
     def test_recent_row_is_written_after_the_message(self) -> None:
         self.portal.behave(row_lag=0.6)
