@@ -350,10 +350,11 @@ class Chat:
 
     # -- the poll thread ----------------------------------------------------------------
     def poll_loop(self) -> None:
-        failures = 0
+        backoff = bc.Backoff(self.interval, self.client.config.backoff_max)
         current = None
+        delay = self.interval
         while not self.stop.is_set():
-            self.wake.wait(self.interval if not failures else min(60.0, self.interval * 2 ** failures))
+            self.wake.wait(delay)
             self.wake.clear()
             if self.stop.is_set():
                 return
@@ -362,21 +363,24 @@ class Chat:
             if reader is None:
                 continue
             if reader is not current:        # another dialog: its own fresh start
-                current, failures = reader, 0
+                current, delay = reader, self.interval
+                backoff.succeeded()
             try:
                 with self.fetch_lock:
                     msgs = reader.new()
-                if failures:
+                if backoff.failures:
                     self.inbox.put("(connection back)")
-                failures = 0
-            except (bc.RateLimitError, bc.ServerError, bc.TransportError) as exc:
-                failures += 1
-                if failures == 1:
+                backoff.succeeded()
+                delay = self.interval
+            except bc.TRANSIENT as exc:
+                delay = backoff.failed()
+                if backoff.failures == 1:
                     self.inbox.put("(cannot reach the portal: %s -- retrying)" % exc)
                     self._notify()
                 continue
             except bc.B24Error as exc:
-                failures = 6
+                backoff.failures = 5
+                delay = backoff.failed()
                 self.inbox.put("(cannot read new messages: %s)" % bc.format_error(exc))
                 self._notify()
                 continue

@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, TextIO
+from typing import Callable, TextIO
 
 import b24common as bc
 import b24push as push
@@ -82,32 +82,6 @@ class PollerStore:
             self.failing = False
             self.saved_at = time.monotonic()
 
-
-
-def poll_forever(cycle: Callable[[], Any], *, interval: float, stop: threading.Event, once: bool = False,
-                 on_success: Callable[[], Any] | None = None) -> None:
-    """Run *cycle* every *interval* seconds until *stop* is set.
-
-    Rate limits, 5xx and network trouble cost one warning line and a growing
-    pause (up to a minute); anything else -- a revoked webhook -- ends the loop.
-    """
-    failures = 0
-    while not stop.is_set():
-        try:
-            cycle()
-            failures = 0
-            delay = interval
-            if on_success:
-                on_success()
-        except (bc.RateLimitError, bc.ServerError, bc.TransportError) as exc:
-            if once:
-                raise
-            failures += 1
-            delay = bc.poll_backoff(interval, failures)
-            log.warning("%s -- trying again in %.0f s", exc, delay)
-        if once:
-            return
-        stop.wait(delay)
 
 
 
@@ -264,7 +238,7 @@ class Reader:
             log.info("watching %d Open Lines dialog(s); new messages appear below",
                      sum(1 for d in self.poller.dialogs.values() if d.is_lines))
         if self.args.once:
-            poll_forever(self.cycle, interval=self.interval, stop=self.stop, once=True)
+            self.cycle()
         else:
             self.listen(me)
         if self.store is not None:
@@ -287,6 +261,7 @@ class Reader:
         inbound.start()
         try:
             push.run_sources(inbound, self.cycle, stop=self.stop, interval=self.interval,
+                             backoff_max=self.client.config.backoff_max,
                            on_done=self.store.save if self.store is not None else None)
         finally:
             inbound.close()

@@ -40,8 +40,8 @@ __all__ = [
     "normalize_phone", "visible", "Poller", "normalize_reply", "ReplyShapeError",
     "StateFile", "StateWriteError", "default_state_dir", "under_systemd", "send_text", "find_by_uuid", "check_text", "what_came_back", "split_text", "new_template_id", "take_dialog",
     "BotAnswer", "parse_bot_answer",
-    "parse_routes", "sd_notify",
-    "watchdog_seconds",
+    "parse_routes",
+
     "add_common_arguments", "load_config_from_args", "run_main", "setup_logging",
     "environment_or_demo", "start_demo_portal", "check_scopes", "Doctor", "line_queues", "run_doctor",
     "format_error", "env_number",
@@ -313,6 +313,8 @@ class DuplicateUuidError(APIError):
 class PortalMovedError(APIError):
     """The portal answered with a redirect (e.g. its domain was renamed)."""
 
+
+TRANSIENT = (RateLimitError, ServerError, TransportError)   # worth another try later: limits, 5xx, network
 
 _AUTH_CODES = {"INVALID_CREDENTIALS", "NO_AUTH_FOUND", "AUTHORIZATION_ERROR", "EXPIRED_TOKEN",
                "INVALID_TOKEN", "PORTAL_DELETED", "INVALID_REQUEST"}
@@ -682,6 +684,7 @@ class Config:
     operating_limit: float = DEFAULT_OPERATING_LIMIT_SEC
     max_retries: int = MAX_RETRIES
     send_patience: float = SEND_PATIENCE_SEC
+    backoff_max: float = POLL_BACKOFF_MAX_SEC   # the longest pause between tries in an outage
     bot_url: str = ""
     bot_auth: str = field(default="", repr=False)
     bot_secret: str = field(default="", repr=False)
@@ -730,6 +733,7 @@ class Config:
             operating_limit=env_number(env, "B24_OPERATING_LIMIT_SEC", DEFAULT_OPERATING_LIMIT_SEC, 1, 100000),
             max_retries=int(env_number(env, "B24_MAX_RETRIES", MAX_RETRIES, 0, 50, integer=True)),
             send_patience=env_number(env, "B24_SEND_PATIENCE_SEC", SEND_PATIENCE_SEC, 0, 3600),
+            backoff_max=env_number(env, "B24_BACKOFF_MAX_SEC", POLL_BACKOFF_MAX_SEC, 1, 3600),
             bot_url=bot_url, bot_auth=bot_auth, bot_secret=bot_secret, bot_routes=routes,
             bot_timeout=env_number(env, "BOT_HTTP_TIMEOUT_SEC", DEFAULT_BOT_TIMEOUT_SEC, 1, 3600),
             bot_max_bytes=int(env_number(env, "BOT_MAX_REPLY_BYTES", DEFAULT_BOT_MAX_BYTES, 1024, 64 * 1048576,
@@ -2150,13 +2154,17 @@ def split_text(text: str, limit: int = MESSAGE_MAX_CHARS) -> list:
     return out
 
 
+def posted_uuids(result: Any) -> dict:
+    """``im.dialog.messages.get``'s result -> ``{TEMPLATE_ID: message id}`` of the messages carrying one:
+    the one way to tell whether a message we sent is already in the dialog."""
+    return {m["uuid"]: as_int(m.get("id")) for m in messages_of(result)[0]
+            if isinstance(m.get("uuid"), str) and m["uuid"]}
+
+
 def find_by_uuid(client: Client, dialog_id: str, template_id: str) -> int:
     """The id of the message carrying *template_id* among the dialog's newest 50, else 0."""
     res = client.call("im.dialog.messages.get", {"DIALOG_ID": dialog_id, "LAST_ID": 0, "LIMIT": MESSAGES_PAGE})
-    for m in messages_of(res)[0]:
-        if m.get("uuid") == template_id:
-            return as_int(m.get("id"))
-    return 0
+    return posted_uuids(res).get(template_id, 0)
 
 
 def send_text(client: Client, dialog_id: str, text: str, *, template_id: str | None = None,
@@ -2376,69 +2384,63 @@ class StateFile:
         return data
 
     def save(self, data: Mapping) -> None:
-        folder = os.path.dirname(self.path)
         try:
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(self.path), dir=folder)
+            write_private(self.path, json.dumps(data, ensure_ascii=False, sort_keys=True))
         except PermissionError as exc:
             raise ConfigError("%s: cannot write state (%s)" % (self.path, exc.strerror)) from None
         except OSError as exc:
-            raise StateWriteError("%s: cannot write state (%s)" % (self.path, exc.strerror)) from None
+            raise StateWriteError("%s: cannot write state (%s)" % (self.path, exc.strerror or exc)) from None
+
+
+def write_private(path: str, text: str) -> None:
+    """Replace *path* with *text*, atomically, readable by its owner only (0600 whatever the umask).
+
+    The new content is written to a fresh temp file beside it (created exclusively, so a planted
+    link is never followed), fsynced and renamed over the old one -- which replaces a link rather
+    than writing through it -- and the folder is fsynced.  ``kill -9`` at any instant leaves the old
+    file or the new one.  Raises OSError."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                os.fchmod(fh.fileno(), 0o600)
-                json.dump(data, fh, ensure_ascii=False, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            if isinstance(exc, OSError):
-                raise StateWriteError("%s: cannot write state (%s)" % (self.path, exc.strerror or exc)) from None
-            raise
-        try:
-            dfd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            os.unlink(tmp)
         except OSError:
             pass
-
-
-def poll_backoff(interval: float, failures: int) -> float:
-    """The pause after *failures* failed cycles in a row: the interval doubled each time, at most a minute."""
-    return min(POLL_BACKOFF_MAX_SEC, interval * (2 ** min(failures, 6)))
-
-
-def sd_notify(**fields: Any) -> bool:
-    """Tell systemd how we are (``READY=1``, ``STATUS=...``, ``WATCHDOG=1``); no-op outside systemd."""
-    addr = os.environ.get("NOTIFY_SOCKET", "")
-    if not addr or addr[0] not in "@/":
-        return False
-    if addr[0] == "@":
-        addr = "\0" + addr[1:]
-    payload = "\n".join("%s=%s" % (k, str(v).replace("\n", " ")) for k, v in fields.items())
+        raise
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | getattr(socket, "SOCK_CLOEXEC", 0)) as sock:
-            sock.connect(addr)
-            sock.sendall(payload.encode("utf-8"))
-        return True
-    except OSError as exc:
-        log.debug("sd_notify failed: %s", exc)
-        return False
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
 
 
-def watchdog_seconds() -> float | None:
-    """Half of systemd's ``WatchdogSec`` if it watches this process, else None."""
-    usec = os.environ.get("WATCHDOG_USEC", "")
-    pid = os.environ.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or (pid and pid != str(os.getpid())):
-        return None
-    return int(usec) / 2e6
+class Backoff:
+    """The pause after failures in a row: *interval* doubled with each failure, at most *cap*
+    (``B24_BACKOFF_MAX_SEC``, a minute by default).  :meth:`succeeded` starts over."""
+
+    def __init__(self, interval: float, cap: float | None = None):
+        self.interval = interval
+        self.cap = POLL_BACKOFF_MAX_SEC if cap is None else cap
+        self.failures = 0
+
+    def failed(self) -> float:
+        """One more failure: how long to wait before the next try."""
+        self.failures += 1
+        return min(self.cap, self.interval * (2 ** min(self.failures, 6)))
+
+    def succeeded(self) -> None:
+        self.failures = 0
 
 
 # ===========================================================================

@@ -34,18 +34,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 from b24common import (
+    TRANSIENT,
     APIError,
     AuthError,
     B24Error,
+    Backoff,
     Client,
     ConfigError,
-    RateLimitError,
-    ServerError,
-    TransportError,
     as_int,
     as_map,
     line_queues,
-    poll_backoff,
 )
 
 EVENTS_PAGE = 100                    # im.v2.Event.get limit (1-1000)
@@ -183,7 +181,7 @@ class EventQueueSource(Source):
         self.client, self.interval, self.lines_only, self.skip = client, interval, lines_only, skip
         self.offset: int | None = None
         self.more = False
-        self.failures = 0
+        self.backoff = Backoff(interval, client.config.backoff_max)
 
     def start(self) -> None:
         # subscribed already: see event_source_available()
@@ -195,7 +193,7 @@ class EventQueueSource(Source):
         return self.offset
 
     def retune(self, poll_sec: float, reconcile_sec: float) -> None:
-        self.interval = poll_sec
+        self.interval = self.backoff.interval = poll_sec
 
     def restore(self, position: Any) -> None:
         if isinstance(position, int) and position > 0:
@@ -209,16 +207,15 @@ class EventQueueSource(Source):
             params["offset"] = self.offset
         try:
             res = as_map(self.client.call("im.v2.Event.get", params))
-        except (RateLimitError, ServerError, TransportError) as exc:
-            self.failures += 1
-            delay = poll_backoff(self.interval, self.failures)
+        except TRANSIENT as exc:
+            delay = self.backoff.failed()
             log.warning("event queue: %s -- trying again in %.0f s", exc, delay)
             self.more = False
             stop.wait(delay)
             return None
         except B24Error as exc:            # a revoked webhook, a lost scope: the host decides
             return Delivery(self, [], error=exc)
-        self.failures = 0
+        self.backoff.succeeded()
         events = [e for e in (res.get("events") or []) if isinstance(e, Mapping)]
         self.more = bool(res.get("hasMore")) and bool(events)
         if not events:
@@ -247,7 +244,7 @@ def event_source_available(client: Client) -> tuple:
     try:
         client.call("im.v2.Event.subscribe")
         return True, ""
-    except (AuthError, RateLimitError, ServerError, TransportError):
+    except (AuthError,) + TRANSIENT:
         raise
     except APIError as exc:
         return False, "%s" % exc
@@ -399,14 +396,15 @@ def choose_sources(client: Client, *, self_id: int, interval: float, spool_path:
 
 
 def run_sources(inbound: Inbound, handle: Callable[[list], bool], *, stop: threading.Event,
-                interval: float, on_done: Callable[[], Any] | None = None) -> None:
+                interval: float, backoff_max: float | None = None,
+                on_done: Callable[[], Any] | None = None) -> None:
     """Feed the batches of *inbound* to *handle* until *stop*; acknowledge what it handled.
 
     *handle* returns False when it could not keep the result (the batches are
     offered again).  Rate limits, 5xx and network trouble cost one warning and
     a growing pause; a revoked webhook -- from any source -- ends the loop.
     """
-    failures = 0
+    backoff = Backoff(interval, backoff_max)
     while not stop.is_set():
         batches = inbound.get(min(1.0, interval))
         if not batches:
@@ -416,9 +414,8 @@ def run_sources(inbound: Inbound, handle: Callable[[list], bool], *, stop: threa
                 raise b.error
         try:
             ok = handle(batches)
-        except (RateLimitError, ServerError, TransportError) as exc:
-            failures += 1
-            delay = poll_backoff(interval, failures)
+        except TRANSIENT as exc:
+            delay = backoff.failed()
             log.warning("%s -- trying again in %.0f s", exc, delay)
             inbound.put_back(batches)
             stop.wait(delay)
@@ -427,7 +424,7 @@ def run_sources(inbound: Inbound, handle: Callable[[list], bool], *, stop: threa
             inbound.put_back(batches)
             stop.wait(min(interval, 5.0))
             continue
-        failures = 0
+        backoff.succeeded()
         inbound.done(batches)
         if on_done is not None:
             on_done()

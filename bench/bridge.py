@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from harness import bridge_world  # noqa: E402
 
-import b24_ol_bridge as br  # noqa: E402
 import b24common as bc  # noqa: E402
+from olbridge import store as br  # noqa: E402
 
 
 def _info(i: int) -> dict:

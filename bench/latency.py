@@ -30,12 +30,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from harness import bridge_world  # noqa: E402
 
-import b24_ol_bridge as bridge  # noqa: E402
 import b24common as bc  # noqa: E402
 import b24push as push  # noqa: E402
 import mock_b24_portal as mp  # noqa: E402
 import mock_bot_server  # noqa: E402
 import olbridge.bot as botlib  # noqa: E402
+from olbridge import chatbot as bridge  # noqa: E402
 
 SOURCES = ("poll", "events", "receiver", "chat bot")
 

@@ -11,8 +11,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
-from typing import Any, Mapping
+from typing import Mapping
 
 import b24common as bc
 
@@ -217,27 +216,3 @@ def verify_signature(secret: str, body: bytes, timestamp: str, signature: str, *
         return "stale timestamp (a replay?)"
     want = sign_request(secret, body, now=int(timestamp))[SIGNATURE_HEADER]
     return "" if hmac.compare_digest(want, signature or "") else "bad signature"
-
-
-
-def _bridge_tag(portal: str) -> bytes:
-    return hashlib.sha256(("b24-bridge|%s" % portal).encode()).digest()[:4]
-
-
-def reply_template_id(portal: str, dialog_id: str, message_id: int, index: int) -> str:
-    """The same UUID v4-shaped ``TEMPLATE_ID`` for the same reply, however often it is sent.
-
-    A reply re-sent after a crash carries the id of the first attempt, so the
-    portal recognises it instead of posting it twice.  Its first 8 hex digits
-    are the bridge's tag for this portal: :func:`is_bridge_uuid` tells the
-    bridge's own messages from anything a person typed as the same user.
-    """
-    digest = hashlib.sha256(("%s|%s|%d|%d" % (portal, dialog_id, message_id, index)).encode()).digest()
-    return str(uuid.UUID(bytes=_bridge_tag(portal) + digest[:12], version=4))
-
-
-def is_bridge_uuid(portal: str, value: Any) -> bool:
-    return isinstance(value, str) and value.startswith(_bridge_tag(portal).hex())
-
-
-

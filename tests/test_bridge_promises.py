@@ -10,8 +10,8 @@ import sqlite3
 import threading
 import time
 
-import b24_ol_bridge
 import olbridge.bot as botlib
+import olbridge.bridge
 from tests.support import PortalCase, bc
 from tests.test_bridge import BRIDGE
 from tests.test_bridge import BridgeHarness as BridgeCase
@@ -357,7 +357,7 @@ class Internals(PortalCase):
         handler.emit = records.append
         logging.getLogger("b24_ol_bridge").addHandler(handler)
         self.addCleanup(logging.getLogger("b24_ol_bridge").removeHandler, handler)
-        b24_ol_bridge._banner(bc.Client(cfg), botlib.BotClient(cfg))
+        olbridge.bridge.sign_in(bc.Client(cfg), botlib.BotClient(cfg))
         self.assertTrue(any("unencrypted" in r.getMessage() for r in records))
         loopback = bc.Config.from_env({"B24_WEBHOOK_BASE": self.server.webhook_base,
                                        "BOT_HTTP_URL": "http://127.0.0.1:9/bot"})

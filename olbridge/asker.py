@@ -1,0 +1,239 @@
+"""One customer message at a time, per dialog: may the bot answer it, ask the bot, keep its answer (before
+any of it is posted), then hand the answer to the poster."""
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+
+import b24common as bc
+from olbridge.bot import BotClient, BotError
+from olbridge.pauses import Pauses
+from olbridge.poster import Poster
+from olbridge.scheduler import Scheduler
+from olbridge.shared import MAX_PARTS, UNUSABLE_TRIES, Shared
+from olbridge.store import Row
+
+log = logging.getLogger("b24_ol_bridge")
+
+
+class Asker:
+    """The workers' job: :meth:`serve` handles a dialog's messages in order (the scheduler calls it)."""
+
+    def __init__(self, shared: Shared, pauses: Pauses, scheduler: Scheduler, poster: Poster, stop: threading.Event,
+                 *, take: str = ""):
+        self.shared = shared
+        self.pauses = pauses
+        self.scheduler = scheduler
+        self.poster = poster
+        self.stop = stop
+        self.take = take                  # "answer" / "join": take dialogs waiting in the queue; "": don't
+        self.lock = threading.Lock()
+        self.cfg: bc.Config = shared.client.config
+        self.routes: dict = {}
+        self.bot_url = ""
+        self.bots: dict = {}              # URL -> BotClient
+        self.told_unrouted: set = set()
+        self.use_bots(self.cfg, BotClient(self.cfg) if self.cfg.bot_url else None)
+
+    def use_bots(self, cfg: bc.Config, bot: BotClient | None) -> None:
+        """The bots to ask (BOT_HTTP_URL and BOT_ROUTES) -- at start and on reload."""
+        with self.lock:
+            self.cfg, self.routes, self.bot_url = cfg, dict(cfg.bot_routes), cfg.bot_url
+            self.bots = {bot.url: bot} if bot is not None else {}
+
+    def bot_hosts(self) -> list:
+        with self.lock:
+            return sorted({b.host for b in self.bots.values()})
+
+    # -- a dialog ---------------------------------------------------------------------------
+    def serve(self, dialog: str) -> float | None:
+        """Handle *dialog*'s messages in order; return when to come back (None: nothing left)."""
+        sh = self.shared
+        while not self.stop.is_set():
+            try:
+                row = sh.store.head(dialog)
+            except sqlite3.Error as exc:
+                sh.note_save_error(exc)
+                return time.monotonic() + 5
+            if row is None:
+                return None
+            wait = row.next_try - time.time()
+            if wait > 0:
+                return time.monotonic() + wait
+            self.scheduler.add_busy(1)
+            sh.live.beat("handling %s" % row.where)
+            try:
+                if self.step(row) == "posting":
+                    return None      # the poster has the dialog now; it wakes it when done
+            except sqlite3.Error as exc:
+                sh.note_save_error(exc)
+                return time.monotonic() + 5
+            finally:
+                self.scheduler.add_busy(-1)
+        return None
+
+    def step(self, row: Row) -> str | None:
+        if not self.reconcile(row):
+            return None
+        if row.state == "new":
+            return self.ask(row)
+        if row.state == "answered":
+            return self.poster.take(row)
+        self.shared.store.finish(row)
+        return None
+
+    def reconcile(self, row: Row) -> bool:
+        """For a message left over from an earlier run: False if it needs nothing more."""
+        sh = self.shared
+        key = (row.dialog, row.message_id)
+        if key in sh.fresh:
+            return True
+        try:
+            done = self.poster.posted_parts(row)
+        except bc.B24Error as exc:
+            log.warning("%s: cannot check the dialog for replies already posted (%s); trying later", row.where, exc)
+            sh.retry_later(row, "dialog check failed")
+            return False
+        sh.fresh.add(key)
+        if row.state == "new" and done:
+            log.info("%s: its replies are already in the dialog; not asking the bot again", row.where)
+            sh.store.finish(row)
+            return False
+        if row.state == "answered" and done > row.posted:
+            log.info("%s: replies 1-%d are already in the dialog; posting the rest", row.where, done)
+            sh.store.update(row, posted=done)
+        return True
+
+    # -- may the bot answer? ------------------------------------------------------------------
+    def _skip(self, row: Row, counter: str) -> None:
+        self.shared.stats[counter] += 1
+        self.shared.store.finish(row)
+
+    def _can_answer(self, row: Row) -> bool:
+        """The bot is not asked for a dialog we cannot post to (logged once per dialog)."""
+        sh = self.shared
+        session = row.payload.get("session_id") or 0
+        if row.dialog in sh.cannot_post and sh.cannot_post[row.dialog] == session:
+            return False
+        if row.payload.get("waiting") and not self.take and not sh.chat_bot:
+            sh.cannot_post_in(row, "it waits in the queue and the webhook user has not taken it "
+                                   "(--take or BRIDGE_TAKE=answer lets the bridge take queued dialogs)")
+            return False
+        return True
+
+    def _bot_for(self, row: Row) -> BotClient | None:
+        line = row.payload.get("line_id")
+        with self.lock:
+            url = self.routes.get(line) or self.bot_url
+            if url:
+                bot = self.bots.get(url)
+                if bot is None:
+                    bot = self.bots[url] = BotClient(self.cfg, url)
+                return bot
+        if line not in self.told_unrouted:
+            self.told_unrouted.add(line)
+            log.warning("%s: line %s has no bot (no BOT_ROUTES entry, no BOT_HTTP_URL): its messages are "
+                        "not forwarded", row.where, line)
+        return None
+
+    def _take_from_queue(self, row: Row) -> bool:
+        """Take (or join) a dialog waiting in the queue before its answer; False: try again later."""
+        sh = self.shared
+        try:
+            bc.take_dialog(sh.client, row.dialog, self.take)
+            log.info("%s: %s the dialog from the queue to answer it", row.where,
+                     "joined" if self.take == "join" else "took")
+            row.payload["waiting"] = False
+        except bc.TRANSIENT as exc:
+            if not sh.retry_later(row, "could not take the dialog yet (%s)" % exc):
+                sh.bury(row, "could not take the dialog: %s" % exc, "bot")
+            return False
+        except bc.B24Error as exc:
+            log.info("%s: not taken (%s); answering if we can", row.where, exc)
+        return True
+
+    # -- asking --------------------------------------------------------------------------------
+    def ask(self, row: Row) -> str | None:
+        sh = self.shared
+        if not self._can_answer(row):
+            return self._skip(row, "skipped")
+        if self.pauses.stays_out(row):
+            return self._skip(row, "paused")
+        bot = self._bot_for(row)
+        if bot is None:
+            return self._skip(row, "skipped")
+        if sh.settings.debounce and not row.attempts:
+            group = sh.store.waiting_rows(row.dialog)
+            newest = max(r.arrived for r in group) if group else 0
+            if time.time() - newest < sh.settings.debounce:
+                sh.store.update(row, next_try=newest + sh.settings.debounce)
+                return None
+            if len(group) > 1:
+                row = self._fold(group)
+        if row.payload.get("waiting") and self.take and not sh.chat_bot and not self._take_from_queue(row):
+            return None
+        answer, took = self._exchange(bot, row)
+        if answer is None:
+            return None
+        parts = self._parts(row, answer.texts)
+        log.info("%s: bot answered in %.1f s with %d message%s%s", row.where, took,
+                 len(parts), "" if len(parts) == 1 else "s", " and hands over to a person" if answer.handoff else "")
+        if sh.demo:      # a demo shows the conversation; a real journal keeps texts out
+            log.info("  customer %s: %s", row.payload.get("customer_name"), row.payload.get("text"))
+            for text in parts:
+                log.info("  bot: %s", text)
+        # the answer is kept before any of it is posted: a restart posts the rest of the same answer
+        sh.store.update(row, state="answered", answer=parts, posted=0, handoff=int(answer.handoff),
+                        attempts=0, first_try=None, next_try=0, error=None)
+        return self.poster.take(row)
+
+    def _exchange(self, bot: BotClient, row: Row) -> tuple:
+        """One request to the bot: ``(answer, seconds)``, or ``(None, 0)`` -- the message is then retried
+        later or buried."""
+        sh = self.shared
+        payload = dict(row.payload, attempt=row.attempts + 1)
+        payload.pop("waiting", None)
+        started = time.monotonic()
+        sh.stats["forwarded"] += 1
+        sh.live.beat("asking the bot about %s" % row.where)
+        try:
+            answer = bot.ask(payload, headers={"Idempotency-Key": row.payload.get("event_id") or ""})
+        except BotError as exc:
+            sh.live.beat("handling %s" % row.where)
+            sh.stats["bot_failures"] += 1
+            if not sh.retry_later(row, str(exc), unusable=not exc.retryable):
+                why = ("the bot's answer stayed unusable after %d tries: %s" % (UNUSABLE_TRIES, exc)
+                       if not exc.retryable else "the bot did not answer for %g hours: %s"
+                       % (sh.settings.retry_hours, exc))
+                sh.bury(row, why, "bot")
+            return None, 0.0
+        sh.live.beat("handling %s" % row.where)
+        took = time.monotonic() - started
+        sh.latency.add(took)
+        return answer, took
+
+    def _parts(self, row: Row, texts: list) -> list:
+        """The answer's texts as messages of at most BRIDGE_MAX_REPLY_CHARS, at most MAX_PARTS of them."""
+        parts: list = []
+        for text in texts:
+            parts.extend(bc.split_text(text, self.shared.settings.max_chars))
+        if len(parts) > MAX_PARTS:
+            log.warning("%s: the answer makes %d messages; posting the first %d, the rest is cut", row.where,
+                        len(parts), MAX_PARTS)
+            parts = parts[:MAX_PARTS]
+        return parts
+
+    def _fold(self, group: list) -> Row:
+        """Messages of one burst become one bot turn on the last of them."""
+        last = group[-1]
+        texts = [r.payload.get("text") or "" for r in group]
+        last.payload.update(text="\n".join(texts), message="\n".join(texts),
+                            message_ids=[r.message_id for r in group],
+                            attachments=[a for r in group for a in r.payload.get("attachments") or []],
+                            new_dialog=any(r.payload.get("new_dialog") for r in group))
+        self.shared.store.fold(group, last)
+        log.info("%s: %d messages within BRIDGE_DEBOUNCE_SEC=%g s go to the bot as one turn", last.where,
+                 len(group), self.shared.settings.debounce)
+        return last

@@ -1,0 +1,237 @@
+"""Posting answers exactly once: parts of many dialogs in one batch, one part per dialog at a time, each
+with its own TEMPLATE_ID; a lost answer is looked for in the dialog before anything is sent again."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import b24common as bc
+from olbridge.pauses import Pauses
+from olbridge.scheduler import Scheduler
+from olbridge.shared import MAX_PARTS, Shared
+from olbridge.store import Row
+
+log = logging.getLogger("b24_ol_bridge")
+
+
+class Poster:
+    """One thread posts what :meth:`take` hands it; the dialog goes back to the workers when its answer
+    is out (or must wait).  A chat bot's replies go one request each (``imbot.message.add``)."""
+
+    def __init__(self, shared: Shared, pauses: Pauses, scheduler: Scheduler):
+        self.shared = shared
+        self.pauses = pauses
+        self.scheduler = scheduler
+        self.outbox: queue.Queue = queue.Queue()
+        self.told_bot: set = set()
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="bridge-poster", daemon=True).start()
+
+    def take(self, row: Row) -> str | None:
+        """A worker hands over an answered row: "posting" (the poster has the dialog now), or None."""
+        if self._late(row, "the bot's answer is not posted"):
+            return None
+        self.scheduler.to_poster(row.dialog)
+        self.outbox.put(row)
+        return "posting"
+
+    def _late(self, row: Row, what: str) -> bool:
+        if not self.pauses.human_after(row):
+            return False
+        log.info("%s: a person wrote in the dialog meanwhile; %s", row.where, what)
+        self.shared.stats["dropped_late"] += 1
+        self.shared.store.finish(row)
+        return True
+
+    def _release(self, row: Row, *, again_at: float | None = None) -> None:
+        self.scheduler.from_poster(row.dialog, again_at)
+
+    # -- the thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        live = self.shared.live
+        while True:
+            live.beat("waiting for replies to post")
+            try:
+                first = self.outbox.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            time.sleep(0.02)             # let a burst gather
+            jobs = {first.dialog: first}
+            while len(jobs) < self.shared.settings.reply_batch:
+                try:
+                    row = self.outbox.get_nowait()
+                except queue.Empty:
+                    break
+                if row.dialog in jobs:   # never two parts of one dialog in one batch: order first
+                    self.outbox.put(row)
+                    break
+                jobs[row.dialog] = row
+            try:
+                self._post_batch(list(jobs.values()))
+            except Exception as exc:  # noqa: BLE001 - the poster survives everything; the rows wait
+                log.exception("posting replies failed unexpectedly (%s); they are retried in 30 s", exc)
+                for row in jobs.values():
+                    self._release(row, again_at=time.monotonic() + 30)
+
+    def _post_batch(self, rows: list) -> None:
+        live = []
+        for row in rows:
+            if self._late(row, "the rest of the answer is not posted"):
+                self._release(row)
+            elif row.posted >= len(row.answer):
+                self._done(row)
+            else:
+                live.append(row)
+        if not live:
+            return
+        if len(live) == 1 or self.shared.chat_bot:   # one reply (or the chat bot's): one request each
+            for row in live:
+                self.shared.live.beat("posting a reply of %s" % row.where)
+                self._after_post(row, self._post_one(row))
+            return
+        names = {"r%d" % i: row for i, row in enumerate(live)}
+        commands = {name: ("im.message.add", {
+            "DIALOG_ID": row.dialog, "MESSAGE": row.answer[row.posted],
+            "TEMPLATE_ID": self.shared.template(row, row.posted)})
+            for name, row in names.items()}
+        self.shared.live.beat("posting %d replies" % len(live))
+        try:
+            result = self.shared.client.batch(commands)
+            outcomes = {name: result.errors.get(name) for name in names}
+            missing = [n for n in names if n not in result.results and n not in result.errors]
+        except bc.TRANSIENT as exc:
+            # the answer to the whole batch was lost or refused: find out, reply by reply
+            outcomes, missing = {}, list(names)
+            log.info("replies not confirmed (%s); looking for them in their dialogs", exc)
+        if missing:
+            found = self._find_posted({n: names[n] for n in missing})
+            for n in missing:
+                outcomes[n] = None if found.get(n) else bc.UnknownOutcomeError("not confirmed", "not in the dialog yet")
+        for name, row in names.items():
+            self._after_post(row, outcomes.get(name))
+
+    def _post_one(self, row: Row) -> Exception | None:
+        """Post the next part of *row*'s answer: as the chat bot when one is registered (falling back to
+        the webhook user where the bot is not in the chat), else with ``im.message.add``."""
+        sh = self.shared
+        text = row.answer[row.posted]
+        if sh.chat_bot:
+            try:
+                sh.client.call("imbot.message.add", {
+                    "BOT_ID": sh.chat_bot["bot_id"], "CLIENT_ID": sh.chat_bot["client_id"],
+                    "DIALOG_ID": row.dialog, "MESSAGE": text}, write=True)
+                return None
+            except bc.UnknownOutcomeError as exc:
+                # imbot.message.add has no TEMPLATE_ID: posted_parts() looks for the bot's texts instead
+                try:
+                    return None if self.posted_parts(row) > row.posted else exc
+                except bc.B24Error:
+                    return exc
+            except bc.TRANSIENT + (bc.AuthError,) as exc:
+                return exc
+            except bc.APIError as exc:
+                if row.dialog not in self.told_bot:
+                    self.told_bot.add(row.dialog)
+                    log.warning("%s: the chat bot cannot post in %s (%s): answering as the webhook user",
+                                row.where, bc.display_dialog_id(row.dialog), exc)
+        try:
+            bc.send_text(sh.client, row.dialog, text, template_id=sh.template(row, row.posted), patience=0)
+            return None
+        except bc.B24Error as exc:
+            return exc
+
+    # -- is it there already? ------------------------------------------------------------------
+    def posted_parts(self, row: Row) -> int:
+        """How many parts of this message's answer are already in the dialog (by their TEMPLATE_IDs, or the
+        chat bot's texts: imbot.message.add takes no TEMPLATE_ID).
+
+        Asked once for a message left over from an earlier run: a crash between posting a part and
+        recording it must not post it twice, even on a portal that has forgotten the uuid."""
+        sh = self.shared
+        ours = {sh.template(row, i): i for i in range(MAX_PARTS)}
+        bot_id = bc.as_int((sh.chat_bot or {}).get("bot_id"))
+        found, after = -1, row.message_id
+        for _page in range(4):
+            res = sh.client.call("im.dialog.messages.get", {"DIALOG_ID": row.dialog, "FIRST_ID": after,
+                                                            "LIMIT": bc.MESSAGES_PAGE})
+            for uuid in bc.posted_uuids(res):
+                if uuid in ours:
+                    found = max(found, ours[uuid])
+            msgs = bc.messages_of(res)[0]
+            for m in sorted(msgs, key=lambda m: bc.as_int(m.get("id"))) if bot_id and row.answer else ():
+                if bc.as_int(m.get("author_id")) == bot_id and m.get("text") in row.answer[found + 1:]:
+                    found = row.answer.index(m.get("text"), found + 1)   # the bot's parts carry no uuid
+            if len(msgs) < bc.MESSAGES_PAGE:
+                break
+            after = max(bc.as_int(m.get("id")) for m in msgs)
+        return found + 1
+
+    def _find_posted(self, rows: dict) -> dict:
+        """``{name: is row's next part in its dialog}``, for many rows in one batch of reads."""
+        try:
+            br = self.shared.client.batch({n: ("im.dialog.messages.get", {"DIALOG_ID": r.dialog, "LAST_ID": 0,
+                                                                          "LIMIT": bc.MESSAGES_PAGE})
+                                           for n, r in rows.items()})
+        except bc.B24Error:
+            return {}
+        return {n: self.shared.template(r, r.posted) in bc.posted_uuids(br.results.get(n))
+                for n, r in rows.items()}
+
+    # -- what a post's outcome means ---------------------------------------------------------
+    def _after_post(self, row: Row, error: Exception | None) -> None:
+        sh = self.shared
+        index, total = row.posted, len(row.answer)
+        if error is None:
+            sh.stats["replies"] += 1
+            sh.store.update(row, posted=index + 1, attempts=0, first_try=None)
+            self._next_part(row)
+            return
+        if isinstance(error, bc.NotMemberError):
+            sh.cannot_post_in(row, "the portal says it is not a member (CANCELED): the dialog waits in "
+                                   "the queue or its session was closed")
+            sh.bury(row, "not posted: the webhook user is not a member of the dialog", "post")
+            self._release(row)
+            return
+        if isinstance(error, bc.TRANSIENT + (bc.DuplicateUuidError,)):
+            if sh.retry_later(row, "reply %d/%d not posted yet (%s)" % (index + 1, total, error)):
+                self._release(row, again_at=time.monotonic() + max(0.0, row.next_try - time.time()))
+            else:
+                sh.bury(row, "reply %d/%d not posted for %g hours: %s" % (
+                    index + 1, total, sh.settings.retry_hours, error), "post")
+                self._release(row)
+            return
+        # this part is refused for good: a dead letter for it, the rest goes on
+        sh.stats["send_failures"] += 1
+        sh.dead_letter(row, "reply %d/%d refused: %s" % (index + 1, total, bc.format_error(error)), "post")
+        log.error("%s: reply %d/%d refused (%s); it is in the dead letters, the rest goes on",
+                  row.where, index + 1, total, error)
+        sh.store.update(row, posted=index + 1)
+        self._next_part(row)
+
+    def _next_part(self, row: Row) -> None:
+        if row.posted < len(row.answer):
+            self.outbox.put(row)      # the next part, in a later batch
+        else:
+            self._done(row)
+
+    def _done(self, row: Row) -> None:
+        if row.handoff:
+            self._hand_over(row)
+        self.shared.store.finish(row)
+        self._release(row)
+
+    def _hand_over(self, row: Row) -> None:
+        sh = self.shared
+        sh.store.set_handed_off(row.dialog, self.pauses.hand_over(row))
+        log.info("%s: the bot handed the dialog over to a person; it stays out of this conversation", row.where)
+        line = row.payload.get("line_id")
+        if sh.settings.handoff_to == "queue" and line and row.dialog.startswith("chat"):
+            try:
+                sh.client.call("imopenlines.operator.transfer", {"CHAT_ID": int(row.dialog[4:]),
+                                                                  "TRANSFER_ID": "queue%d" % line}, write=True)
+                log.info("%s: transferred to the queue of line %s", row.where, line)
+            except bc.B24Error as exc:
+                log.error("%s: could not transfer the dialog to the queue: %s", row.where, bc.format_error(exc))

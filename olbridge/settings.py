@@ -1,0 +1,33 @@
+"""The bridge's own settings (BRIDGE_*), read from the environment and checked once."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import b24common as bc
+
+
+class Settings:
+    """The bridge's own settings (the shared ones live in :class:`b24common.Config`)."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self.retry_hours = bc.env_number(env, "BRIDGE_RETRY_HOURS", 24.0, 0.0001, 24 * 30)
+        self.fallback_text = (env.get("BRIDGE_FALLBACK_TEXT") or "").strip()
+        self.max_chars = int(bc.env_number(env, "BRIDGE_MAX_REPLY_CHARS", 4096, 100, bc.MESSAGE_MAX_CHARS,
+                                           integer=True))
+        self.forget_days = bc.env_number(env, "BRIDGE_FORGET_DAYS", 7.0, 0.00001, 3650)
+        listen = (env.get("BRIDGE_HTTP_LISTEN") or "").strip()
+        self.http_listen = bc.parse_listen(listen, "BRIDGE_HTTP_LISTEN") if listen else None
+        self.stuck_sec = bc.env_number(env, "BRIDGE_STUCK_SEC", 0, 0, 86400)   # 0: from the timeouts
+        self.human_pause_min = bc.env_number(env, "BRIDGE_HUMAN_PAUSE_MIN", 30, 0, 7 * 24 * 60)
+        self.handoff_to = (env.get("BRIDGE_HANDOFF_TO") or "").strip().lower()
+        if self.handoff_to not in ("", "queue"):
+            raise bc.ConfigError("BRIDGE_HANDOFF_TO=%s: expected queue (or nothing)" % self.handoff_to)
+        self.debounce = bc.env_number(env, "BRIDGE_DEBOUNCE_SEC", 0, 0, 600)
+        self.concurrency = int(bc.env_number(env, "BRIDGE_MAX_CONCURRENCY", 8, 1, 64, integer=True))
+        self.take = (env.get("BRIDGE_TAKE") or "").strip().lower()
+        if self.take not in ("", "answer", "join", "off", "no"):
+            raise bc.ConfigError("BRIDGE_TAKE=%s: expected answer (take queued dialogs) or join" % self.take)
+        self.take = "" if self.take in ("off", "no") else self.take
+        self.reply_batch = int(bc.env_number(env, "BRIDGE_REPLY_BATCH", 50, 1, bc.BATCH_MAX, integer=True))
+
+

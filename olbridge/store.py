@@ -1,0 +1,314 @@
+"""The bridge's durable state: the SQLite inbox and cursors, the dead letters, one bridge per state."""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+from typing import Any, Mapping
+
+import b24common as bc
+
+log = logging.getLogger("b24_ol_bridge")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS dialogs (
+    dialog TEXT PRIMARY KEY, cursor INTEGER NOT NULL, info TEXT NOT NULL DEFAULT '{}',
+    session_seen INTEGER NOT NULL DEFAULT 0, touched REAL NOT NULL, active REAL NOT NULL DEFAULT 0,
+    paused_until REAL NOT NULL DEFAULT 0, paused_session INTEGER NOT NULL DEFAULT 0,
+    human_id INTEGER NOT NULL DEFAULT 0, handed_off INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS dialogs_touched ON dialogs (touched);
+CREATE TABLE IF NOT EXISTS inbox (
+    dialog TEXT NOT NULL, message_id INTEGER NOT NULL, payload TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'new', answer TEXT, posted INTEGER NOT NULL DEFAULT 0,
+    handoff INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
+    first_try REAL, next_try REAL NOT NULL DEFAULT 0, error TEXT, arrived REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (dialog, message_id));
+"""
+
+
+class Row:
+    """One message in flight (a row of ``inbox``)."""
+
+    __slots__ = ("dialog", "message_id", "payload", "state", "answer", "posted", "handoff", "attempts",
+                 "first_try", "next_try", "error", "arrived")
+
+    def __init__(self, values: tuple):
+        (self.dialog, self.message_id, payload, self.state, answer, self.posted, handoff, self.attempts,
+         self.first_try, self.next_try, self.error, self.arrived) = values
+        self.payload = json.loads(payload)
+        self.answer = json.loads(answer) if answer else []
+        self.handoff = bool(handoff)
+
+    @property
+    def where(self) -> str:
+        return "%s #%d" % (bc.display_dialog_id(self.dialog), self.message_id)
+
+
+class Store:
+    """The bridge's state database.  Every thread has its own connection; every change is one
+    short transaction, so one message's bookkeeping costs the same at 50k dialogs as at 100."""
+
+    COLUMNS = ("dialog, message_id, payload, state, answer, posted, handoff, attempts, first_try, next_try, "
+               "error, arrived")
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self._local = threading.local()
+        folder = os.path.dirname(self.path)
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            # 0600 before SQLite opens it: its -wal and -shm files take the same mode
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            self.db.executescript(SCHEMA)
+            self._add_missing_columns()
+        except (OSError, sqlite3.Error) as exc:
+            raise bc.ConfigError("%s: cannot open the state database (%s)" % (self.path, exc)) from None
+
+    def _add_missing_columns(self) -> None:
+        """A database written by an earlier version gains the columns this one uses."""
+        for table, body in re.findall(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*?)\);", SCHEMA, re.S):
+            have = {row[1] for row in self.db.execute("PRAGMA table_info(%s)" % table)}
+            for col in re.split(r",\s*(?![^()]*\))", body):
+                col = col.strip()
+                name = col.split()[0]
+                if name not in have and name.upper() not in ("PRIMARY",) and "DEFAULT" in col:
+                    self.db.execute("ALTER TABLE %s ADD COLUMN %s" % (table, col))
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=5, isolation_level=None, check_same_thread=True)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._local.conn = conn
+        return conn
+
+    def _tx(self, statements: list) -> None:
+        """Run ``[(sql, params)]`` as one transaction."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params in statements:
+                db.execute(sql, params)
+            db.execute("COMMIT")
+        except BaseException:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+
+    # -- the poller's state ------------------------------------------------------
+    def get_meta(self) -> dict:
+        return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
+
+    def poller_state(self) -> dict:
+        meta = self.get_meta()
+        cursors, dialogs = {}, {}
+        for did, cursor, info in self.db.execute("SELECT dialog, cursor, info FROM dialogs"):
+            cursors[did] = cursor
+            dialogs[did] = json.loads(info)
+        return {"cursors": cursors, "dialogs": dialogs, "watermark": meta.get("watermark"),
+                "floor_id": meta.get("floor_id", 0), "portal": meta.get("portal"), "user_id": meta.get("user_id")}
+
+    def commit_cycle(self, rows: list, changes: Mapping[str, Any], meta: Mapping[str, Any],
+                     active: Mapping[str, float] | None = None, pauses: Mapping[str, tuple] | None = None) -> None:
+        """New messages, the dialogs whose cursor moved past them, and the scan watermark: at once.
+
+        A dialog's ``session_seen`` starts at its session when it is first stored and follows the
+        session of the customer messages written since (a change means a new conversation)."""
+        now = time.time()
+        st: list = []
+        for r in rows:
+            st.append(("INSERT OR IGNORE INTO inbox (dialog, message_id, payload, next_try, arrived) "
+                       "VALUES (?, ?, ?, 0, ?)",
+                       (r["dialog"], r["message_id"], json.dumps(r["payload"], ensure_ascii=False), now)))
+        for did, change in changes.items():
+            if change is None:
+                st.append(("DELETE FROM dialogs WHERE dialog = ?", (did,)))
+            else:
+                st.append(("INSERT INTO dialogs (dialog, cursor, info, session_seen, touched) VALUES (?, ?, ?, ?, ?) "
+                           "ON CONFLICT (dialog) DO UPDATE SET cursor = excluded.cursor, info = excluded.info, "
+                           "touched = excluded.touched",
+                           (did, change["cursor"], json.dumps(change["info"], ensure_ascii=False),
+                            bc.as_int(bc.as_map(change["info"]).get("session_id")), now)))
+        for r in rows:
+            if r.get("session"):
+                st.append(("UPDATE dialogs SET session_seen = ? WHERE dialog = ?", (r["session"], r["dialog"])))
+        for did, when in (active or {}).items():
+            st.append(("UPDATE dialogs SET active = MAX(active, ?) WHERE dialog = ?", (when, did)))
+        for did, (until, session, human) in (pauses or {}).items():
+            st.append(("UPDATE dialogs SET paused_until = ?, paused_session = ?, human_id = ? WHERE dialog = ?",
+                       (until, session, human, did)))
+        for key, value in meta.items():
+            st.append(("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+                       "value = excluded.value", (key, json.dumps(value))))
+        self._tx(st)
+
+    def pauses(self) -> tuple:
+        """``({dialog: (until, session, last human message id)}, {dialog: session handed off})``."""
+        paused, handed = {}, {}
+        for d, until, session, human, off in self.db.execute(
+                "SELECT dialog, paused_until, paused_session, human_id, handed_off FROM dialogs "
+                "WHERE paused_until > 0 OR handed_off > 0"):
+            if until:
+                paused[d] = (until, session, human)
+            if off:
+                handed[d] = off
+        return paused, handed
+
+    def set_handed_off(self, dialog: str, session: int) -> None:
+        self._tx([("UPDATE dialogs SET handed_off = ? WHERE dialog = ?", (session, dialog))])
+
+    def waiting_rows(self, dialog: str) -> list:
+        """Every message of *dialog* the bot has not been asked about yet, oldest first."""
+        return [Row(r) for r in self.db.execute(
+            "SELECT %s FROM inbox WHERE dialog = ? AND state = 'new' ORDER BY message_id" % self.COLUMNS, (dialog,))]
+
+    def fold(self, rows: list, keep: Row) -> None:
+        """Several messages became one bot turn: only *keep* stays (it carries the turn)."""
+        self._tx([("DELETE FROM inbox WHERE dialog = ? AND message_id = ?", (r.dialog, r.message_id))
+                  for r in rows if r is not keep] +
+                 [("UPDATE inbox SET payload = ? WHERE dialog = ? AND message_id = ?",
+                   (json.dumps(keep.payload, ensure_ascii=False), keep.dialog, keep.message_id))])
+
+    def session_seen(self, dialog: str) -> int:
+        row = self.db.execute("SELECT session_seen FROM dialogs WHERE dialog = ?", (dialog,)).fetchone()
+        return row[0] if row else 0
+
+    def idle_dialogs(self, before: float, quiet_since: float) -> list:
+        """Dialogs unchanged since *before* (our clock) whose last message is older than
+        *quiet_since* (the portal's clock), with nothing in flight."""
+        return [d for (d,) in self.db.execute(
+            "SELECT dialog FROM dialogs WHERE touched < ? AND active < ? "
+            "AND dialog NOT IN (SELECT dialog FROM inbox)", (before, quiet_since))]
+
+    # -- messages in flight --------------------------------------------------------
+    def head(self, dialog: str) -> Row | None:
+        got = self.db.execute("SELECT %s FROM inbox WHERE dialog = ? ORDER BY message_id LIMIT 1"
+                              % self.COLUMNS, (dialog,)).fetchone()
+        return Row(got) if got else None
+
+    def dialogs_with_work(self) -> list:
+        return [(d, t) for d, t in self.db.execute("SELECT dialog, MIN(next_try) FROM inbox GROUP BY dialog")]
+
+    def update(self, row: Row, **fields: Any) -> None:
+        for k, v in fields.items():
+            setattr(row, k, v)
+        cols = ", ".join("%s = ?" % k for k in fields)
+        values = [json.dumps(v, ensure_ascii=False) if k == "answer" else v for k, v in fields.items()]
+        self._tx([("UPDATE inbox SET %s WHERE dialog = ? AND message_id = ?" % cols,
+                   values + [row.dialog, row.message_id])])
+
+    def finish(self, row: Row) -> None:
+        self._tx([("DELETE FROM inbox WHERE dialog = ? AND message_id = ?", (row.dialog, row.message_id))])
+
+    def requeue(self, entry: Mapping) -> None:
+        answer = entry.get("answer") or []
+        self._tx([("INSERT OR REPLACE INTO inbox (dialog, message_id, payload, state, answer, posted, attempts, "
+                   "next_try) VALUES (?, ?, ?, ?, ?, ?, 0, 0)",
+                   (entry["dialog"], entry["message_id"], json.dumps(entry["payload"], ensure_ascii=False),
+                    "answered" if entry.get("stage") == "post" else "new", json.dumps(answer, ensure_ascii=False),
+                    int(entry.get("posted") or 0)))])
+
+    def backlog(self) -> dict:
+        return dict(self.db.execute("SELECT dialog, COUNT(*) FROM inbox GROUP BY dialog"))
+
+
+def migrate_json_state(store: Store, json_path: str) -> None:
+    """A state file of an earlier version (bridge.json): its cursors move into the database, once."""
+    if not os.path.exists(json_path) or store.get_meta():
+        return
+    doc = bc.StateFile(json_path).load()
+    changes = {str(d): {"cursor": bc.as_int(c), "info": bc.as_map(bc.as_map(doc.get("dialogs")).get(d))}
+               for d, c in bc.as_map(doc.get("cursors")).items()}
+    meta = {"watermark": doc.get("watermark"), "floor_id": bc.as_int(doc.get("floor_id")),
+            "portal": doc.get("portal"), "user_id": doc.get("user_id")}
+    store.commit_cycle([], changes, meta)
+    os.replace(json_path, json_path + ".migrated")
+    log.info("moved %d dialog cursors from %s into %s", len(changes), json_path, store.path)
+
+
+
+class InstanceLock:
+    """``flock`` on ``<state>.lock``; the file holds the pid of the bridge that has it."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                pid = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise bc.ConfigError("another bridge (pid %s) is already running on this state (%s): stop it "
+                                 "first, or give this one its own --state" % (pid, self.path)) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+
+class DeadLetters:
+    """What could not be delivered, one JSON object per line, with the payload and the reason."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lock = threading.Lock()
+
+    def add(self, row: Row, reason: str, stage: str) -> None:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dialog_id": bc.display_dialog_id(row.dialog),
+                 "dialog": row.dialog, "message_id": row.message_id, "stage": stage, "reason": reason,
+                 "payload": row.payload, "answer": row.answer, "posted": row.posted}
+        line = json.dumps(entry, ensure_ascii=False) + "\n"
+        with self.lock:      # appends from several workers must not interleave
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, line.encode("utf-8"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def take(self, dialog: str | None = None) -> list:
+        """Remove and return the dead letters (of one dialog); the rest stay in the file."""
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                lines = fh.readlines()
+        except FileNotFoundError:
+            return []
+        taken, kept = [], []
+        for n, line in enumerate(lines, 1):
+            try:
+                entry = json.loads(line)
+                ok = isinstance(entry, dict) and "dialog" in entry and "message_id" in entry
+            except ValueError:
+                ok = False
+            if not ok:
+                if line.strip():
+                    log.warning("%s:%d: not a dead letter; left in the file", self.path, n)
+                kept.append(line)
+            elif dialog is None or entry["dialog"] == dialog:
+                taken.append(entry)
+            else:
+                kept.append(line)
+        bc.write_private(self.path, "".join(kept))
+        return taken
+
+
