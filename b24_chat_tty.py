@@ -429,7 +429,7 @@ class Chat:
         for n, (info, item) in enumerate(dialogs, 1):
             msg = bc.as_map(item.get("message"))
             when = _local(bc.parse_date(msg.get("date")))
-            waiting = "date_last_activity" not in item and "last_id" not in item
+            waiting = bc.waits_in_queue(item)
             unread = bc.as_int(item.get("counter"))
             name = info.customer_name or info.title.split(" - ")[0]
             text = bc.bbcode_to_text(msg.get("text")).replace("\n", " ")

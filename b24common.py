@@ -1479,6 +1479,12 @@ class MessageFactory:
             uuid=raw.get("uuid") if isinstance(raw.get("uuid"), str) else None)
 
 
+def waits_in_queue(item: Mapping) -> bool:
+    """A recent-list item for a chat waiting in a queue (undistributed; appended to every recent
+    answer): no ``last_id``, and its chat has no ``role`` (fact sheet §7.1) -- a member row has both."""
+    return "last_id" not in item and not as_map(item.get("chat")).get("role")
+
+
 def _dialog_of(item: Mapping) -> str:
     did = str(item.get("id") or "")
     if not did:
@@ -1623,7 +1629,7 @@ class Poller:
         self._page = page_min
         self._unreadable: dict = {}  # dialog -> target we could not read
         self._rewound: set = set()   # dialogs replaying history on purpose (no cut)
-        self._use_sync = True        # until the portal shows it ignores LAST_SYNC_DATE
+        self.uses_sync = True        # until the portal shows it ignores LAST_SYNC_DATE
         self._newest: float | None = None
         self._read_time: float | None = None
         self._tz: _dt.tzinfo = _dt.timezone.utc   # the portal's UTC offset, once seen
@@ -1718,16 +1724,11 @@ class Poller:
         more = bool(res.get("hasMore", res.get("hasMorePages", False)))
         return [i for i in items if isinstance(i, Mapping)], more
 
-    @staticmethod
-    def _in_queue(item: Mapping) -> bool:
-        """An in-queue (undistributed) chat appended to every recent answer: no ``last_id``, and its
-        chat has no ``role`` (fact sheet §7.1) -- a member row has both."""
-        return "last_id" not in item and not as_map(item.get("chat")).get("role")
 
     def _consider(self, item: Mapping, changed: dict, seen: set, *, full: bool = False) -> tuple:
         """Look at one recent item; return ``(unchanged, activity date, in-queue)``."""
         did = _dialog_of(item)
-        queued = self._in_queue(item)
+        queued = waits_in_queue(item)
         date = parse_date(item.get("date_last_activity") or item.get("date_update"))
         if not did or did in seen:
             return True, date, queued
@@ -1773,7 +1774,7 @@ class Poller:
         self._newest = None
         self._read_time = None
         changed: dict = {}
-        if not full and self._use_sync and self.watermark is not None \
+        if not full and self.uses_sync and self.watermark is not None \
                 and time.time() - self.watermark < SYNC_MAX_AGE_SEC:
             if self._scan_sync(changed):
                 return changed, self._scan_time()
@@ -1819,18 +1820,18 @@ class Poller:
                 raise err
         head, sync = br.results.get("head"), br.results.get("sync")
         if "head" not in br.results or not isinstance(sync, list):
-            self._use_sync = False
+            self.uses_sync = False
         else:
             for item in sync:
                 # judge the filter on member rows only: in-queue chats come whatever the date
-                if not isinstance(item, Mapping) or self._in_queue(item):
+                if not isinstance(item, Mapping) or waits_in_queue(item):
                     continue
                 updated = parse_date(item.get("date_update") or item.get("date_last_activity")
                                       or as_map(item.get("message")).get("date"))
                 if updated is not None and updated < since - 1:
-                    self._use_sync = False      # the filter was ignored: older items came back
+                    self.uses_sync = False      # the filter was ignored: older items came back
                     break
-        if not self._use_sync:
+        if not self.uses_sync:
             log.info("this portal ignores im.recent.get LAST_SYNC_DATE: scanning im.recent.list instead")
             return False
         items = as_map(head).get("items")
@@ -1853,7 +1854,7 @@ class Poller:
         before = (info.session_id, info.waiting)
         if lines.get("id") is not None:
             info.session_id = as_int(lines.get("id"))
-        info.waiting = info.is_lines and self._in_queue(item)
+        info.waiting = info.is_lines and waits_in_queue(item)
         if (info.session_id, info.waiting) != before and did in self.cursors:
             self.cursors.dirty.add(did)
         user = item.get("user")
@@ -1925,7 +1926,7 @@ class Poller:
             return _Want(max(self.cursors[did], self.fetched.get(did, 0)), target, cut=cut)
         lines = as_map(item.get("lines"))
         began = parse_date(lines.get("date_create"))
-        if cut is not None and self._in_queue(item) and began is not None \
+        if cut is not None and waits_in_queue(item) and began is not None \
                 and as_int(lines.get("status"), 99) < SESSION_ANSWERED:
             # a waiting session nobody has answered: what the customer wrote in it is news
             cut = min(cut, began - 1)
@@ -2723,6 +2724,9 @@ def run_main(main: Callable[[], int]) -> int:
     """Run a script's main body; map errors to one stderr line and an exit code."""
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "b24"
     robust_stdio()
+    # an error no one catches (in any thread) is printed redacted too
+    sys.excepthook = _redacting_excepthook
+    threading.excepthook = _redacting_thread_hook
     try:
         return main()
     except KeyboardInterrupt:
@@ -2757,6 +2761,3 @@ def _redacting_thread_hook(args) -> None:
         getattr(args.thread, "name", "?"),
         "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)))))
 
-
-sys.excepthook = _redacting_excepthook
-threading.excepthook = _redacting_thread_hook

@@ -336,9 +336,6 @@ class Inbound:
         for s in self.sources:
             s.close()
 
-    def names(self) -> str:
-        return " + ".join(s.name for s in self.sources)
-
 
 def choose_sources(client: Client, *, self_id: int, interval: float, spool_path: str = ":memory:",
                    client_id: str = "", waiting: Callable[[], bool] | None = None,

@@ -133,7 +133,7 @@ class Imopenlines:
 
     def m_imopenlines_operator_answer(self, ctx: dict, p: dict) -> Any:
         chat = self._session_chat(ctx, p)
-        self._take(chat["id"], ctx["user"])
+        self.take_chat(chat["id"], ctx["user"])
         self._post(chat, 0, "%s took the conversation" % self._full_name(ctx["user"]))
         return True
 
@@ -180,6 +180,6 @@ class Imopenlines:
         if uid not in self.users:
             raise RestError(400, "OPERATOR_WRONG", "Wrong operator")
         chat["members"].pop(ctx["user"], None)
-        self._take(chat["id"], uid)
+        self.take_chat(chat["id"], uid)
         self._post(chat, 0, "The conversation was transferred to %s" % self._full_name(uid))
         return True

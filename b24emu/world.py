@@ -250,19 +250,19 @@ class World:
         self.add_line(5, "Telegram", [9], connector="telegrambot")
         t = now - 3 * 3600
         a = self.new_conversation(3, "Ivan Petrov", "10000000101", "Hello, is my order ready?", when=t)
-        self._take(a["chat_id"], WEBHOOK_USER_ID, when=t + 60)
+        self.take_chat(a["chat_id"], WEBHOOK_USER_ID, when=t + 60)
         self.operator_message(a["chat_id"], WEBHOOK_USER_ID, "Hi Ivan, let me check.", when=t + 90)
         self.customer_message(a["chat_id"], "Thanks!\nOrder [b]A-1042[/b]", when=t + 120)
         b = self.new_conversation(1, "Maria Lopez", "+10000000102", "Do you deliver on Sundays?", when=t + 600)
-        self._take(b["chat_id"], WEBHOOK_USER_ID, when=t + 700)
+        self.take_chat(b["chat_id"], WEBHOOK_USER_ID, when=t + 700)
         self.operator_message(b["chat_id"], WEBHOOK_USER_ID, "Yes, from 10 to 16.", when=t + 760)
         c = self.new_conversation(1, "Chen Wei", "10000000103", "Price list please", when=now - 1800)
         # c stays in the queue (status 0): readable by queue operators, not writable
         d = self.new_conversation(5, "Telegram User", None, "hi from telegram", when=now - 1200,
                                   external="100000001")
-        self._take(d["chat_id"], 9, when=now - 1100)
+        self.take_chat(d["chat_id"], 9, when=now - 1100)
         e = self.new_conversation(3, "Old Customer", "10000000105", "Thanks, bye", when=now - 86400)
-        self._take(e["chat_id"], WEBHOOK_USER_ID, when=now - 86300)
+        self.take_chat(e["chat_id"], WEBHOOK_USER_ID, when=now - 86300)
         self.close_session(e["chat_id"], when=now - 86000)
         general = self._new_chat(type="chat", message_type="C", title="General", owner=11,
                                  created=now - 90 * 86400, activity=now - 90 * 86400)
@@ -365,7 +365,7 @@ class World:
         if session and session["status"] < SESSION_CLOSED and author != chat["customer_id"] and author:
             session["status"] = SESSION_OPERATOR
 
-    def _take(self, chat_id: int, user_id: int, *, when: float | None = None) -> None:
+    def take_chat(self, chat_id: int, user_id: int, *, when: float | None = None) -> None:
         chat = self._chat(chat_id)
         self._add_member(chat, user_id, role="owner")
         chat["owner"] = user_id
@@ -487,7 +487,7 @@ class World:
             for i in range(int(count)):
                 c = self.new_conversation(line_id, "Bulk Customer%d" % i, "1000000%04d" % (i % 10000),
                                           "hello %d" % i, when=base + i)
-                self._take(c["chat_id"], WEBHOOK_USER_ID, when=base + i)
+                self.take_chat(c["chat_id"], WEBHOOK_USER_ID, when=base + i)
                 out.append(c["chat_id"])
             return out
 
@@ -608,7 +608,7 @@ class World:
         session = self.sessions.get(chat["session_id"])
         return session["status"] if session else None
 
-    def _in_queue_for(self, chat: dict, uid: int) -> bool:
+    def in_queue_for(self, chat: dict, uid: int) -> bool:
         if chat["type"] != "lines" or uid in chat["members"]:
             return False
         status = self._session_status(chat)
@@ -620,7 +620,7 @@ class World:
         return line.get("offer") != "one" or chat["offered_to"] == uid
 
     def _can_read(self, chat: dict, uid: int) -> bool:
-        if uid in chat["members"] or self._in_queue_for(chat, uid):
+        if uid in chat["members"] or self.in_queue_for(chat, uid):
             return True
         return chat["type"] == "lines" and self.users.get(uid, {}).get("admin", False)
 
@@ -720,7 +720,7 @@ class World:
         self._apply_rows()
         member = [c for c in self.chats.values() if uid in c["members"] and c["row_mid"]]
         member.sort(key=lambda c: (not c["members"][uid]["pinned"], -c["activity"], -c["id"]))
-        queued = [c for c in self.chats.values() if self._in_queue_for(c, uid)]
+        queued = [c for c in self.chats.values() if self.in_queue_for(c, uid)]
         queued.sort(key=lambda c: -c["activity"])
         return member, queued
 
@@ -792,7 +792,7 @@ class World:
             with self.lock:
                 lines_chats = [c["id"] for c in self.chats.values()
                                if c["type"] == "lines" and (WEBHOOK_USER_ID in c["members"]
-                                                            or self._in_queue_for(c, WEBHOOK_USER_ID))]
+                                                            or self.in_queue_for(c, WEBHOOK_USER_ID))]
                 if n % 7 == 0 or not lines_chats:
                     self.new_conversation(self.rng.choice([1, 3]), "Demo Customer%d" % n,
                                           "1000000%04d" % (200 + n), self.rng.choice(phrases))

@@ -97,7 +97,7 @@ def free_port() -> int:
 def quiet(portal) -> None:
     """Close the sessions waiting in the webhook user's queue: nothing makes the scan run fast."""
     for chat in list(portal.chats.values()):
-        if chat["type"] == "lines" and portal._in_queue_for(chat, 7):
+        if chat["type"] == "lines" and portal.in_queue_for(chat, 7):
             portal.close_session(chat["id"])
     portal.behave(push_delay=0.0)
 

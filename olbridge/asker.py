@@ -34,7 +34,7 @@ class Asker:
         self.routes: dict = {}
         self.bot_url = ""
         self.bots: dict = {}              # URL -> BotClient
-        self.told_unrouted: set = set()
+        self.warned_unrouted: set = set()
         self.use_bots(self.cfg, BotClient(self.cfg) if self.cfg.bot_url else None)
 
     def use_bots(self, cfg: bc.Config, bot: BotClient | None) -> None:
@@ -65,7 +65,7 @@ class Asker:
             self.scheduler.add_busy(1)
             sh.live.beat("handling %s" % row.where)
             try:
-                if self.step(row) == "posting":
+                if self.handle(row) == "posting":
                     return None      # the poster has the dialog now; it wakes it when done
             except sqlite3.Error as exc:
                 sh.note_save_error(exc)
@@ -74,11 +74,11 @@ class Asker:
                 self.scheduler.add_busy(-1)
         return None
 
-    def step(self, row: Row) -> str | None:
+    def handle(self, row: Row) -> str | None:
         if not self.reconcile(row):
             return None
         if row.state == "new":
-            return self.ask(row)
+            return self.ask_bot(row)
         if row.state == "answered":
             return self.poster.take(row)
         self.shared.store.finish(row)
@@ -88,7 +88,7 @@ class Asker:
         """For a message left over from an earlier run: False if it needs nothing more."""
         sh = self.shared
         key = (row.dialog, row.message_id)
-        if key in sh.fresh:
+        if key in sh.checked:
             return True
         try:
             done = self.poster.posted_parts(row)
@@ -96,7 +96,7 @@ class Asker:
             log.warning("%s: cannot check the dialog for replies already posted (%s); trying later", row.where, exc)
             sh.retry_later(row, "dialog check failed")
             return False
-        sh.fresh.add(key)
+        sh.checked.add(key)
         if row.state == "new" and done:
             log.info("%s: its replies are already in the dialog; not asking the bot again", row.where)
             sh.store.finish(row)
@@ -132,8 +132,8 @@ class Asker:
                 if bot is None:
                     bot = self.bots[url] = BotClient(self.cfg, url)
                 return bot
-        if line not in self.told_unrouted:
-            self.told_unrouted.add(line)
+        if line not in self.warned_unrouted:
+            self.warned_unrouted.add(line)
             log.warning("%s: line %s has no bot (no BOT_ROUTES entry, no BOT_HTTP_URL): its messages are "
                         "not forwarded", row.where, line)
         return None
@@ -155,7 +155,7 @@ class Asker:
         return True
 
     # -- asking --------------------------------------------------------------------------------
-    def ask(self, row: Row) -> str | None:
+    def ask_bot(self, row: Row) -> str | None:
         sh = self.shared
         if not self._can_answer(row):
             return self._skip(row, "skipped")

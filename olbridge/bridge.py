@@ -207,7 +207,7 @@ class Bridge:
             return False
         self.uncommitted = []
         self.activity = {}
-        self.shared.fresh.update((r["dialog"], r["message_id"]) for r in rows)
+        self.shared.checked.update((r["dialog"], r["message_id"]) for r in rows)
         self.shared.saved_again()
         self.shared.stats["received"] += len(rows)
         for dialog in {r["dialog"] for r in rows}:
@@ -407,7 +407,7 @@ class Bridge:
         return self._finish()
 
     def _round(self, now: float, backoff: bc.Backoff) -> float:
-        """Handle what the sources have (or the batches held back); when to look again."""
+        """Handle what the sources have (or the batches working back); when to look again."""
         assert self.inbound is not None
         batches, self.pending = self.pending or self.inbound.get(0), []
         if not batches:

@@ -80,7 +80,7 @@ class Watchdog:
         self.live, self.status = live, status
         self.every = watchdog_seconds()
         self.last_ping = 0.0
-        self.told_stuck = False
+        self.said_stuck = False
 
     def start(self) -> None:
         threading.Thread(target=self._run, name="bridge-watchdog", daemon=True).start()
@@ -89,14 +89,14 @@ class Watchdog:
         while True:
             stuck = self.live.stuck()
             now = time.monotonic()
-            if stuck and not self.told_stuck:
+            if stuck and not self.said_stuck:
                 name, age, doing = stuck[0]
                 log.error("%s made no progress for %.0f s (%s): no more watchdog pings%s", name, age, doing or "?",
                           "; systemd will restart the bridge" if self.every else "")
-                self.told_stuck = True
-            elif not stuck and self.told_stuck:
+                self.said_stuck = True
+            elif not stuck and self.said_stuck:
                 log.info("every thread makes progress again")
-                self.told_stuck = False
+                self.said_stuck = False
             if now - self.last_ping >= (self.every or STATUS_EVERY_SEC):
                 fields = {"WATCHDOG": 1} if self.every and not stuck else {}
                 sd_notify(**fields, STATUS=self.status())

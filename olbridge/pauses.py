@@ -21,7 +21,7 @@ class Pauses:
         self.pauses: dict = {}
         self.handed: dict = {}
         self.changes: dict = {}        # pauses not saved yet
-        self.told: dict = {}           # dialog -> the reason last logged
+        self.said: dict = {}           # dialog -> the reason last logged
 
     def load(self, pauses: dict, handed: dict) -> None:
         with self.lock:
@@ -65,11 +65,11 @@ class Pauses:
         """The bot stays out of *row*'s dialog (said once per dialog and reason)."""
         why = self.why(row)
         if not why:
-            self.told.pop(row.dialog, None)
+            self.said.pop(row.dialog, None)
             return False
-        if self.told.get(row.dialog) != why:
+        if self.said.get(row.dialog) != why:
             log.info("%s: not forwarded: %s", row.where, why)
-            self.told[row.dialog] = why
+            self.said[row.dialog] = why
         return True
 
     def human_after(self, row: Row) -> bool:

@@ -25,7 +25,7 @@ class Poster:
         self.pauses = pauses
         self.scheduler = scheduler
         self.outbox: queue.Queue = queue.Queue()
-        self.told_bot: set = set()
+        self.warned_bot_cannot_post: set = set()
 
     def start(self) -> None:
         threading.Thread(target=self._run, name="bridge-poster", daemon=True).start()
@@ -133,8 +133,8 @@ class Poster:
             except bc.TRANSIENT + (bc.AuthError,) as exc:
                 return exc
             except bc.APIError as exc:
-                if row.dialog not in self.told_bot:
-                    self.told_bot.add(row.dialog)
+                if row.dialog not in self.warned_bot_cannot_post:
+                    self.warned_bot_cannot_post.add(row.dialog)
                     log.warning("%s: the chat bot cannot post in %s (%s): answering as the webhook user",
                                 row.where, bc.display_dialog_id(row.dialog), exc)
         try:

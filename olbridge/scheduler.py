@@ -27,9 +27,9 @@ class Scheduler:
         self.lock = threading.Lock()
         self.ready: queue.Queue = queue.Queue()
         self.queued: set = set()          # dialogs in `ready`
-        self.held: set = set()            # dialogs a worker is on
+        self.working: set = set()            # dialogs a worker is on
         self.posting: set = set()         # dialogs whose answer the poster has
-        self.rewake: set = set()          # woken while held or posting: woken again when let go
+        self.rewake: set = set()          # woken while working or posting: woken again when let go
         self.delayed: list = []           # heap of (monotonic due, dialog)
         self.busy = 0                     # messages being handled (workers and poster)
 
@@ -42,7 +42,7 @@ class Scheduler:
         with self.lock:
             if at is not None and at > time.monotonic():
                 heapq.heappush(self.delayed, (at, dialog))
-            elif dialog in self.held or dialog in self.posting:
+            elif dialog in self.working or dialog in self.posting:
                 self.rewake.add(dialog)      # whoever has it now wakes it again when it lets go
             elif dialog not in self.queued:
                 self.queued.add(dialog)
@@ -67,7 +67,7 @@ class Scheduler:
     def idle(self) -> bool:
         """Nothing ready and nothing being handled (delayed retries may remain)."""
         with self.lock:
-            return not self.queued and not self.held and not self.posting and self.ready.empty() \
+            return not self.queued and not self.working and not self.posting and self.ready.empty() \
                 and self.busy == 0
 
     def add_busy(self, n: int) -> None:
@@ -98,9 +98,9 @@ class Scheduler:
                 continue
             with self.lock:
                 self.queued.discard(dialog)
-                if dialog in self.held:
+                if dialog in self.working:
                     continue
-                self.held.add(dialog)
+                self.working.add(dialog)
             retry_at = None
             try:
                 retry_at = self.serve(dialog)
@@ -110,7 +110,7 @@ class Scheduler:
                 retry_at = time.monotonic() + 30
             finally:
                 with self.lock:
-                    self.held.discard(dialog)
+                    self.working.discard(dialog)
                     again = dialog in self.rewake and dialog not in self.posting
                     if again:
                         self.rewake.discard(dialog)

@@ -59,7 +59,8 @@ class Shared:
         self.stats: collections.Counter = collections.Counter()
         self.latency = Histogram()
         self.cannot_post: dict = {}               # dialog -> session id in which posting was refused
-        self.fresh: set = set()                   # (dialog, id) written by this process: no crash behind them
+        self.checked: set = set()                 # (dialog, id) needing no look for replies already posted:
+                                                  # written by this process, or looked at once
         self.save_error = ""
         self.rng = random.Random()
         self._told_lock = threading.Lock()

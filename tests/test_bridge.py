@@ -68,7 +68,7 @@ class Bridge(BridgeHarness):
         self.assertEqual(reply["author_id"], 7)
         self.assertIsNotNone(reply["uuid"], "replies carry a TEMPLATE_ID")
         new = self.portal.new_conversation(3, "Nora Example", "+10000000160", "hi, new here")
-        self.portal._take(new["chat_id"], 7)          # an operator assigned it to the webhook user
+        self.portal.take_chat(new["chat_id"], 7)          # an operator assigned it to the webhook user
         self.wait_for(lambda: len(self.bot.received) == 2, what="the new dialog's message")
         self.assertEqual(self.bot.received[-1]["payload"]["text"], "hi, new here")
         self.assertTrue(self.bot.received[-1]["payload"]["new_dialog"])

@@ -168,7 +168,7 @@ class Promises(BridgeCase):
         self.wait_for(lambda: len(self.bot.received) == 1, what="the first message")
         self.portal.close_session(chat)
         self.portal.customer_message(chat, "back next week")        # a new session, in the queue
-        self.portal._take(chat, 7)
+        self.portal.take_chat(chat, 7)
         self.portal.customer_message(chat, "still there?")
         self.wait_for(lambda: len(self.bot.received) == 3, what="the new session's messages")
         got = [(r["payload"]["text"], r["payload"]["new_dialog"], r["payload"]["session_id"]) for r in self.bot.received]
@@ -318,15 +318,18 @@ class KillNineLoop(BridgeCase):
 class Internals(PortalCase):
     def test_a_method_waiting_for_its_budget_holds_up_no_other(self) -> None:
         release = threading.Event()
-        limiter = bc.RateLimiter(rate=100, burst=1000, sleep=lambda s: release.wait(min(s, 0.2)))
-        limiter._blocked_until["im.recent.get"] = time.time() + 600
+        wall = [time.time()]
+        limiter = bc.RateLimiter(rate=100, burst=1000, sleep=lambda s: release.wait(min(s, 0.2)),
+                                 wallclock=lambda: wall[0])
+        spent = bc.api_error("OPERATION_TIME_LIMIT", "budget spent", 503, "im.recent.get")
+        limiter.note_refused(spent, ["im.recent.get"], 600)
         waiting = threading.Thread(target=limiter.acquire, args=(["im.recent.get"],), daemon=True)
         waiting.start()
         time.sleep(0.3)
         started = time.monotonic()
         limiter.acquire(["im.message.add"])
         self.assertLess(time.monotonic() - started, 0.5)
-        limiter._blocked_until.clear()
+        wall[0] += 601                                # the budget's ten minutes are over
         release.set()
         waiting.join(5)
         self.assertFalse(waiting.is_alive())
@@ -335,7 +338,8 @@ class Internals(PortalCase):
         beats: list = []
         client = self.client()
         client.on_progress = lambda: beats.append(time.monotonic())
-        client.limiter._blocked_until["im.recent.get"] = time.time() + 0.3
+        spent = bc.api_error("OPERATION_TIME_LIMIT", "budget spent", 503, "im.recent.get")
+        client.limiter.note_refused(spent, ["im.recent.get"], 0.3)
         started = time.monotonic()
         client.call("im.recent.get")
         self.assertGreaterEqual(time.monotonic() - started, 0.25)

@@ -58,7 +58,7 @@ class Business(BridgeHarness):
         time.sleep(1.5)
         self.portal.close_session(other)
         self.portal.customer_message(other, "a new conversation")      # a new session: the bot is back
-        self.portal._take(other, 7)
+        self.portal.take_chat(other, 7)
         self.portal.customer_message(other, "anyone?")
         self.wait_for(lambda: "Echo: anyone?" in self.texts(other), what="the bot in the new session")
         self.assertEqual(proc.stop(), 0)

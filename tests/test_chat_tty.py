@@ -115,7 +115,7 @@ class ChatTTY(ChatHarness):
         pos = p.expect("CANCELED", start=pos)
         p.expect("> please retry me", start=pos)      # offered again, ready to send
         self.portal.customer_message(chat, "I'm back")
-        self.portal._take(chat, 7)
+        self.portal.take_chat(chat, 7)
         p.send("\r")
         self.wait_for_text(chat, "please retry me")
         p.send("\x04")

@@ -208,7 +208,7 @@ class Cost(PollerCase):
         chats = self.portal.add_dialogs(300)
         p = self.poller()
         self.assertEqual(p.poll(), [])             # notices, falls back to scanning the list
-        self.assertFalse(p._use_sync)
+        self.assertFalse(p.uses_sync)
         _out, requests, _bytes = self.cost(p.poll)
         self.assertEqual(requests, 1)
         for n in (1, 40):

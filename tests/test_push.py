@@ -199,7 +199,7 @@ class QuietWorld(BridgeHarness):
     def setUp(self) -> None:
         super().setUp()
         for chat in list(self.portal.chats.values()):
-            if chat["type"] == "lines" and self.portal._in_queue_for(chat, 7):
+            if chat["type"] == "lines" and self.portal.in_queue_for(chat, 7):
                 self.portal.close_session(chat["id"])
 
     def answered(self, chat: int, text: str) -> bool:

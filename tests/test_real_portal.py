@@ -133,7 +133,7 @@ class RealPortalPoller(PortalCase):
             self.portal.new_conversation(1, "Waiting Customer", None, "waiting")
         p = self.poller()
         self.assertEqual(p.poll(), [])
-        self.assertFalse(p._use_sync)
+        self.assertFalse(p.uses_sync)
         target = self.ids["lines_member"]          # the most recently active unpinned dialog
         for n in range(3):
             self.portal.customer_message(target, "are you there? %d" % n)
@@ -168,16 +168,16 @@ class RealPortalPoller(PortalCase):
         for _ in range(5):
             self.portal.reset_stats()
             self.assertEqual(p.poll(), [])
-            self.assertTrue(p._use_sync)
+            self.assertTrue(p.uses_sync)
             self.assertEqual(self.portal.stats()["requests"], 1)
         self.portal.customer_message(self.ids["lines_member"], "news")
         self.assertEqual([m.text for m in p.poll()], ["news"])
-        self.assertTrue(p._use_sync)
+        self.assertTrue(p.uses_sync)
 
     def test_late_recent_rows_lose_nothing(self) -> None:
         # one message per dialog, so a missed row is never rescued by a later message
         chats = self.portal.add_dialogs(16)
-        self.portal._take(self.ids["queued"], 9)     # nothing waits: the one-batch path throughout
+        self.portal.take_chat(self.ids["queued"], 9)     # nothing waits: the one-batch path throughout
         p = self.poller()
         self.portal.behave(row_lag=1.5)
         sent, got = [], []
@@ -191,7 +191,7 @@ class RealPortalPoller(PortalCase):
         time.sleep(1.6)
         for _ in range(2):
             got.extend(m.id for m in p.poll() if m.author_kind == "customer")
-        self.assertTrue(p._use_sync)
+        self.assertTrue(p.uses_sync)
         self.assertEqual(sorted(got), sent)
 
     def test_media_reaches_reader_json_and_text(self) -> None:

@@ -23,7 +23,7 @@ class CustomerTextIsShownNotObeyed(ChatTTY):
         chat = self.ids["lines_member"]
         self.portal.customer_message(chat, HOSTILE + "\nsecond line")
         evil = self.portal.new_conversation(3, "Evil\x1b[31m Name", None, "x")
-        self.portal._take(evil["chat_id"], 7)
+        self.portal.take_chat(evil["chat_id"], 7)
         lines = proc.read_lines(3)
         self.assertEqual(proc.stop(), 0)
         self.assertFalse(any(re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", ln) for ln in lines), lines)
