@@ -11,6 +11,8 @@ class Settings:
 
     def __init__(self, env: Mapping[str, str]):
         self.retry_hours = bc.env_number(env, "BRIDGE_RETRY_HOURS", 24.0, 0.0001, 24 * 30)
+        # a message's first wait after a failure; it doubles with each one, up to 5 minutes
+        self.retry_first = bc.env_number(env, "BRIDGE_RETRY_FIRST_SEC", 1.0, 0.01, 300)
         self.fallback_text = (env.get("BRIDGE_FALLBACK_TEXT") or "").strip()
         self.max_chars = int(bc.env_number(env, "BRIDGE_MAX_REPLY_CHARS", 4096, 100, bc.MESSAGE_MAX_CHARS,
                                            integer=True))

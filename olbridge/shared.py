@@ -18,8 +18,7 @@ from olbridge.store import DeadLetters, Row, Store
 
 log = logging.getLogger("b24_ol_bridge")
 
-BACKOFF_FIRST_SEC = 1.0     # a message's first wait after a failure ...
-BACKOFF_CAP_SEC = 300.0     # ... doubling up to this
+BACKOFF_CAP_SEC = 300.0     # a message's wait after failures doubles up to this (from BRIDGE_RETRY_FIRST_SEC)
 UNUSABLE_TRIES = 3          # an unusable bot answer is asked again this often before a dead letter
 MAX_PARTS = 10              # messages one answer may become
 FALLBACK_INDEX = 1000       # TEMPLATE_ID index of the fallback text (replies use 0..MAX_PARTS-1)
@@ -101,7 +100,7 @@ class Shared:
                 or (unusable and attempts >= UNUSABLE_TRIES))
         if over:
             return False
-        base = min(BACKOFF_CAP_SEC, BACKOFF_FIRST_SEC * (2 ** min(row.attempts, 20)))
+        base = min(BACKOFF_CAP_SEC, self.settings.retry_first * (2 ** min(row.attempts, 20)))
         delay = base * self.rng.uniform(0.8, 1.0)
         self.stats["retries"] += 1
         self.store.update(row, attempts=attempts, first_try=first, next_try=time.time() + delay, error=error)

@@ -72,7 +72,7 @@ class Promises(BridgeCase):
             "huge": (200, "text/plain", b"x" * (2 * 1048576)),
         }
         self.bot.raw = lambda text: cases.get(text, (200, "application/json", b'{"reply_text": "fine"}'))
-        proc = self.start_bridge()
+        proc = self.start_bridge(BRIDGE_RETRY_FIRST_SEC="0.2")
         for text in cases:
             self.portal.customer_message(chat, text)
         self.wait_for(lambda: len(self.dead_letters()) == len(cases), timeout=60, what="a dead letter each")

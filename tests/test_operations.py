@@ -78,17 +78,21 @@ class Operations(BridgeHarness):
     def test_a_long_portal_outage_is_waited_out_with_the_watchdog_fed(self) -> None:
         notify = Notify(self)
         chat = self.ids["lines_member"]
-        proc = self.start_bridge(WATCHDOG_USEC="2000000", B24_MAX_RETRIES="1", **notify.env)
+        # the outage lasts more than twice the time after which a thread that shows no progress counts as
+        # stuck (BRIDGE_STUCK_SEC), and the pauses between tries reach their cap (B24_BACKOFF_MAX_SEC)
+        outage = 12
+        proc = self.start_bridge(WATCHDOG_USEC="2000000", B24_MAX_RETRIES="1", BRIDGE_STUCK_SEC="5",
+                                 B24_BACKOFF_MAX_SEC="2", **notify.env)
         port = self.portal_down()
         down_at = time.monotonic()
-        time.sleep(30)
+        time.sleep(outage)
         self.portal.customer_message(chat, "written during the outage")
         self.portal_up(port)
         self.wait_for(lambda: "Echo: written during the outage" in self.texts(chat), timeout=90,
                       what="the catch-up after the outage")
         pings = notify.pings(down_at)
         gaps = [b - a for a, b in zip([down_at] + pings, pings)]
-        self.assertGreater(len(pings), 25, "the watchdog was fed throughout")
+        self.assertGreater(len(pings), outage * 25 // 30, "the watchdog was fed throughout")
         self.assertLess(max(gaps), 2.0, gaps)
         self.assertTrue(any("portal unreachable since" in d for d in notify.statuses()), notify.statuses()[-3:])
         self.assertEqual(proc.stop(), 0)
