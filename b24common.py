@@ -1,18 +1,33 @@
-"""Shared machinery of the Bitrix24 Open Lines toolkit (stdlib only, Python 3.9+).
+"""The shared core of the Bitrix24 Open Lines toolkit (stdlib only, Python 3.9+): what two or more
+of the scripts use, and nothing else.
 
-Every script in this repository is a thin workflow around this module:
+In the order of this file:
 
-* ``.env`` loading that reads files the way python-dotenv does
-  (:func:`dotenv_values`, :func:`load_dotenv`);
-* :class:`Config` -- the environment, validated once, secrets redacted;
-* :class:`Client` -- the urllib REST client: a proactive limiter for both
-  portal limits, bounded retries with backoff, ``batch``, typed errors;
-* :class:`Poller` -- new Open Lines messages, strictly after per-dialog
-  cursors (``FIRST_ID``), found cheaply through the recent list;
-* :func:`classify` / :class:`Message` -- who wrote what (customer, operator,
-  self, bot, system), with the customer's name and phone;
-* :func:`normalize_reply` -- whatever a bot answered, as a list of texts;
-* :class:`StateFile` -- small durable JSON state, written atomically.
+* secrets -- :func:`register_secret` / :func:`redact`: the webhook code, the
+  bot's auth and tokens show as ``***`` in every message, log line and repr;
+  :func:`setup_logging`;
+* errors -- :class:`B24Error` and its kinds (each with its exit code),
+  :data:`TRANSIENT` (worth another try later), :func:`format_error`;
+* ``.env`` files read the way python-dotenv does (:func:`dotenv_values`,
+  :func:`load_dotenv`); :class:`Config` -- the environment, validated once;
+* :class:`Client` -- the urllib REST client: :class:`RateLimiter` for both
+  portal limits, bounded retries, ``batch``, typed errors; :class:`Backoff`,
+  the one rule for pausing after failures in a row;
+* dialogs and messages -- :class:`DialogInfo`, :class:`Message`,
+  :func:`classify` (customer, operator, self, bot, system), media as
+  attachments, :func:`visible` (text safe to print);
+* :class:`Poller` -- new Open Lines messages strictly after per-dialog
+  cursors (``FIRST_ID``), found through the recent lists or pointed at by
+  hints (the sources in ``b24push.py``);
+* sending -- :func:`send_text` with a ``TEMPLATE_ID`` (a resend is safe),
+  :func:`posted_uuids` (is it already in the dialog?), :func:`take_dialog`;
+  bot replies -- :func:`normalize_reply` turns any answer shape into texts;
+* durable state -- :class:`StateFile`, :func:`write_private` (atomic, 0600);
+* command-line plumbing -- common options, ``--demo``, ``--check``
+  (:class:`Doctor`), :func:`run_main` (one line and an exit code per error).
+
+Beside it: ``b24push.py`` (the sources of inbound messages), ``olbridge/``
+(the bridge's parts), ``b24emu/`` (the portal emulator).
 
 A short session::
 
@@ -22,29 +37,34 @@ A short session::
     >>> poller.start()                # from "now"
     >>> for msg in poller.poll():     # oldest first, each message once
     ...     print(msg.dialog_id, msg.author_kind, msg.text)
-
-The webhook code and the bot's auth header are secrets: every message, log
-line, exception and repr produced here shows ``***`` in their place.
 """
 from __future__ import annotations
 
 __all__ = [
-    "VERSION", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED",
-    "B24Error", "ConfigError", "UsageError", "TransportError", "UnknownOutcomeError",
-    "APIError", "AuthError", "ScopeError", "AccessDeniedError", "NotMemberError",
-    "NotFoundError", "RateLimitError", "ServerError", "BadRequestError", "PortalMovedError",
-    "DuplicateUuidError", "attachment_of", "describe_attachment",
-    "redact", "register_secret", "dotenv_values", "load_dotenv", "parse_dotenv",
-    "Config", "Client", "BatchResult", "RateLimiter", "php_query",
-    "parse_dialog_id", "display_dialog_id", "Message", "classify", "bbcode_to_text",
-    "normalize_phone", "visible", "Poller", "normalize_reply", "ReplyShapeError",
-    "StateFile", "StateWriteError", "default_state_dir", "under_systemd", "send_text", "find_by_uuid", "check_text", "what_came_back", "split_text", "new_template_id", "take_dialog",
-    "BotAnswer", "parse_bot_answer",
-    "parse_routes",
-
-    "add_common_arguments", "load_config_from_args", "run_main", "setup_logging",
-    "environment_or_demo", "start_demo_portal", "check_scopes", "Doctor", "line_queues", "run_doctor",
-    "format_error", "env_number",
+    # exit codes, errors
+    "VERSION", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED", "TRANSIENT",
+    "B24Error", "ConfigError", "StateWriteError", "UsageError", "TransportError", "UnknownOutcomeError",
+    "APIError", "AuthError", "ScopeError", "AccessDeniedError", "NotMemberError", "NotFoundError",
+    "RateLimitError", "ServerError", "BadRequestError", "DuplicateUuidError", "PortalMovedError",
+    "api_error", "what_came_back", "format_error",
+    # secrets, logging, .env, configuration
+    "redact", "register_secret", "setup_logging", "dotenv_values", "load_dotenv", "parse_dotenv",
+    "Config", "env_number", "split_url", "parse_listen", "is_loopback",
+    # the REST client
+    "Client", "RateLimiter", "BatchResult", "Backoff", "as_map", "as_int", "BATCH_MAX", "MESSAGES_PAGE",
+    # dialogs and messages
+    "parse_dialog_id", "display_dialog_id", "normalize_phone", "user_phone", "visible", "bbcode_to_text",
+    "parse_date", "DialogInfo", "Message", "MessageFactory", "classify", "messages_of", "waits_in_queue",
+    # the poller
+    "Poller", "SYNC_MARGIN_SEC", "DEFAULT_RECONCILE_SEC",
+    # sending, bot replies
+    "MESSAGE_MAX_CHARS", "new_template_id", "split_text", "check_text", "send_text", "posted_uuids",
+    "find_by_uuid", "take_dialog", "normalize_reply", "parse_bot_answer", "BotAnswer", "ReplyShapeError",
+    # durable state
+    "StateFile", "write_private", "default_state_dir",
+    # command-line plumbing
+    "add_common_arguments", "apply_env_file", "environment_or_demo", "start_demo_portal",
+    "load_config_from_args", "run_main", "check_scopes", "line_queues", "Doctor", "run_doctor",
 ]
 
 import argparse
@@ -175,7 +195,7 @@ def setup_logging(verbose: int = 0, stream=None, timestamps: bool | None = None,
     writes one JSON object per line for log shippers."""
     level = logging.WARNING if verbose < 0 else logging.INFO if verbose == 0 else logging.DEBUG
     if timestamps is None:
-        timestamps = not os.environ.get("JOURNAL_STREAM") and not under_systemd()
+        timestamps = not os.environ.get("JOURNAL_STREAM") and not _under_systemd()
     fmt = "%(asctime)s %(levelname)s %(message)s" if timestamps else "%(levelname)s %(message)s"
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_JsonFormatter() if json_lines else _RedactingFormatter(fmt, "%H:%M:%S"))
@@ -603,7 +623,7 @@ def parse_listen(text: str, name: str) -> tuple:
     return host, int(port)
 
 
-def parse_routes(text: str) -> dict:
+def _parse_routes(text: str) -> dict:
     """``BOT_ROUTES``: ``3=https://a/...,5=https://b/...`` -> ``{3: url, 5: url}`` (one bot per Open Line)."""
     routes: dict = {}
     for n, item in enumerate(t for t in text.split(",") if t.strip()):
@@ -615,7 +635,7 @@ def parse_routes(text: str) -> dict:
     return routes
 
 
-def normalize_webhook(raw: str, name: str = "B24_WEBHOOK_BASE") -> tuple:
+def _normalize_webhook(raw: str, name: str = "B24_WEBHOOK_BASE") -> tuple:
     """Check and normalise a webhook URL; return ``(base, host, user_id, code)``.
 
     ``base`` always ends with ``/``; a pasted method suffix (``profile.json``)
@@ -701,14 +721,14 @@ class Config:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, require_bot: bool = False) -> Config:
         env = os.environ if env is None else env
-        base, host, uid, _code = normalize_webhook(env.get("B24_WEBHOOK_BASE", ""))
+        base, host, uid, _code = _normalize_webhook(env.get("B24_WEBHOOK_BASE", ""))
         bot_auth = (env.get("BOT_HTTP_AUTH") or "").strip()
         register_secret(bot_auth)
         bot_secret = (env.get("BOT_HTTP_SECRET") or "").strip()
         register_secret(bot_secret)
         if bot_secret and len(bot_secret) < 16:
             raise ConfigError("BOT_HTTP_SECRET: use at least 16 characters (a random string the bot also knows)")
-        routes = parse_routes(env.get("BOT_ROUTES") or "")
+        routes = _parse_routes(env.get("BOT_ROUTES") or "")
         bot_url = (env.get("BOT_HTTP_URL") or "").strip()
         if bot_url:
             split_url(bot_url, "BOT_HTTP_URL", "an http:// or https:// URL of your bot")
@@ -781,7 +801,7 @@ def php_query(params: Mapping[str, Any] | None) -> str:
 _READ_METHODS = {"scope", "profile", "user.current", "methods", "server.time", "app.info"}
 
 
-def is_read_method(method: str) -> bool:
+def _is_read_method(method: str) -> bool:
     """True for methods that change nothing (safe to repeat)."""
     m = method.lower()
     return m in _READ_METHODS or m.rsplit(".", 1)[-1] in ("get", "list")
@@ -1069,7 +1089,7 @@ class Client:
                   write: bool | None = None) -> dict:
         """Call *method*; return the whole envelope (``result``, ``next``, ``total``, ``time``)."""
         if write is None:
-            write = not is_read_method(method)
+            write = not _is_read_method(method)
         return self._request(method, dict(params or {}), write=write)
 
     def call(self, method: str, params: Mapping[str, Any] | None = None, *,
@@ -1090,7 +1110,7 @@ class Client:
                 methods.append(method)
                 query = php_query(params)
                 cmd[name] = method + ("?" + query if query else "")
-            write = not all(is_read_method(m) for m in methods)
+            write = not all(_is_read_method(m) for m in methods)
             env = self._request("batch", {"halt": 1 if halt else 0, "cmd": cmd},
                                 write=write, sub_methods=methods)
             if not out.time:
@@ -1332,7 +1352,7 @@ class Message:
     new_dialog: bool = False
     params: dict = field(default_factory=dict)
     uuid: str | None = None
-    attachments: list = field(default_factory=list)   # see attachment_of()
+    attachments: list = field(default_factory=list)   # see _attachment_of()
     caption: str = ""              # what the author typed (for media: the caption, may be "")
     session_id: int = 0
     waiting: bool = False          # the dialog waited in our queue when this was read
@@ -1347,7 +1367,7 @@ class Message:
         """The text as a person reads it: ``[photo: a.jpg, 230 KB] caption`` for media."""
         if not self.attachments:
             return self.text
-        tags = " ".join(describe_attachment(a) for a in self.attachments)
+        tags = " ".join(_describe_attachment(a) for a in self.attachments)
         return "%s %s" % (tags, self.caption) if self.caption else tags
 
     def to_json(self) -> dict:
@@ -1362,7 +1382,7 @@ class Message:
 _MEDIA_WORDS = {"image": "photo", "audio": "audio", "video": "video", "file": "document"}
 
 
-def attachment_of(raw: Mapping) -> dict:
+def _attachment_of(raw: Mapping) -> dict:
     """A portal file object (``files[]`` of ``im.dialog.messages.get``) as we pass it on."""
     name = str(raw.get("name") or "")
     ext = str(raw.get("extension") or (name.rsplit(".", 1)[-1] if "." in name else "")).lower()
@@ -1380,7 +1400,7 @@ def _human_size(size: int) -> str:
     return "%d B" % size
 
 
-def describe_attachment(att: Mapping) -> str:
+def _describe_attachment(att: Mapping) -> str:
     """``[photo: a.jpg, 230 KB]`` -- what a text-only reader (or bot) sees of a file."""
     bits = [x for x in (str(att.get("name") or ""), _human_size(as_int(att.get("size"))) if att.get("size") else "")
             if x]
@@ -1440,7 +1460,7 @@ class MessageFactory:
     def learn(self, users: Mapping[int, Mapping], info: DialogInfo | None, files: Mapping | None = None) -> None:
         # keep only what classification and display need: a daemon sees many customers
         self.users.update((uid, {k: u[k] for k in _USER_KEYS if k in u}) for uid, u in users.items())
-        self.files.update((fid, attachment_of(f)) for fid, f in (files or {}).items())
+        self.files.update((fid, _attachment_of(f)) for fid, f in (files or {}).items())
         for cache in (self.users, self.files):
             if len(cache) > USERS_CACHE_MAX:
                 for k in list(cache)[:USERS_CACHE_MAX // 5]:
@@ -1460,12 +1480,12 @@ class MessageFactory:
         file_ids = params.get("FILE_ID")
         file_ids = list(file_ids.values()) if isinstance(file_ids, Mapping) else \
             file_ids if isinstance(file_ids, list) else [file_ids] if file_ids else []
-        attachments = [self.files.get(as_int(f)) or attachment_of({"id": f}) for f in file_ids if as_int(f)]
+        attachments = [self.files.get(as_int(f)) or _attachment_of({"id": f}) for f in file_ids if as_int(f)]
         caption = bbcode_to_text(raw.get("text"))
         text = caption
         if attachments and not caption.strip():
             # text-only consumers (and bots) still see that something came
-            text = " ".join(describe_attachment(a) for a in attachments)
+            text = " ".join(_describe_attachment(a) for a in attachments)
         return Message(
             dialog_id=dialog_id, chat_id=as_int(raw.get("chat_id")) or (info.chat_id if info else 0),
             id=as_int(raw.get("id")), date=str(raw.get("date") or ""), author_id=author,
@@ -2477,7 +2497,7 @@ def add_common_arguments(parser: argparse.ArgumentParser,
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
 
 
-def find_env_file(explicit: str | None) -> str | None:
+def _find_env_file(explicit: str | None) -> str | None:
     if explicit:
         if not os.path.isfile(explicit):
             raise ConfigError("--env-file %s: no such file" % explicit)
@@ -2494,13 +2514,13 @@ def find_env_file(explicit: str | None) -> str | None:
 def apply_env_file(args: argparse.Namespace, environ: Any) -> str | None:
     """Apply ``--env-file`` (or the .env found) to *environ*; variables already set win.
     Returns the file's path, or None when there is none."""
-    path = find_env_file(getattr(args, "env_file", None))
+    path = _find_env_file(getattr(args, "env_file", None))
     if path:
         load_dotenv(path, strict=True, environ=environ)
     return path
 
 
-def under_systemd(environ: Mapping[str, str] | None = None) -> bool:
+def _under_systemd(environ: Mapping[str, str] | None = None) -> bool:
     environ = os.environ if environ is None else environ
     return bool(environ.get("NOTIFY_SOCKET") or environ.get("INVOCATION_ID"))
 
@@ -2522,7 +2542,7 @@ def environment_or_demo(args: argparse.Namespace) -> tuple:
         return environ, False
     near = sorted(k for k in environ if k.startswith("B24_WEBHOOK") or k.startswith("B24_WEB_HOOK"))
     bots = sorted(k for k in environ if k.startswith("BOT_"))
-    why = ("running under systemd" if under_systemd(environ) else
+    why = ("running under systemd" if _under_systemd(environ) else
            "%s is set" % near[0] if near else "%s is set" % bots[0] if bots else
            "settings come from %s" % env_file if env_file else
            "" if sys.stdin.isatty() and sys.stderr.isatty() else "not on a terminal")
@@ -2710,7 +2730,7 @@ def load_config_from_args(args: argparse.Namespace, *, require_bot: bool = False
     return Config.from_env(environ, require_bot=require_bot)
 
 
-def robust_stdio() -> None:
+def _robust_stdio() -> None:
     """Never die on a character the terminal's encoding cannot show (cron, odd locales)."""
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
@@ -2723,7 +2743,7 @@ def robust_stdio() -> None:
 def run_main(main: Callable[[], int]) -> int:
     """Run a script's main body; map errors to one stderr line and an exit code."""
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "b24"
-    robust_stdio()
+    _robust_stdio()
     # an error no one catches (in any thread) is printed redacted too
     sys.excepthook = _redacting_excepthook
     threading.excepthook = _redacting_thread_hook
