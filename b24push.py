@@ -30,7 +30,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 from b24common import (
@@ -45,10 +45,13 @@ from b24common import (
     as_map,
     line_queues,
 )
+from b24http import GuardedHTTPServer, content_length
 
 EVENTS_PAGE = 100                    # im.v2.Event.get limit (1-1000)
 RECEIVER_MAX_BODY = 1 << 20          # a POSTed event larger than this is refused (413)
-RECEIVER_READ_TIMEOUT_SEC = 10.0
+RECEIVER_READ_TIMEOUT_SEC = 10.0    # the whole request: request line, headers and body
+FORM_MAX_FIELDS = 1000               # fields of a form body (PHP's max_input_vars)
+FORM_MAX_DEPTH = 8                   # brackets in one form key
 
 log = logging.getLogger("b24push")
 
@@ -433,20 +436,32 @@ def hints_of(batches: Iterable[Delivery]) -> list:
 
 # -- the HTTP receiver ---------------------------------------------------------------
 
+_FORM_KEY = re.compile(r"([^\[\]]+)((?:\[[^\[\]]*\])*)")
+_FORM_PART = re.compile(r"\[([^\[\]]*)\]")
+
+
 def parse_php_form(pairs: Iterable[tuple]) -> dict:
     """``[("data[PARAMS][DIALOG_ID]", "chat5")]`` -> ``{"data": {"PARAMS": {"DIALOG_ID": "chat5"}}}``.
 
     How PHP reads a form body: bracket keys nest, ``[]`` appends, a later
-    scalar loses to an earlier array.  Values stay strings."""
+    scalar loses to an earlier array.  Values stay strings.  Linear in the
+    size of the body; a key nested deeper than ``FORM_MAX_DEPTH`` is a
+    ValueError (PHP's own limit is a setting too)."""
     out: dict = {}
+    digits: dict = {}                 # id(node) -> how many of its keys are numbers (the next "[]")
     for key, value in pairs:
-        m = re.fullmatch(r"([^\[\]]+)((?:\[[^\[\]]*\])*)", key)
-        parts = [m.group(1)] + re.findall(r"\[([^\[\]]*)\]", m.group(2)) if m else [key]
+        m = _FORM_KEY.fullmatch(key)
+        parts = [m.group(1)] + _FORM_PART.findall(m.group(2)) if m else [key]
+        if len(parts) > FORM_MAX_DEPTH:
+            raise ValueError("a form key nested deeper than %d" % FORM_MAX_DEPTH)
         node = out
         for i, part in enumerate(parts):
             if part == "":
-                part = str(sum(1 for k in node if str(k).isdigit()))
-            if i == len(parts) - 1:
+                part = str(digits.get(id(node), 0))
+            last = i == len(parts) - 1
+            if part not in node and part.isdigit():
+                digits[id(node)] = digits.get(id(node), 0) + 1
+            if last:
                 if not isinstance(node.get(part), dict):
                     node[part] = value
             else:
@@ -591,18 +606,17 @@ class ReceiverSource(Source):
         self.spool.close()
 
 
-class PushReceiver(ThreadingHTTPServer):
+class PushReceiver(GuardedHTTPServer):
     """``POST`` only; form (PHP bracket keys) or JSON bodies up to 1 MiB; ``auth[application_token]``
-    (``B24_APP_TOKEN``) or the registered bot's ``CLIENT_ID`` checked in constant time; 200 once the
-    event is spooled -- the work happens after."""
+    (``B24_APP_TOKEN``) or the registered bot's ``CLIENT_ID`` checked in constant time, before the body is
+    taken apart; 200 once the event is spooled -- the work happens after.  Floods and slow clients are
+    :class:`b24http.GuardedHTTPServer`'s business."""
 
-    daemon_threads = True
-    request_queue_size = 64
+    request_deadline = RECEIVER_READ_TIMEOUT_SEC
 
     def __init__(self, address: tuple, source: ReceiverSource, *, app_token: str, client_id: str,
                  portal_host: str):
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, _PushHandler)
+        super().__init__(address, _PushHandler, log)
         self.source, self.app_token, self.client_id = source, app_token, client_id
         self.portal_host = portal_host
         self.counts: dict = {}
@@ -611,8 +625,7 @@ class PushReceiver(ThreadingHTTPServer):
     def count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
 
-    def authentic(self, body: Mapping, query: Mapping) -> bool:
-        token = str(as_map(body.get("auth")).get("application_token") or "")
+    def authentic(self, token: str, query: Mapping) -> bool:
         if self.app_token and token and hmac.compare_digest(token.encode(), self.app_token.encode()):
             return True
         if self.client_id:
@@ -620,9 +633,6 @@ class PushReceiver(ThreadingHTTPServer):
             if given and hmac.compare_digest(given.encode(), self.client_id.encode()):
                 return True
         return False
-
-    def handle_error(self, request, client_address) -> None:   # a sender that hung up: fine
-        pass
 
 
 class _PushHandler(BaseHTTPRequestHandler):
@@ -655,42 +665,37 @@ class _PushHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         try:
             self._post()
+        except (ConnectionError, socket.timeout, TimeoutError):
+            self.close_connection = True       # the sender went away or was too slow: nothing to say
         except Exception as exc:  # noqa: BLE001 - one bad request must not look like a lost connection
-            log.exception("receiver: could not handle a POST (%s); the reconciliation scan covers it", exc)
+            self.server.said.say(logging.ERROR, "bug", "receiver: could not handle a POST (%s: %s); the "
+                                 "reconciliation scan covers it", type(exc).__name__, exc)
+            log.debug("receiver: the failure in full", exc_info=True)
             try:
                 self._answer(500, "internal error")
             except OSError:
                 pass
 
+    def _refuse(self, status: int, why: str, cause: str = "") -> None:
+        if cause:
+            self.server.said.say(logging.WARNING, cause, "receiver: refused an event from %s: %s",
+                                 self.client_address[0], why)
+        self._answer(status, why)
+
     def _post(self) -> None:
-        if self.headers.get("Transfer-Encoding"):
-            self._answer(411, "send a Content-Length")
+        length, refused = content_length(self.headers, RECEIVER_MAX_BODY)
+        if refused is not None:
+            self._refuse(*refused)
             return
-        try:
-            length = int(self.headers.get("Content-Length") or "")
-        except ValueError:
-            self._answer(411, "send a Content-Length")
-            return
-        if length > RECEIVER_MAX_BODY:
-            self._answer(413, "body larger than %d bytes" % RECEIVER_MAX_BODY)
-            return
-        try:
-            raw = self.rfile.read(length)
-        except OSError:
-            return
+        raw = self.rfile.read(length)
         if len(raw) < length:
-            self._answer(400, "body shorter than its Content-Length")
+            self._refuse(400, "body shorter than its Content-Length")
             return
-        body = self._parse(raw)
-        if body is None:
-            self._answer(400, "not a Bitrix24 event (form or JSON with an 'event' field)")
-            return
+        self.server.request_complete(self.request)
         query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
-        if not self.server.authentic(body, query):
-            log.warning("receiver: refused an event from %s: wrong or missing application token",
-                        self.client_address[0])
-            self._answer(401, "wrong application token")
-            return
+        body = self._parse(raw, query)
+        if body is None:
+            return                            # answered
         domain = str(as_map(body.get("auth")).get("domain") or "")
         if domain and self.server.portal_host and domain.split(":")[0] != self.server.portal_host \
                 and not self.server.told_domain:
@@ -711,21 +716,43 @@ class _PushHandler(BaseHTTPRequestHandler):
         log.debug("receiver: %s -> %s", event, ", ".join("%s#%d" % h[:2] if h[0] else "scan" for h in hints) or "-")
         self._answer(200, "ok")
 
-    def _parse(self, raw: bytes) -> dict | None:
+    def _parse(self, raw: bytes, query: Mapping) -> dict | None:
+        """The event, once it is well formed and authentic (cheap checks first: the token is compared
+        before a form is taken apart); None when a refusal was sent."""
+        bad = "not a Bitrix24 event (form or JSON with an 'event' field)"
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
+            self._refuse(400, bad, "malformed")
             return None
         ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         try:
             if ctype == "application/json":
                 body = json.loads(text)
+                if not isinstance(body, dict):
+                    raise ValueError("not an object")
+                token = str(as_map(body.get("auth")).get("application_token") or "")
+                pairs: list = []
             else:
-                body = parse_php_form(urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=True))
-        except ValueError:
+                pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=True,
+                                               max_num_fields=FORM_MAX_FIELDS)
+                body = {k: v for k, v in pairs if k in ("event", "auth[application_token]")}
+                token = body.pop("auth[application_token]", "")
+        except (ValueError, RecursionError):
+            self._refuse(400, bad, "malformed")
             return None
-        if not isinstance(body, dict) or not str(body.get("event") or "").strip():
+        if not str(body.get("event") or "").strip():
+            self._refuse(400, bad, "malformed")
             return None
+        if not self.server.authentic(str(token), query):
+            self._refuse(401, "wrong application token", "token")
+            return None
+        if pairs:
+            try:
+                body = parse_php_form(pairs)
+            except ValueError:
+                self._refuse(400, bad, "malformed")
+                return None
         return body
 
 

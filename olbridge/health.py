@@ -6,8 +6,10 @@ import os
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable
+
+from b24http import GuardedHTTPServer
 
 log = logging.getLogger("b24_ol_bridge")
 
@@ -104,14 +106,14 @@ class Watchdog:
             time.sleep(min(0.5, (self.every or 1.0) / 2))
 
 
-class HealthServer(ThreadingHTTPServer):
-    """``GET /healthz`` and ``GET /metrics`` (Prometheus text format); nothing else, no secret."""
+class HealthServer(GuardedHTTPServer):
+    """``GET /healthz`` and ``GET /metrics`` (Prometheus text format); nothing else, no secret.  Idle and
+    slow connections are dropped (:class:`b24http.GuardedHTTPServer`)."""
 
-    daemon_threads = True
+    request_deadline = 5.0
 
     def __init__(self, address: tuple, bridge: Any):
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, _HealthHandler)
+        super().__init__(address, _HealthHandler, log)
         self.bridge = bridge
 
     def start(self) -> HealthServer:
@@ -119,12 +121,10 @@ class HealthServer(ThreadingHTTPServer):
                          daemon=True).start()
         return self
 
-    def handle_error(self, request, client_address) -> None:   # a scraper that hung up: fine
-        pass
-
 
 class _HealthHandler(BaseHTTPRequestHandler):
     server: HealthServer
+    timeout = 5.0          # each read and write; the whole request has the server's deadline
 
     def log_message(self, fmt: str, *args: Any) -> None:
         pass
@@ -138,6 +138,7 @@ class _HealthHandler(BaseHTTPRequestHandler):
         self.wfile.write(raw)
 
     def do_GET(self) -> None:
+        self.server.request_complete(self.request)      # a GET is read in full with its headers
         path = self.path.split("?", 1)[0]
         bridge = self.server.bridge
         if path == "/healthz":
