@@ -5,12 +5,15 @@ import hashlib
 import hmac
 import http.client
 import json
+import re
 import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from typing import Mapping
 
 import b24common as bc
@@ -23,6 +26,59 @@ class BotError(bc.B24Error):
         super().__init__(message)
         self.retryable = retryable
 
+
+
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")     # what a reply may not hold (\t \n \r may)
+
+
+class _Reader:
+    """The response's byte stream, noting whether it ended inside the header block."""
+
+    def __init__(self, fp):
+        self._fp = fp
+        self.ended_early = False
+
+    def readline(self, *args):
+        line = self._fp.readline(*args)
+        if not line:
+            self.ended_early = True
+        return line
+
+    def __getattr__(self, name: str):
+        return getattr(self._fp, name)
+
+
+class _Response(http.client.HTTPResponse):
+    """http.client's response, but an interim answer (``102 Processing``, ``103 Early Hints``) is passed
+    over to the real one (http.client passes over ``100`` only), and a header block cut off by the end
+    of the connection is noticed (:attr:`fp`.ended_early)."""
+
+    def __init__(self, sock, *args, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        self.fp = _Reader(self.fp)
+
+    def _read_status(self):
+        while True:
+            version, status, reason = super()._read_status()
+            if not 100 < status < 200:      # 100 Continue: begin() passes it over itself
+                return version, status, reason
+            while True:                      # this interim answer's headers
+                line = self.fp.readline(65537)
+                if not line:
+                    raise http.client.IncompleteRead(b"")
+                if line in (b"\r\n", b"\n"):
+                    break
+
+
+def _cut_off(conn: http.client.HTTPConnection, cut: threading.Event) -> None:
+    """The exchange's deadline passed: end the connection, whatever it is waiting for."""
+    cut.set()
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class BotClient:
@@ -79,9 +135,12 @@ class BotClient:
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout), self.target
 
     def _exchange(self, body: bytes, headers: dict) -> tuple:
-        """One POST under one deadline -> ``(status, content type, raw body)``."""
+        """One POST under one deadline -> ``(status, content type, raw body)``, the body decoded from gzip
+        if the bot sent it so.  The deadline covers everything -- connect, the status line, the headers,
+        the body: when it passes, the connection is cut whatever is being read."""
         where = "bot on %s" % self.host
         deadline = time.monotonic() + self.timeout
+        cut = threading.Event()
 
         def left() -> float:
             remaining = deadline - time.monotonic()
@@ -90,11 +149,17 @@ class BotClient:
             return remaining
 
         conn, target = self._connect(self.timeout)
+        conn.response_class = _Response
+        timer = threading.Timer(self.timeout, _cut_off, (conn, cut))
+        timer.daemon = True
+        timer.start()
         try:
             conn.request("POST", target, body=body, headers=headers)
             if conn.sock is not None:
                 conn.sock.settimeout(left())
             resp = conn.getresponse()
+            if resp.fp is not None and resp.fp.ended_early:
+                raise http.client.IncompleteRead(b"")          # the headers never ended: not an answer
             status, ctype = resp.status, resp.getheader("Content-Type", "") or ""
             declared = resp.getheader("Content-Length")
             if declared and declared.isdigit() and int(declared) > self.max_bytes:
@@ -105,8 +170,10 @@ class BotClient:
             while True:
                 if conn.sock is not None:
                     conn.sock.settimeout(left())
-                chunk = resp.read1(65536) if hasattr(resp, "read1") else resp.read(65536)
+                chunk = resp.read1(65536)
                 if not chunk:
+                    if resp.length:                  # the connection ended before Content-Length said
+                        raise http.client.IncompleteRead(b"", resp.length)
                     break
                 size += len(chunk)
                 if size > self.max_bytes:
@@ -114,7 +181,7 @@ class BotClient:
                                    % (where, self.max_bytes))
                 chunks.append(chunk)
                 left()
-            return status, ctype, b"".join(chunks)
+            return status, ctype, self._decoded(b"".join(chunks), resp.getheader("Content-Encoding", ""))
         except ssl.SSLCertVerificationError as exc:
             raise BotError("%s: its TLS certificate could not be verified (%s)"
                            % (where, getattr(exc, "verify_message", exc)), retryable=True) from None
@@ -122,16 +189,42 @@ class BotClient:
             raise BotError("%s: no complete answer within BOT_HTTP_TIMEOUT_SEC=%g s"
                            % (where, self.timeout), retryable=True) from None
         except (ConnectionRefusedError, socket.gaierror) as exc:
+            if cut.is_set():
+                raise BotError("%s: no complete answer within BOT_HTTP_TIMEOUT_SEC=%g s"
+                               % (where, self.timeout), retryable=True) from None
             raise BotError("%s: cannot connect: %s" % (where, exc.strerror or exc), retryable=True) from None
         except (OSError, http.client.HTTPException) as exc:
-            raise BotError("%s: connection failed or dropped (%s)" % (where, type(exc).__name__),
-                           retryable=True) from None
+            if cut.is_set():
+                raise BotError("%s: no complete answer within BOT_HTTP_TIMEOUT_SEC=%g s"
+                               % (where, self.timeout), retryable=True) from None
+            what = "the answer was cut off" if isinstance(exc, http.client.IncompleteRead) else \
+                "connection failed or dropped (%s)" % type(exc).__name__
+            raise BotError("%s: %s" % (where, what), retryable=True) from None
         finally:
+            timer.cancel()
             conn.close()
+
+    def _decoded(self, raw: bytes, encoding: str) -> bytes:
+        """The body as sent before any ``Content-Encoding`` (we ask for none; gzip is undone anyway)."""
+        encoding = (encoding or "identity").strip().lower()
+        if encoding == "identity":
+            return raw
+        if encoding not in ("gzip", "x-gzip", "deflate"):
+            raise BotError("bot on %s: the answer is %s-encoded, which the bridge cannot read (it asks for "
+                           "identity)" % (self.host, encoding))
+        unpack = zlib.decompressobj(16 + zlib.MAX_WBITS if "gzip" in encoding else zlib.MAX_WBITS)
+        try:
+            out = unpack.decompress(raw, self.max_bytes + 1)
+        except zlib.error:
+            raise BotError("bot on %s: the answer says %s but is not" % (self.host, encoding)) from None
+        if len(out) > self.max_bytes or unpack.unconsumed_tail:
+            raise BotError("bot on %s: the answer is larger than BOT_MAX_REPLY_BYTES=%d once unpacked"
+                           % (self.host, self.max_bytes))
+        return out
 
     def _headers(self, extra: Mapping[str, str] | None = None, *, json_body: bool = True) -> dict:
         """What every request to the bot carries (``Authorization`` when set), plus *extra*."""
-        headers = {"User-Agent": "b24-openlines-toolkit/" + bc.VERSION}
+        headers = {"User-Agent": "b24-openlines-toolkit/" + bc.VERSION, "Accept-Encoding": "identity"}
         if json_body:
             headers.update({"Content-Type": "application/json", "Accept": "application/json"})
         headers.update(extra or {})
@@ -177,8 +270,13 @@ class BotClient:
             raise BotError("%s answered HTTP %d" % (where, status))
         if status == 204 or not raw.strip():
             return bc.BotAnswer()
+        kind = ctype.split(";")[0].strip().lower()
+        if "html" in kind:
+            raise BotError("%s answered with an HTML page, not a reply" % where)
+        if kind and not (kind.startswith("text/") or kind == "application/json" or kind.endswith("+json")):
+            raise BotError("%s answered with %s, not text or JSON" % (where, kind[:60]))
         text = raw.decode("utf-8", "replace")
-        if "json" in ctype.lower() or text.lstrip()[:1] in ("{", "["):
+        if "json" in kind or text.lstrip()[:1] in ("{", "["):
             try:
                 decoded = json.loads(text)
             except RecursionError:
@@ -186,13 +284,17 @@ class BotClient:
             except ValueError:
                 raise BotError("%s: the answer is not valid JSON" % where) from None
             try:
-                return bc.parse_bot_answer(decoded)
+                answer = bc.parse_bot_answer(decoded)
             except bc.ReplyShapeError as exc:
                 raise BotError("%s: %s" % (where, exc)) from None
-        if "html" in ctype.lower():
-            raise BotError("%s answered with an HTML page, not a reply" % where)
-        return bc.BotAnswer(bc.normalize_reply(text))
-
+        else:
+            answer = bc.BotAnswer(bc.normalize_reply(text))
+        for part in answer.texts:
+            bad = _CONTROL.search(part)
+            if bad:
+                raise BotError("%s: the answer holds a control character (U+%04X) that is not text -- "
+                               "binary data, or an encoding mix-up" % (where, ord(bad.group())))
+        return answer
 
 
 SIGNATURE_HEADER = "X-B24-Signature"
@@ -209,10 +311,12 @@ def sign_request(secret: str, body: bytes, now: float | None = None) -> dict:
 
 def verify_signature(secret: str, body: bytes, timestamp: str, signature: str, *, max_age: float = 300,
                      now: float | None = None) -> str:
-    """What a bot does with a signed request: "" if genuine and fresh, else why not."""
-    if not timestamp.isdigit():
+    """What a bot does with a signed request: "" if genuine and fresh, else why not -- never an exception,
+    whatever the headers hold."""
+    timestamp, signature = str(timestamp or ""), str(signature or "")
+    if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 12:
         return "no timestamp"
     if abs((time.time() if now is None else now) - int(timestamp)) > max_age:
         return "stale timestamp (a replay?)"
     want = sign_request(secret, body, now=int(timestamp))[SIGNATURE_HEADER]
-    return "" if hmac.compare_digest(want, signature or "") else "bad signature"
+    return "" if hmac.compare_digest(want.encode(), signature.encode("utf-8", "replace")) else "bad signature"
