@@ -422,13 +422,6 @@ class _Binding:
 _SECRETISH = re.compile(r"(/rest/\d+/)[^/\s\"']+|((?:Bearer|Basic|Token)\s+)\S+", re.IGNORECASE)
 
 
-def _quote_line(line: str) -> str:
-    """A bad .env line, quoted back for the error message -- with anything that looks like a
-    webhook code or a token masked, and cut short."""
-    line = _SECRETISH.sub(lambda m: (m.group(1) or m.group(2)) + "***", line.strip())
-    return "`%s`" % (line if len(line) <= 60 else line[:57] + "...")
-
-
 def parse_dotenv(text: str) -> list:
     """Split .env text into bindings (key, value, line, error); comments are dropped."""
     if text.startswith("\ufeff"):
@@ -454,9 +447,8 @@ def parse_dotenv(text: str) -> list:
         if m:
             pos = m.end()
         m = _RE_KEY.match(text, pos)
-        if not m:
-            bad = text[start:_RE_REST.match(text, start).end()]
-            err = "%s: expected NAME=value" % _quote_line(bad)
+        if not m:       # the line is never quoted back: it may be a secret pasted on its own
+            err = "expected NAME=value"
         else:
             key = m.group(1) if m.group(1) is not None else m.group(2)
             pos = _RE_WS.match(text, m.end()).end()
@@ -486,10 +478,10 @@ def parse_dotenv(text: str) -> list:
                 value = None
             if err is None:
                 ma = _RE_AFTER.match(text, pos)
-                if not ma:
-                    bad = text[start:_RE_REST.match(text, start).end()]
-                    err = ("%s: expected NAME=value" % _quote_line(bad) if value is None else
-                           "%s: unexpected text after the value of %s" % (_quote_line(bad), key))
+                if not ma:      # named by its key (when it looks like a NAME), never by its text
+                    named = "%s: " % key if re.fullmatch(r"[A-Z_][A-Z0-9_]{0,63}", key) else ""
+                    err = ("%sexpected NAME=value" % named if value is None else
+                           "unexpected text after the value of %s (quote a value that has spaces)" % key)
                 else:
                     pos = ma.end()
                     out.append(_Binding(key, value, line_of(start)))

@@ -138,3 +138,27 @@ class DotenvTable(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class NoValueInErrors(unittest.TestCase):
+    """A malformed line is named by its file, line and key -- its text never appears (it may be a secret)."""
+
+    SECRETS = ("s3cr3t-signing-key-0123456789", "app-token-abcdef0123456789", "Token qwertyuiop1234567890")
+
+    def test_malformed_lines_never_echo_their_values(self) -> None:
+        lines = ["BOT_HTTP_SECRET='%s' trailing words" % self.SECRETS[0],
+                 "B24_APP_TOKEN %s" % self.SECRETS[1],
+                 'BOT_HTTP_AUTH="%s' % self.SECRETS[2],
+                 "%s and more" % self.SECRETS[0]]
+        for n, line in enumerate(lines, 1):
+            with self.subTest(line=n), tempfile.TemporaryDirectory() as folder:
+                path = os.path.join(folder, "x.env")
+                with open(path, "w") as fh:
+                    fh.write("# settings\n" + line + "\n")
+                with self.assertRaises(bc.ConfigError) as caught:
+                    bc.dotenv_values(path, strict=True)
+                text = str(caught.exception)
+                self.assertIn("x.env:2:", text)
+                for secret in self.SECRETS:
+                    for piece in secret.split():
+                        self.assertNotIn(piece, text)
