@@ -190,10 +190,7 @@ def run_bridge(args: argparse.Namespace, environ: dict, demo: bool) -> int:
     settings = Settings(environ)
     client = bc.Client(cfg)
     paths = StatePaths(args, cfg, environ)
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(paths.db)), mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise bc.ConfigError("%s: cannot create the state folder (%s)" % (paths.db, exc.strerror)) from None
+    bc.private_folder(os.path.dirname(os.path.abspath(paths.db)))
     if args.register_bot or args.unregister_bot:
         return chatbot.bot_command(args, client, paths.folder, environ)
     lock = InstanceLock(paths.lock)

@@ -308,6 +308,7 @@ def main(argv: list | None = None, out: TextIO | None = None) -> int:
             state = None
             if args.state is not None:
                 path = args.state or os.path.join(bc.default_state_dir(environ), "reader.json")
+                bc.private_folder(os.path.dirname(os.path.abspath(path)))
                 state = bc.StateFile(path)
                 state.load()   # a broken state file is reported before anything else
             reader = Reader(bc.Client(cfg), args, out, interval, state)

@@ -61,7 +61,7 @@ __all__ = [
     "MESSAGE_MAX_CHARS", "new_template_id", "split_text", "check_text", "send_text", "posted_uuids",
     "find_by_uuid", "take_dialog", "normalize_reply", "parse_bot_answer", "BotAnswer", "ReplyShapeError",
     # durable state
-    "StateFile", "write_private", "default_state_dir",
+    "StateFile", "write_private", "open_private", "private_folder", "default_state_dir",
     # command-line plumbing
     "add_common_arguments", "apply_env_file", "environment_or_demo", "start_demo_portal",
     "load_config_from_args", "run_main", "check_scopes", "line_queues", "Doctor", "run_doctor",
@@ -2403,6 +2403,34 @@ class StateFile:
             raise ConfigError("%s: cannot write state (%s)" % (self.path, exc.strerror)) from None
         except OSError as exc:
             raise StateWriteError("%s: cannot write state (%s)" % (self.path, exc.strerror or exc)) from None
+
+
+def open_private(path: str, flags: int) -> int:
+    """``os.open`` for a file that holds customer data or secrets: created 0600 whatever the umask (and
+    set to 0600 if it was not), never through a symbolic link.  Raises OSError."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def private_folder(folder: str, what: str = "state folder") -> str:
+    """Create *folder* (0700) if needed; refuse one that anybody may write to (files could be planted or
+    swapped for links there).  Returns its absolute path; raises ConfigError."""
+    folder = os.path.abspath(folder)
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        st = os.stat(folder)
+    except OSError as exc:
+        raise ConfigError("%s %s: cannot create it (%s)" % (what, folder, exc.strerror or exc)) from None
+    if st.st_mode & 0o002:
+        raise ConfigError("%s %s is writable by everyone: use a folder of your own (chmod 700 %s, or another "
+                          "B24_STATE_DIR)" % (what, folder, folder))
+    return folder
 
 
 def write_private(path: str, text: str) -> None:

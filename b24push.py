@@ -24,6 +24,7 @@ __all__ = ["Hint", "SCAN", "Delivery", "Source", "ScanSource", "EventQueueSource
 import hmac
 import json
 import logging
+import os
 import re
 import socket
 import sqlite3
@@ -44,6 +45,7 @@ from b24common import (
     as_int,
     as_map,
     line_queues,
+    open_private,
 )
 from b24http import GuardedHTTPServer, content_length
 
@@ -511,6 +513,11 @@ class HintSpool:
     def __init__(self, path: str):
         self.path = path
         self.lock = threading.Lock()
+        if path != ":memory:":
+            try:
+                os.close(open_private(path, os.O_RDWR))    # 0600 before SQLite opens it (and its -wal, -shm)
+            except OSError as exc:
+                raise sqlite3.OperationalError("%s: %s" % (path, exc.strerror or exc)) from None
         self.db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
         if path != ":memory:":
             self.db.execute("PRAGMA journal_mode=WAL")

@@ -64,7 +64,7 @@ class Store:
         try:
             os.makedirs(folder, mode=0o700, exist_ok=True)
             # 0600 before SQLite opens it: its -wal and -shm files take the same mode
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.close(bc.open_private(self.path, os.O_RDWR))
             self.db.executescript(SCHEMA)
             self._add_missing_columns()
         except (OSError, sqlite3.Error) as exc:
@@ -245,7 +245,10 @@ class InstanceLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = bc.open_private(self.path, os.O_RDWR)
+        except OSError as exc:
+            raise bc.ConfigError("%s: cannot open the lock file (%s)" % (self.path, exc.strerror or exc)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -279,7 +282,7 @@ class DeadLetters:
                  "payload": row.payload, "answer": row.answer, "posted": row.posted}
         line = json.dumps(entry, ensure_ascii=False) + "\n"
         with self.lock:      # appends from several workers must not interleave
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fd = bc.open_private(self.path, os.O_WRONLY | os.O_APPEND)
             try:
                 os.write(fd, line.encode("utf-8"))
                 os.fsync(fd)

@@ -12,7 +12,7 @@ import tempfile
 import time
 import unittest
 
-from tests.support import PY, ROOT, bc
+from tests.support import PY, ROOT, PortalCase, bc, script
 
 WRITER = r"""
 import sys
@@ -85,3 +85,53 @@ class StateFileTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class PrivateFiles(PortalCase):
+    """Files with customer data or secrets: 0600 whatever the umask, never written through a planted link;
+    a state folder anybody may write to is refused."""
+
+    def test_umask_zero_still_gives_0600_files(self) -> None:
+        from tests.support import Proc
+        from tests.test_bridge import BRIDGE
+        from tests.test_push import free_port
+        folder = os.path.join(self.tmp, "state")
+        env = self.env(B24_LISTEN=str(free_port()), B24_APP_TOKEN="t" * 24, BOT_HTTP_URL="http://127.0.0.1:9/bot")
+        proc = Proc(["sh", "-c", 'umask 000; exec "$0" "$@"', PY, script(BRIDGE)], env, self.tmp)
+        self.procs.append(proc)
+        self.assertTrue(proc.wait_stderr("bridging Open Lines", 20), proc.all_output())
+        self.assertEqual(proc.stop(), 0)
+        os.close(bc.open_private(os.path.join(folder, "bridge.dead-letters.jsonl"), os.O_WRONLY | os.O_APPEND))
+        names = os.listdir(folder)
+        self.assertIn("bridge.receiver.sqlite", names)
+        for name in names:
+            mode = stat.S_IMODE(os.stat(os.path.join(folder, name)).st_mode)
+            self.assertEqual(mode & 0o077, 0, "%s is %o" % (name, mode))
+
+    def test_planted_links_are_not_followed(self) -> None:
+        folder = os.path.join(self.tmp, "state")
+        os.makedirs(folder, mode=0o700)
+        victim = os.path.join(self.tmp, "victim.txt")
+        with open(victim, "w") as fh:
+            fh.write("untouched\n")
+        for name in ("bridge.lock", "bridge.dead-letters.jsonl"):
+            link = os.path.join(folder, name)
+            os.symlink(victim, link)
+            with self.assertRaises(OSError):
+                bc.open_private(link, os.O_WRONLY | os.O_APPEND)
+            os.unlink(link)
+        os.symlink(victim, os.path.join(folder, "chat-bot.json"))
+        bc.write_private(os.path.join(folder, "chat-bot.json"), "{}")      # replaces the link, not the file
+        with open(victim) as fh:
+            self.assertEqual(fh.read(), "untouched\n")
+        self.assertFalse(os.path.islink(os.path.join(folder, "chat-bot.json")))
+
+    def test_a_world_writable_state_folder_is_refused(self) -> None:
+        from tests.test_bridge import BRIDGE
+        folder = os.path.join(self.tmp, "open")
+        os.makedirs(folder)
+        os.chmod(folder, 0o777)
+        proc = self.run_script(BRIDGE, "--once", env=self.env(B24_STATE_DIR=folder, BOT_HTTP_URL="http://127.0.0.1:9/b"))
+        self.assertOneLineError(proc, 2, "writable by everyone")
+        proc = self.run_script("b24_openlines_reader.py", "--once", "--state", os.path.join(folder, "r.json"))
+        self.assertOneLineError(proc, 2, "writable by everyone")
