@@ -77,6 +77,9 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument("--replay-dead", action="store_true",
                         help="put the dead letters back in line (all, or those of --dialog), then run")
     parser.add_argument("--dialog", metavar="chatN", help="with --replay-dead: only this dialog's")
+    parser.add_argument("--reset-state", action="store_true",
+                        help="start over from now: the state database is moved aside (kept as "
+                             "bridge.db.reset-TIME), then the bridge runs")
     parser.add_argument("--once", action="store_true",
                         help="one poll cycle, handle what is ready, exit (retries wait for the next run)")
     parser.add_argument("--demo", action="store_true",
@@ -195,6 +198,10 @@ def run_bridge(args: argparse.Namespace, environ: dict, demo: bool) -> int:
         return chatbot.bot_command(args, client, paths.folder, environ)
     lock = InstanceLock(paths.lock)
     lock.acquire()
+    if args.reset_state:
+        aside = Store.set_aside(paths.db)
+        log.warning("--reset-state: %s; the bridge starts from now", "the old state is kept as %s" % aside
+                    if aside else "there was no state to set aside")
     bridge = Bridge(client, args, settings, environ=os.environ if not demo else environ, demo=bool(args.demo))
     stopped_by: list = []
 

@@ -60,15 +60,54 @@ class Store:
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
         self._local = threading.local()
-        folder = os.path.dirname(self.path)
+        reset = "; b24_ol_bridge.py --reset-state starts over from now (the old file is kept aside)"
         try:
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-            # 0600 before SQLite opens it: its -wal and -shm files take the same mode
-            os.close(bc.open_private(self.path, os.O_RDWR))
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            if not os.path.lexists(self.path):
+                self._create()
+            elif os.path.getsize(self.path) == 0:
+                raise bc.ConfigError("%s is empty: the state (every cursor and message in flight) is gone%s"
+                                     % (self.path, reset))
+            os.close(bc.open_private(self.path, os.O_RDWR))     # 0600 (and never a link) before SQLite opens it
+            problem = self.db.execute("PRAGMA quick_check").fetchone()[0]
+            if problem != "ok":
+                raise bc.ConfigError("%s is damaged (%s)%s" % (self.path, str(problem)[:100], reset))
             self.db.executescript(SCHEMA)
             self._add_missing_columns()
-        except (OSError, sqlite3.Error) as exc:
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise                                   # another process is writing: waited out
             raise bc.ConfigError("%s: cannot open the state database (%s)" % (self.path, exc)) from None
+        except sqlite3.DatabaseError as exc:
+            raise bc.ConfigError("%s is damaged (%s)%s" % (self.path, exc, reset)) from None
+        except OSError as exc:
+            raise bc.ConfigError("%s: cannot open the state database (%s)" % (self.path, exc.strerror or exc)) from None
+
+    def _create(self) -> None:
+        """A new, empty database -- made under a temporary name and renamed, so a crash never leaves a
+        file at the real name that looks like lost state."""
+        tmp = self.path + ".new"
+        for leftover in (tmp, tmp + "-wal", tmp + "-shm", tmp + "-journal"):
+            if os.path.lexists(leftover):
+                os.unlink(leftover)
+        os.close(bc.open_private(tmp, os.O_RDWR))
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.executescript(SCHEMA)
+        finally:
+            conn.close()
+        os.replace(tmp, self.path)
+
+    @staticmethod
+    def set_aside(path: str) -> str | None:
+        """``--reset-state``: move the database (and its -wal and -shm) out of the way; where it went."""
+        if not os.path.lexists(path):
+            return None
+        aside = "%s.reset-%s" % (path, time.strftime("%Y%m%d-%H%M%S"))
+        for suffix in ("-wal", "-shm", ""):
+            if os.path.lexists(path + suffix):
+                os.replace(path + suffix, aside + suffix)
+        return aside
 
     def _add_missing_columns(self) -> None:
         """A database written by an earlier version gains the columns this one uses."""

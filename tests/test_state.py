@@ -135,3 +135,42 @@ class PrivateFiles(PortalCase):
         self.assertOneLineError(proc, 2, "writable by everyone")
         proc = self.run_script("b24_openlines_reader.py", "--once", "--state", os.path.join(folder, "r.json"))
         self.assertOneLineError(proc, 2, "writable by everyone")
+
+
+class DamagedStore(PortalCase):
+    """An empty or damaged state database stops the bridge with one line and exit 2 -- never a silent fresh
+    start -- and --reset-state starts over on purpose, keeping the old file aside."""
+
+    def bridge(self, *args: str, **env):
+        from tests.test_bridge import BRIDGE
+        return self.run_script(BRIDGE, "--once", *args, env=self.env(BOT_HTTP_URL="http://127.0.0.1:9/bot", **env))
+
+    def test_empty_and_damaged_databases_are_refused_then_reset_on_purpose(self) -> None:
+        folder = os.path.join(self.tmp, "state")
+        db = os.path.join(folder, "bridge.db")
+        self.assertEqual(self.bridge().returncode, 0)
+        with open(db, "rb") as fh:
+            good = fh.read()
+        cases = {"empty": b"", "not a database": b"this is not sqlite at all " * 200,
+                 "damaged pages": good[:100] + bytes(random.Random(3).randrange(256) for _ in range(len(good) - 100))}
+        for what, content in cases.items():
+            with self.subTest(what):
+                for suffix in ("-wal", "-shm"):
+                    if os.path.exists(db + suffix):
+                        os.unlink(db + suffix)
+                with open(db, "wb") as fh:
+                    fh.write(content)
+                proc = self.bridge()
+                self.assertOneLineError(proc, 2, "bridge.db", "--reset-state")
+                self.assertNotIn("internal error", proc.stderr)
+        proc = self.bridge("--reset-state")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        kept = [n for n in os.listdir(folder) if n.startswith("bridge.db.reset-")]
+        self.assertTrue(kept, os.listdir(folder))
+        self.assertEqual(self.bridge().returncode, 0)
+
+    def test_a_state_that_cannot_be_written_is_a_configuration_error(self) -> None:
+        proc = self.bridge("--state", "/proc/self/no-such-folder/bridge.db")
+        self.assertEqual(proc.returncode, 2, proc.stderr)
+        self.assertNotIn("internal error", proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
