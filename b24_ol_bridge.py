@@ -231,7 +231,7 @@ def run_bridge(args: argparse.Namespace, environ: dict, demo: bool) -> int:
             replay_dead(bridge.shared.store, bridge.shared.dead, args.dialog)
         code = bridge.run()
         return bc.EXIT_INTERRUPTED if signal.SIGINT in stopped_by else code
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, bc.Interrupted):
         sd_notify(STOPPING=1, STATUS="stopping")
         log.info("stopped while starting")
         return bc.EXIT_INTERRUPTED if signal.SIGINT in stopped_by else bc.EXIT_OK

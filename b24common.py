@@ -42,7 +42,7 @@ from __future__ import annotations
 
 __all__ = [
     # exit codes, errors
-    "VERSION", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED", "TRANSIENT",
+    "VERSION", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED", "TRANSIENT", "Interrupted",
     "B24Error", "ConfigError", "StateWriteError", "UsageError", "TransportError", "UnknownOutcomeError",
     "APIError", "AuthError", "ScopeError", "AccessDeniedError", "NotMemberError", "NotFoundError",
     "RateLimitError", "ServerError", "BadRequestError", "DuplicateUuidError", "PortalMovedError",
@@ -335,6 +335,13 @@ class PortalMovedError(APIError):
 
 
 TRANSIENT = (RateLimitError, ServerError, TransportError)   # worth another try later: limits, 5xx, network
+
+
+class Interrupted(BaseException):
+    """The program was asked to stop while a request waited (for the rate limiter, a method's time
+    budget, or a retry): raised out of the wait so that stopping never waits on the portal.  Not an
+    ``Exception``: no handler of failures takes it for one -- it unwinds to the loop that owns the
+    work, which leaves that work where it is (nothing is lost: it is redone at the next start)."""
 
 _AUTH_CODES = {"INVALID_CREDENTIALS", "NO_AUTH_FOUND", "AUTHORIZATION_ERROR", "EXPIRED_TOKEN",
                "INVALID_TOKEN", "PORTAL_DELETED", "INVALID_REQUEST"}
@@ -823,6 +830,7 @@ class RateLimiter:
         self._reset_at: dict = {}        # method -> last operating_reset_at seen
         self._lock = threading.Lock()
         self.progress: Callable[[], None] | None = None   # called between waits: waiting is progress
+        self.stop: threading.Event | None = None          # set: waits end at once with Interrupted
 
     def _drain(self) -> None:
         now = self._clock()
@@ -855,7 +863,14 @@ class RateLimiter:
                     wait = (self._level + 1 - self.capacity) / self.rate
             if self.progress is not None:
                 self.progress()
-            self._sleep(min(wait, 5.0))
+            self.pause(min(wait, 5.0))
+
+    def pause(self, seconds: float) -> None:
+        """Sleep, unless (or until) :attr:`stop` is set: then :class:`Interrupted`."""
+        if self.stop is None:
+            self._sleep(seconds)
+        elif self.stop.is_set() or self.stop.wait(seconds):
+            raise Interrupted()
 
     def note_time(self, method: str, block: Any) -> None:
         """Read a ``time`` block: block a method that used up most of its budget."""
@@ -943,7 +958,6 @@ class Client:
         self.host = config.portal_host
         self.limiter = limiter or RateLimiter(config.rate_per_sec, config.rate_burst,
                                               config.operating_limit, sleep=sleep)
-        self._sleep = sleep
         self._rng = rng or random.Random()
         self._opener = _opener_for(self.host)
         self.requests = 0
@@ -1060,7 +1074,7 @@ class Client:
                 # callers report a failure that outlives the retries; each retry is detail
                 log.debug("%s; retry %d/%d in %.1f s", exc, attempt, self.config.max_retries, delay)
                 self._progress()
-                self._sleep(delay)
+                self.limiter.pause(delay)
 
     def _progress(self) -> None:
         if self.on_progress is not None:
@@ -2195,7 +2209,7 @@ def send_text(client: Client, dialog_id: str, text: str, *, template_id: str | N
     """
     template_id = template_id or new_template_id()
     params = {"DIALOG_ID": dialog_id, "MESSAGE": text, "TEMPLATE_ID": template_id}
-    pause = sleep or client._sleep
+    pause = sleep or client.limiter.pause
     patience = client.config.send_patience if patience is None else patience
     deadline = time.monotonic() + patience
     delay = 0.5
@@ -2769,6 +2783,8 @@ def run_main(main: Callable[[], int]) -> int:
     threading.excepthook = _redacting_thread_hook
     try:
         return main()
+    except Interrupted:                  # asked to stop (SIGTERM) while a request waited: a normal end
+        return EXIT_OK
     except KeyboardInterrupt:
         try:
             sys.stderr.write("\n%s: interrupted\n" % prog)

@@ -42,6 +42,7 @@ from b24common import (
     Backoff,
     Client,
     ConfigError,
+    Interrupted,
     as_int,
     as_map,
     line_queues,
@@ -280,6 +281,8 @@ class Inbound:
         while not self.stop.is_set():
             try:
                 batch = src.next_batch(self.stop)
+            except Interrupted:
+                return                          # the program is stopping
             except Exception as exc:  # noqa: BLE001 - a source must not die silently
                 log.exception("source %s failed (%s); it starts over in 5 s", src.name, exc)
                 self.stop.wait(5)

@@ -25,7 +25,7 @@ from olbridge.store import DeadLetters, Store, migrate_json_state
 
 log = logging.getLogger("b24_ol_bridge")
 
-STOP_GRACE_SEC = 20.0       # on SIGTERM, how long replies in progress may still finish
+STOP_GRACE_SEC = 1.5        # on SIGTERM, how long replies in progress may still finish (the rest is redone)
 PRUNE_EVERY_SEC = 3600.0    # how often dialogs idle for BRIDGE_FORGET_DAYS are forgotten
 
 
@@ -64,6 +64,7 @@ class Bridge:
         self.stop = threading.Event()
         self.live = Liveness(settings.stuck_sec or max(cfg.bot_timeout, cfg.http_timeout) + 60)
         client.on_progress = self.live.beat
+        client.limiter.stop = self.stop       # every wait for the portal ends when the bridge is asked to stop
         self.shared = Shared(client, settings, self.live, demo=demo)
         self.pauses = Pauses()
         self.scheduler = Scheduler(self.live, args.workers or settings.concurrency)
@@ -391,7 +392,10 @@ class Bridge:
             self.live.beat("polling")
             now = time.monotonic()
             if now >= next_poll:
-                next_poll = self._round(now, backoff)
+                try:
+                    next_poll = self._round(now, backoff)
+                except bc.Interrupted:
+                    break                        # asked to stop while the portal was waited for
             wait = self.scheduler.release_due()
             self.housekeeping()
             if self.args.once:

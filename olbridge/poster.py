@@ -71,6 +71,8 @@ class Poster:
                 jobs[row.dialog] = row
             try:
                 self._post_batch(list(jobs.values()))
+            except bc.Interrupted:
+                return                       # stopping: each part not recorded as posted is looked for next time
             except Exception as exc:  # noqa: BLE001 - the poster survives everything; the rows wait
                 log.exception("posting replies failed unexpectedly (%s); they are retried in 30 s", exc)
                 for row in jobs.values():

@@ -104,6 +104,8 @@ class Scheduler:
             retry_at = None
             try:
                 retry_at = self.serve(dialog)
+            except bc.Interrupted:
+                return                       # stopping: the message stays where it is, redone at the next start
             except Exception as exc:  # noqa: BLE001 - a worker survives everything; the work waits
                 log.exception("%s: unexpected failure (%s); trying this dialog again in 30 s",
                               bc.display_dialog_id(dialog), exc)

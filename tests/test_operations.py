@@ -343,3 +343,26 @@ class Units(unittest.TestCase):
         self.assertTrue(os.path.exists(script("b24_ol_bridge.py")))
 
 
+
+
+class Stopping(BridgeHarness):
+    def test_sigterm_is_heard_while_a_method_waits_for_its_time_budget(self) -> None:
+        # every im.recent.get costs more than the whole budget: after the first scan the bridge must wait
+        # for the budget's reset (minutes away) -- and a SIGTERM still ends it at once, with nothing lost
+        proc = self.start_bridge(B24_POLL_SEC="0.3", B24_OPERATING_LIMIT_SEC="1")
+        self.portal.set_limits(operating_limit=1, method_cost={"im.recent.get": 5, "batch": 5})
+        self.assertTrue(proc.wait_stderr("operating-time budget", 20), proc.all_output())
+        chat = self.ids["lines_member"]
+        self.portal.customer_message(chat, "written while the budget is spent")
+        time.sleep(0.5)
+        started = time.monotonic()
+        proc.popen.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.popen.wait(15), 0, proc.all_output())
+        self.assertLess(time.monotonic() - started, 3.0, "stop did not wait for the portal")
+        self.assertNotIn("Traceback", proc.all_output())
+        # nothing lost: the next run, with the budget back, answers it
+        self.portal.set_limits(operating_limit=420, method_cost={})
+        self.portal.operating.clear()
+        again = self.start_bridge(B24_POLL_SEC="0.3")
+        self.wait_for(lambda: "Echo: written while the budget is spent" in self.texts(chat), 20, "the answer")
+        self.assertEqual(again.stop(), 0)
