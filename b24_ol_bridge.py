@@ -105,13 +105,14 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
     return args
 
 
-def replay_dead(store: Store, dead: DeadLetters, dialog: str | None) -> int:
+def replay_dead(store: Store, dead: DeadLetters, dialog: str | None) -> set:
+    """Put the dead letters (of one dialog) back in line; the dialogs they belong to."""
     entries = dead.take(dialog)
     for entry in entries:
         store.requeue(entry)
     log.info("put %d dead letter(s)%s back in line", len(entries),
              " of %s" % bc.display_dialog_id(dialog) if dialog else "")
-    return len(entries)
+    return {entry["dialog"] for entry in entries}
 
 
 def check(args: argparse.Namespace) -> int:
@@ -228,7 +229,9 @@ def run_bridge(args: argparse.Namespace, environ: dict, demo: bool) -> int:
         bridge.watchdog.start()
         bridge.open(paths, BotClient(cfg) if cfg.bot_url else None)
         if args.replay_dead:
-            replay_dead(bridge.shared.store, bridge.shared.dead, args.dialog)
+            replayed = replay_dead(bridge.shared.store, bridge.shared.dead, args.dialog)
+            if args.once:           # only what was put back: nothing new is read, no other dialog answered
+                bridge.only = replayed
         code = bridge.run()
         return bc.EXIT_INTERRUPTED if signal.SIGINT in stopped_by else code
     except (KeyboardInterrupt, bc.Interrupted):

@@ -10,7 +10,7 @@ import time
 import b24common as bc
 from olbridge.bot import BotClient, BotError
 from olbridge.pauses import Pauses
-from olbridge.poster import Poster
+from olbridge.poster import Poster, next_missing
 from olbridge.scheduler import Scheduler
 from olbridge.shared import MAX_PARTS, UNUSABLE_TRIES, Shared
 from olbridge.store import Row
@@ -91,19 +91,22 @@ class Asker:
         if key in sh.checked:
             return True
         try:
-            done = self.poster.posted_parts(row)
+            row.present = self.poster.parts_present(row)
         except bc.B24Error as exc:
             log.warning("%s: cannot check the dialog for replies already posted (%s); trying later", row.where, exc)
             sh.retry_later(row, "dialog check failed")
             return False
         sh.checked.add(key)
-        if row.state == "new" and done:
+        if row.state == "new" and row.present:
             log.info("%s: its replies are already in the dialog; not asking the bot again", row.where)
             sh.store.finish(row)
             return False
-        if row.state == "answered" and done > row.posted:
-            log.info("%s: replies 1-%d are already in the dialog; posting the rest", row.where, done)
-            sh.store.update(row, posted=done)
+        if row.state == "answered":
+            start = next_missing(row, row.posted)
+            if start > row.posted:
+                log.info("%s: replies %d-%d are already in the dialog; posting the rest", row.where,
+                         row.posted + 1, start)
+                sh.store.update(row, posted=start)
         return True
 
     # -- may the bot answer? ------------------------------------------------------------------

@@ -84,6 +84,7 @@ class Bridge:
         self.last_prune = time.monotonic()
         self.reload_requested = False
         self.scans = 0                        # scans done (--once waits for one)
+        self.only: set | None = None          # --replay-dead --once: handle these dialogs' work, read nothing new
 
     @property
     def settings(self) -> Settings:
@@ -144,11 +145,18 @@ class Bridge:
             except bc.TRANSIENT + (bc.StateWriteError, sqlite3.OperationalError) as exc:
                 if not self.trouble:
                     self.trouble = (time.time(), str(exc))
+                self.give_up_once(exc)
                 delay = backoff.failed()
                 log.warning("%s: %s -- trying again in %.0f s", what, exc, delay)
                 sd_notify(STATUS="%s; %s" % (self.phase, self.problem()))
                 if self.stop.wait(delay):
                     raise KeyboardInterrupt from None
+
+    def give_up_once(self, exc: BaseException | None = None) -> None:
+        """With --once, trouble is waited out for BRIDGE_ONCE_PATIENCE_SEC at most: then the run fails (exit 1)."""
+        if self.args.once and self.trouble and time.time() - self.trouble[0] >= self.settings.once_patience:
+            raise bc.TransportError("--once: the portal did not answer for %g s (%s); nothing is lost, the next "
+                                    "run goes on from here" % (self.settings.once_patience, exc or self.trouble[1]))
 
     # -- what the sources found -------------------------------------------------------------
     def payload(self, msg: bc.Message, new_dialog: bool) -> dict:
@@ -375,9 +383,12 @@ class Bridge:
         self.poster.start()
         try:
             for dialog, _due in self.shared.store.dialogs_with_work():
-                self.scheduler.wake(dialog)
+                if self.only is None or dialog in self.only:
+                    self.scheduler.wake(dialog)
         except sqlite3.Error as exc:
             self.shared.note_save_error(exc)
+        if self.only is not None:
+            self.scans = 1                    # nothing is read: the replayed work is all there is
         self.phase = "running"
         sd_notify(STATUS=self.status())
         log.info("bridging Open Lines on %s to the bot on %s (%d dialogs side by side)",
@@ -391,7 +402,7 @@ class Bridge:
         while not self.stop.is_set():
             self.live.beat("polling")
             now = time.monotonic()
-            if now >= next_poll:
+            if now >= next_poll and self.only is None:
                 try:
                     next_poll = self._round(now, backoff)
                 except bc.Interrupted:
@@ -411,7 +422,7 @@ class Bridge:
         return self._finish()
 
     def _round(self, now: float, backoff: bc.Backoff) -> float:
-        """Handle what the sources have (or the batches working back); when to look again."""
+        """Handle what the sources have (or the batches held back); when to look again."""
         assert self.inbound is not None
         batches, self.pending = self.pending or self.inbound.get(0), []
         if not batches:
@@ -424,9 +435,10 @@ class Bridge:
             else:
                 self.pending = batches
                 next_poll = now + min(self.interval, 5.0)
-        except bc.TRANSIENT as exc:
+        except bc.TRANSIENT + (bc.BadRequestError,) as exc:   # a 400 on a read: the portal's passing trouble
             if not self.trouble:
                 self.trouble = (time.time(), str(exc))
+            self.give_up_once()
             delay = backoff.failed()
             log.warning("%s -- trying again in %.0f s", exc, delay)
             self.pending = batches

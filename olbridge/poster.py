@@ -127,9 +127,9 @@ class Poster:
                     "DIALOG_ID": row.dialog, "MESSAGE": text}, write=True)
                 return None
             except bc.UnknownOutcomeError as exc:
-                # imbot.message.add has no TEMPLATE_ID: posted_parts() looks for the bot's texts instead
+                # imbot.message.add has no TEMPLATE_ID: parts_present() looks for the bot's texts instead
                 try:
-                    return None if self.posted_parts(row) > row.posted else exc
+                    return None if row.posted in self.parts_present(row) else exc
                 except bc.B24Error:
                     return exc
             except bc.TRANSIENT + (bc.AuthError,) as exc:
@@ -146,30 +146,31 @@ class Poster:
             return exc
 
     # -- is it there already? ------------------------------------------------------------------
-    def posted_parts(self, row: Row) -> int:
-        """How many parts of this message's answer are already in the dialog (by their TEMPLATE_IDs, or the
+    def parts_present(self, row: Row) -> set:
+        """Which parts of this message's answer are already in the dialog (by their TEMPLATE_IDs, or the
         chat bot's texts: imbot.message.add takes no TEMPLATE_ID).
 
-        Asked once for a message left over from an earlier run: a crash between posting a part and
-        recording it must not post it twice, even on a portal that has forgotten the uuid."""
+        Asked once for a message left over from an earlier run (or put back from the dead letters): a
+        crash between posting a part and recording it must not post it twice, even on a portal that has
+        forgotten the uuid -- and a part that was refused must not be taken for posted because a later
+        one is there."""
         sh = self.shared
         ours = {sh.template(row, i): i for i in range(MAX_PARTS)}
         bot_id = bc.as_int((sh.chat_bot or {}).get("bot_id"))
-        found, after = -1, row.message_id
+        found: set = set()
+        after = row.message_id
         for _page in range(4):
             res = sh.client.call("im.dialog.messages.get", {"DIALOG_ID": row.dialog, "FIRST_ID": after,
                                                             "LIMIT": bc.MESSAGES_PAGE})
-            for uuid in bc.posted_uuids(res):
-                if uuid in ours:
-                    found = max(found, ours[uuid])
+            found.update(ours[uuid] for uuid in bc.posted_uuids(res) if uuid in ours)
             msgs = bc.messages_of(res)[0]
-            for m in sorted(msgs, key=lambda m: bc.as_int(m.get("id"))) if bot_id and row.answer else ():
-                if bc.as_int(m.get("author_id")) == bot_id and m.get("text") in row.answer[found + 1:]:
-                    found = row.answer.index(m.get("text"), found + 1)   # the bot's parts carry no uuid
+            for m in msgs if bot_id and row.answer else ():
+                if bc.as_int(m.get("author_id")) == bot_id:        # the bot's parts carry no uuid
+                    found.update(i for i, text in enumerate(row.answer) if text == m.get("text"))
             if len(msgs) < bc.MESSAGES_PAGE:
                 break
             after = max(bc.as_int(m.get("id")) for m in msgs)
-        return found + 1
+        return found
 
     def _find_posted(self, rows: dict) -> dict:
         """``{name: is row's next part in its dialog}``, for many rows in one batch of reads."""
@@ -214,6 +215,9 @@ class Poster:
         self._next_part(row)
 
     def _next_part(self, row: Row) -> None:
+        skip = next_missing(row, row.posted)
+        if skip != row.posted:                 # found in the dialog already (a run before this one)
+            self.shared.store.update(row, posted=skip)
         if row.posted < len(row.answer):
             self.outbox.put(row)      # the next part, in a later batch
         else:
@@ -237,3 +241,11 @@ class Poster:
                 log.info("%s: transferred to the queue of line %s", row.where, line)
             except bc.B24Error as exc:
                 log.error("%s: could not transfer the dialog to the queue: %s", row.where, bc.format_error(exc))
+
+
+def next_missing(row: Row, start: int) -> int:
+    """The first part from *start* on that is not in the dialog yet (``len(answer)``: none)."""
+    index = start
+    while index < len(row.answer) and index in row.present:
+        index += 1
+    return index

@@ -27,7 +27,7 @@ class Scheduler:
         self.lock = threading.Lock()
         self.ready: queue.Queue = queue.Queue()
         self.queued: set = set()          # dialogs in `ready`
-        self.working: set = set()            # dialogs a worker is on
+        self.working: set = set()         # dialogs a worker is on
         self.posting: set = set()         # dialogs whose answer the poster has
         self.rewake: set = set()          # woken while working or posting: woken again when let go
         self.delayed: list = []           # heap of (monotonic due, dialog)

@@ -30,6 +30,7 @@ class Settings:
         if self.take not in ("", "answer", "join", "off", "no"):
             raise bc.ConfigError("BRIDGE_TAKE=%s: expected answer (take queued dialogs) or join" % self.take)
         self.take = "" if self.take in ("off", "no") else self.take
+        self.once_patience = bc.env_number(env, "BRIDGE_ONCE_PATIENCE_SEC", 30, 0, 3600)   # --once: outage
         self.reply_batch = int(bc.env_number(env, "BRIDGE_REPLY_BATCH", 50, 1, bc.BATCH_MAX, integer=True))
 
 

@@ -36,7 +36,7 @@ class Row:
     """One message in flight (a row of ``inbox``)."""
 
     __slots__ = ("dialog", "message_id", "payload", "state", "answer", "posted", "handoff", "attempts",
-                 "first_try", "next_try", "error", "arrived")
+                 "first_try", "next_try", "error", "arrived", "present")
 
     def __init__(self, values: tuple):
         (self.dialog, self.message_id, payload, self.state, answer, self.posted, handoff, self.attempts,
@@ -44,6 +44,7 @@ class Row:
         self.payload = json.loads(payload)
         self.answer = json.loads(answer) if answer else []
         self.handoff = bool(handoff)
+        self.present: set = set()      # indexes of parts found in the dialog already (not saved: looked up again)
 
     @property
     def where(self) -> str:

@@ -368,3 +368,43 @@ class Internals(PortalCase):
         self.assertFalse(botlib.BotClient(loopback).insecure_remote)
 
 
+
+
+class HardenedReplays(BridgeCase):
+    dead_letters = Promises.dead_letters
+
+    def test_replay_posts_the_refused_part_and_answers_no_other_dialog(self) -> None:
+        chat, other = self.ids["lines_member"], self.ids["lines_member2"]
+        self.bot.raw = lambda text: (200, "application/json",
+                                     json.dumps({"replies": ["one " + text, "two", "three"]}).encode())
+        self.portal.fault("http400", count=1, method="im.message.add")      # the first part is refused
+        proc = self.start_bridge()
+        self.portal.customer_message(chat, "hi")
+        self.wait_for(lambda: "three" in self.texts(chat) and len(self.dead_letters()) == 1, what="a dead letter")
+        self.assertNotIn("one hi", self.texts(chat))
+        self.assertEqual(proc.stop(), 0)
+        self.portal.customer_message(other, "not now")
+        replay = self.run_script(BRIDGE, "--replay-dead", "--dialog", "chat%d" % chat, "--once",
+                                 env=self.bridge_env())
+        self.assertEqual(replay.returncode, 0, replay.stderr)
+        texts = self.texts(chat)
+        self.assertEqual([texts.count(t) for t in ("one hi", "two", "three")], [1, 1, 1], texts)
+        self.assertEqual(self.dead_letters(), [])
+        self.assertNotIn("not now", [r["payload"]["text"] for r in self.bot.received])
+
+    def test_a_400_on_the_poll_is_a_failed_round_not_an_exit(self) -> None:
+        chat = self.ids["lines_member"]
+        proc = self.start_bridge(B24_BACKOFF_MAX_SEC="1")
+        self.portal.fault("http400", count=1, method="batch")
+        self.portal.customer_message(chat, "after a 400")
+        self.wait_for(lambda: "Echo: after a 400" in self.texts(chat), 20, "the answer after a 400")
+        self.assertIsNone(proc.popen.poll())
+        self.assertEqual(proc.stop(), 0)
+
+    def test_once_gives_up_on_an_unreachable_portal(self) -> None:
+        self.server.stop()
+        started = time.monotonic()
+        proc = self.run_script(BRIDGE, "--once", env=self.bridge_env(BRIDGE_ONCE_PATIENCE_SEC="2",
+                                                                    B24_BACKOFF_MAX_SEC="1", B24_MAX_RETRIES="0"))
+        self.assertLess(time.monotonic() - started, 20)
+        self.assertOneLineError(proc, 1, "--once: the portal did not answer for 2 s")
