@@ -1646,6 +1646,7 @@ class Poller:
         self.cursors: dict = _TrackedDict()   # dialog_id -> last delivered (acked) message id
         self.fetched: dict = {}       # dialog_id -> last fetched message id (in memory)
         self.last_seen: dict = {}     # dialog_id -> last message id the recent list showed
+        self._said_behind = False     # warned that the portal is behind the saved cursors
         self.dialogs: dict = {}       # dialog_id -> DialogInfo
         self.watermark: float | None = None   # the portal's clock when the last completed scan began
         self.floor_id = 0             # new dialogs start after this id
@@ -1761,9 +1762,12 @@ class Poller:
         seen.add(did)
         if date is not None:
             self._newest = date if self._newest is None else max(self._newest, date)
+        mid = as_int(as_map(item.get("message")).get("id"))
+        cursor = self.cursors.get(did)
+        if mid and cursor is not None and mid < cursor:
+            self._behind(did, mid, cursor)
         info = self._learn_dialog(did, item)
         relevant = info.is_lines or not self.lines_only
-        mid = as_int(as_map(item.get("message")).get("id"))
         if full:
             changed[did] = item
             return False, date, queued
@@ -1783,6 +1787,22 @@ class Poller:
         else:
             self.last_seen[did] = mid
         return False, date, queued
+
+    def _behind(self, did: str, mid: int, cursor: int) -> None:
+        """The portal's dialog ends before our cursor: the saved state was written against another portal
+        (a new emulator on the same address, a portal restored from a backup).  Follow the portal: the
+        dialog is taken as first seen -- what was written since the last scan is delivered, the rest is
+        history."""
+        if not self._said_behind:
+            log.warning("%s ends at message %d, but the saved state has read it up to %d: the state was "
+                        "written against another portal (or this one was restored from a backup) -- following "
+                        "the portal from here, in this dialog and any other like it", display_dialog_id(did),
+                        mid, cursor)
+            self._said_behind = True
+        else:
+            log.debug("%s: the portal is behind the saved state (%d < %d); following it", display_dialog_id(did),
+                      mid, cursor)
+        self.forget(did)
 
     def _scan(self, full: bool) -> tuple:
         """Find changed dialogs; return ``({dialog: recent item}, the scan's watermark)``.

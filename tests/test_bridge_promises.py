@@ -408,3 +408,25 @@ class HardenedReplays(BridgeCase):
                                                                     B24_BACKOFF_MAX_SEC="1", B24_MAX_RETRIES="0"))
         self.assertLess(time.monotonic() - started, 20)
         self.assertOneLineError(proc, 1, "--once: the portal did not answer for 2 s")
+
+
+class AnotherPortal(BridgeCase):
+    def test_cursors_of_another_portal_are_not_trusted(self) -> None:
+        import mock_b24_portal as mp
+        chat = self.ids["lines_member"]
+        proc = self.start_bridge()
+        for n in range(8):                       # the first portal's dialog moves well ahead
+            self.portal.customer_message(chat, "first portal %d" % n)
+        self.wait_for(lambda: "Echo: first portal 7" in self.texts(chat), what="the first portal's answers")
+        self.assertEqual(proc.stop(), 0)
+        # a new emulator on another port of the same host, same user: the README's later walkthroughs
+        other = mp.serve()
+        self.addCleanup(other.stop)
+        env = self.bridge_env(B24_WEBHOOK_BASE=other.webhook_base)
+        proc = self.start_script(BRIDGE, env=env)
+        self.assertTrue(proc.wait_stderr("bridging Open Lines", 20), proc.all_output())
+        other.portal.customer_message(chat, "hello from the second portal")
+        texts = lambda: [m["text"] for m in other.portal.chat_messages(chat)]     # noqa: E731
+        self.wait_for(lambda: "Echo: hello from the second portal" in texts(), 20, "the second portal's answer")
+        self.assertTrue(proc.wait_stderr("written against another portal", 5), proc.all_output())
+        self.assertEqual(proc.stop(), 0)
