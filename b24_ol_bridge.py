@@ -37,7 +37,8 @@ import shutil
 import signal
 import sys
 import tempfile
-from typing import Any
+import time
+from typing import Any, Mapping
 
 import b24common as bc
 from olbridge import chatbot
@@ -80,6 +81,11 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument("--reset-state", action="store_true",
                         help="start over from now: the state database is moved aside (kept as "
                              "bridge.db.reset-TIME), then the bridge runs")
+    parser.add_argument("--paused", action="store_true",
+                        help="list the dialogs the bot stays out of (a person wrote there, or the bot handed "
+                             "over), then exit")
+    parser.add_argument("--resume", metavar="chatN",
+                        help="let the bot answer in this dialog again (lift its pause or hand-over), then exit")
     parser.add_argument("--once", action="store_true",
                         help="one poll cycle, handle what is ready, exit (retries wait for the next run)")
     parser.add_argument("--demo", action="store_true",
@@ -97,11 +103,12 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
         parser.error("--register-bot and --unregister-bot: one at a time")
     if args.dialog and not args.replay_dead:
         parser.error("--dialog goes with --replay-dead")
-    if args.dialog:
-        try:
-            args.dialog = bc.parse_dialog_id(args.dialog)
-        except bc.UsageError as exc:
-            parser.error("--dialog: %s" % exc)
+    for name in ("dialog", "resume"):
+        if getattr(args, name):
+            try:
+                setattr(args, name, bc.parse_dialog_id(getattr(args, name)))
+            except bc.UsageError as exc:
+                parser.error("--%s: %s" % (name, exc))
     return args
 
 
@@ -127,7 +134,7 @@ def check(args: argparse.Namespace) -> int:
         doctor.ok("bridge settings: retry for %g h, replies up to %d characters%s" % (
             settings.retry_hours, settings.max_chars,
             ", health on %s:%d" % settings.http_listen if settings.http_listen else ""))
-        paths = StatePaths(args, cfg, environ)
+        paths = StatePaths(args, environ)
         doctor.state_dir(os.path.dirname(os.path.abspath(paths.db)))
         try:
             reg = chatbot.load_chat_bot(paths.folder, cfg.portal_host)
@@ -193,7 +200,7 @@ def run_bridge(args: argparse.Namespace, environ: dict, demo: bool) -> int:
     cfg = bc.Config.from_env(environ, require_bot=True)
     settings = Settings(environ)
     client = bc.Client(cfg)
-    paths = StatePaths(args, cfg, environ)
+    paths = StatePaths(args, environ)
     bc.private_folder(os.path.dirname(os.path.abspath(paths.db)))
     if args.register_bot or args.unregister_bot:
         return chatbot.bot_command(args, client, paths.folder, environ)
@@ -245,6 +252,37 @@ def run_bridge(args: argparse.Namespace, environ: dict, demo: bool) -> int:
         lock.release()
 
 
+def pause_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """``--paused`` / ``--resume chatN``: read or change the state database (a running bridge is told)."""
+    paths = StatePaths(args, environ)
+    if not os.path.exists(paths.db):
+        raise bc.ConfigError("%s: no state database here (the bridge has not run with this --state / "
+                             "B24_STATE_DIR)" % paths.db)
+    store = Store(paths.db)
+    if args.resume:
+        if not store.resume(args.resume):
+            print("%s: the bot is not paused there" % bc.display_dialog_id(args.resume))
+            return bc.EXIT_OK
+        holder = InstanceLock(paths.lock).holder()
+        if holder:
+            os.kill(holder, signal.SIGHUP)          # the running bridge takes it from the store
+        print("%s: the bot answers again%s" % (bc.display_dialog_id(args.resume),
+                                              " (told the running bridge, pid %d)" % holder if holder else ""))
+        return bc.EXIT_OK
+    paused, handed = store.pauses()
+    now = time.time()
+    rows = sorted(set(d for d, (until, _s, _h) in paused.items() if until > now) | set(handed))
+    for dialog in rows:
+        until = paused.get(dialog, (0, 0, 0))[0]
+        why = ["a person wrote; paused until %s" % time.strftime("%Y-%m-%d %H:%M", time.localtime(until))
+               ] if until > now else []
+        why += ["handed over to a person (session %s)" % handed[dialog]] if dialog in handed else []
+        print("%-12s %s" % (bc.display_dialog_id(dialog), "; ".join(why)))
+    if not rows:
+        print("the bot is paused in no dialog")
+    return bc.EXIT_OK
+
+
 def main(argv: list | None = None) -> int:
     args = _parse_args(argv)
     bc.setup_logging(-1 if args.quiet else args.verbose, json_lines=args.log_json)
@@ -252,6 +290,10 @@ def main(argv: list | None = None) -> int:
     def body() -> int:
         if args.check:
             return check(args)
+        if args.paused or args.resume:
+            environ = dict(os.environ)
+            bc.apply_env_file(args, environ)
+            return pause_command(args, environ)
         environ, demo = bc.environment_or_demo(args)
         servers, scratch = start_demo(environ, args) if demo else ([], None)
         try:

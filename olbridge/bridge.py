@@ -32,8 +32,8 @@ PRUNE_EVERY_SEC = 3600.0    # how often dialogs idle for BRIDGE_FORGET_DAYS are 
 class StatePaths:
     """Where this bridge keeps its state: the folder, the database, and the files named after it."""
 
-    def __init__(self, args: argparse.Namespace, cfg: bc.Config, environ: Mapping[str, str]):
-        self.folder = cfg.state_dir or bc.default_state_dir(environ)
+    def __init__(self, args: argparse.Namespace, environ: Mapping[str, str]):
+        self.folder = bc.default_state_dir(environ)
         self.db = args.state or os.path.join(self.folder, "bridge.db")
         self.base = self.db[:-3] if self.db.endswith(".db") else self.db
         self.explicit = bool(args.state)
@@ -322,6 +322,15 @@ class Bridge:
                [('{dialog="%s"}' % bc.display_dialog_id(d), n) for d, n in sorted(backlog.items())])
         metric(out, "b24_bridge_backlog_messages", "gauge", "Messages in flight, all dialogs.",
                [("", sum(backlog.values()))])
+        with self.pauses.lock:
+            now = time.time()
+            paused = sum(1 for until, _s, _h in self.pauses.pauses.values() if until > now)
+            handed = len(self.pauses.handed)
+        metric(out, "b24_bridge_paused_total", "counter", "Customer messages not forwarded: a person wrote "
+               "in the dialog, or the bot handed it over.", [("", stats["paused"])])
+        metric(out, "b24_bridge_paused_dialogs", "gauge", "Dialogs the bot stays out of now (b24_ol_bridge.py "
+               "--paused lists them, --resume lifts one).", [('{why="person wrote"}', paused),
+                                                            ('{why="handed over"}', handed)])
         metric(out, "b24_bridge_portal_requests_total", "counter", "HTTP requests made to the portal.",
                [("", self.client.requests)])
         metric(out, "b24_bridge_portal_limit_hits_total", "counter", "Portal answers refused by a rate limit.",
@@ -355,6 +364,11 @@ class Bridge:
             if changed:
                 log.warning("reload: %s changed -- that needs a restart; the rest is applied", what)
         self.asker.use_bots(cfg, bot)
+        if not settings.human_pause_min and self.pauses.pauses:
+            lifted = self.shared.store.resume() if self.commit() else 0
+            log.info("reload: BRIDGE_HUMAN_PAUSE_MIN=0 -- the bot is back in %d paused dialog(s)", lifted)
+        if self.commit():            # pauses lifted with --resume meanwhile are in the store
+            self.pauses.load(*self.shared.store.pauses())
         self.asker.take = "answer" if getattr(self.args, "take", False) else settings.take
         self.shared.settings = settings
         self.interval = self.args.interval or cfg.poll_sec

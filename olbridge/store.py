@@ -207,6 +207,14 @@ class Store:
     def set_handed_off(self, dialog: str, session: int) -> None:
         self._tx([("UPDATE dialogs SET handed_off = ? WHERE dialog = ?", (session, dialog))])
 
+    def resume(self, dialog: str | None = None) -> int:
+        """Lift the pause and the hand-over of *dialog* (of every dialog: None); how many were lifted."""
+        sql = ("UPDATE dialogs SET paused_until = 0, paused_session = 0, handed_off = 0 "
+               "WHERE (paused_until > 0 OR handed_off > 0)")
+        before = self.db.total_changes
+        self._tx([(sql + " AND dialog = ?", (dialog,)) if dialog else (sql, ())])
+        return self.db.total_changes - before
+
     def waiting_rows(self, dialog: str) -> list:
         """Every message of *dialog* the bot has not been asked about yet, oldest first."""
         return [Row(r) for r in self.db.execute(
@@ -301,6 +309,20 @@ class InstanceLock:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
+
+    def holder(self) -> int:
+        """The pid of the bridge holding this lock now (0: none)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return 0
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return 0                              # nobody holds it
+        except OSError:
+            return bc.as_int(os.read(fd, 32).decode("ascii", "replace").strip())
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         if self.fd is not None:

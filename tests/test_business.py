@@ -3,8 +3,11 @@ debounced bursts, the payload contract, taking or joining, and replies in batche
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
+import urllib.request
 
 import mock_bot_server
 import olbridge.bot as botlib
@@ -195,3 +198,52 @@ class MockBot(BridgeHarness):
 
 
 
+
+
+class PausesInSight(BridgeHarness):
+    echoes = Business.echoes
+
+    """The human-takeover pause can be seen (metrics, --paused) and lifted (--resume, a reload with 0)."""
+
+    def test_paused_dialogs_are_listed_counted_and_resumed(self) -> None:
+        from tests.test_push import free_port
+        chat = self.ids["lines_member"]
+        health = free_port()
+        proc = self.start_bridge(BRIDGE_HTTP_LISTEN=str(health))
+        self.portal.operator_message(chat, 9, "Pavel here")
+        self.portal.customer_message(chat, "thanks Pavel")
+        self.assertTrue(proc.wait_stderr("a person wrote in this dialog; the bot pauses", 10), proc.all_output())
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                "http://127.0.0.1:%d/metrics" % health, timeout=10) as resp:
+            metrics = resp.read().decode()
+        self.assertIn('b24_bridge_paused_dialogs{why="person wrote"} 1', metrics)
+        self.assertIn("b24_bridge_paused_total 1", metrics)
+        listed = self.run_script(BRIDGE, "--paused", env=self.bridge_env())
+        self.assertEqual(listed.returncode, 0, listed.stderr)
+        self.assertIn("chat%d" % chat, listed.stdout)
+        self.assertIn("a person wrote; paused until", listed.stdout)
+        resumed = self.run_script(BRIDGE, "--resume", "chat%d" % chat, env=self.bridge_env())
+        self.assertEqual(resumed.returncode, 0, resumed.stderr)
+        self.assertIn("the bot answers again (told the running bridge", resumed.stdout)
+        time.sleep(1.5)
+        self.portal.customer_message(chat, "and now the bot?")
+        self.wait_for(lambda: "Echo: and now the bot?" in self.echoes(chat), 15, "the bot back after --resume")
+        self.assertIn("the bot is paused in no dialog", self.run_script(BRIDGE, "--paused", env=self.bridge_env()).stdout)
+        self.assertEqual(proc.stop(), 0)
+
+    def test_a_reload_with_the_pause_set_to_zero_lifts_the_pauses(self) -> None:
+        chat = self.ids["lines_member"]
+        env_file = os.path.join(self.tmp, "bridge.env")
+        with open(env_file, "w") as fh:
+            fh.write("BRIDGE_HUMAN_PAUSE_MIN=30\n")
+        proc = self.start_bridge("--env-file", env_file)
+        self.portal.operator_message(chat, 9, "Pavel here")
+        self.portal.customer_message(chat, "thanks Pavel")
+        self.assertTrue(proc.wait_stderr("a person wrote in this dialog; the bot pauses", 10), proc.all_output())
+        with open(env_file, "w") as fh:
+            fh.write("BRIDGE_HUMAN_PAUSE_MIN=0\n")
+        proc.popen.send_signal(signal.SIGHUP)
+        self.assertTrue(proc.wait_stderr("the bot is back in 1 paused dialog", 10), proc.all_output())
+        self.portal.customer_message(chat, "bot again?")
+        self.wait_for(lambda: "Echo: bot again?" in self.echoes(chat), 15, "the bot back after the reload")
+        self.assertEqual(proc.stop(), 0)
