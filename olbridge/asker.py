@@ -148,7 +148,8 @@ class Asker:
             bc.take_dialog(sh.client, row.dialog, self.take)
             log.info("%s: %s the dialog from the queue to answer it", row.where,
                      "joined" if self.take == "join" else "took")
-            row.payload["waiting"] = False
+            row.payload.update(waiting=False, taken=True)      # taken once: a retry does not take it again
+            sh.store.update(row, payload=row.payload)
         except bc.TRANSIENT as exc:
             if not sh.retry_later(row, "could not take the dialog yet (%s)" % exc):
                 sh.bury(row, "could not take the dialog: %s" % exc, "bot")
@@ -198,6 +199,7 @@ class Asker:
         sh = self.shared
         payload = dict(row.payload, attempt=row.attempts + 1)
         payload.pop("waiting", None)
+        payload.pop("taken", None)
         started = time.monotonic()
         sh.stats["forwarded"] += 1
         sh.live.beat("asking the bot about %s" % row.where)
@@ -211,11 +213,34 @@ class Asker:
                        if not exc.retryable else "the bot did not answer for %g hours: %s"
                        % (sh.settings.retry_hours, exc))
                 sh.bury(row, why, "bot")
+            elif row.payload.get("taken") and time.time() - row.first_try >= sh.settings.handback_min * 60:
+                self._hand_back(row, exc)
             return None, 0.0
         sh.live.beat("handling %s" % row.where)
         took = time.monotonic() - started
         sh.latency.add(took)
         return answer, took
+
+    def _hand_back(self, row: Row, exc: Exception) -> None:
+        """The bot stays down, and the bridge took this dialog from the queue: the customer goes back to the
+        line's queue (with BRIDGE_FALLBACK_TEXT, once), where a person can answer; the bot stays out of
+        this session, and the message is kept in the dead letters."""
+        sh = self.shared
+        minutes = (time.time() - row.first_try) / 60
+        line = row.payload.get("line_id")
+        sh.bury(row, "the bot was down for %.0f min (%s): handed back to the queue of line %s" % (
+            minutes, exc, line), "bot")              # the fallback text goes with it
+        self.pauses.hand_over(row)
+        sh.store.set_handed_off(row.dialog, row.payload.get("session_id") or 0)
+        if not line or not row.dialog.startswith("chat"):
+            return
+        try:
+            sh.client.call("imopenlines.operator.transfer", {"CHAT_ID": int(row.dialog[4:]),
+                                                              "TRANSFER_ID": "queue%d" % line}, write=True)
+            log.warning("%s: the bot has been down for %.0f min: the dialog went back to the queue of line %s "
+                        "(BRIDGE_OUTAGE_HANDBACK_MIN)", row.where, minutes, line)
+        except bc.B24Error as exc2:
+            log.error("%s: could not hand the dialog back to the queue: %s", row.where, bc.format_error(exc2))
 
     def _parts(self, row: Row, texts: list) -> list:
         """The answer's texts as messages of at most BRIDGE_MAX_REPLY_CHARS, at most MAX_PARTS of them."""

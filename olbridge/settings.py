@@ -31,6 +31,9 @@ class Settings:
             raise bc.ConfigError("BRIDGE_TAKE=%s: expected answer (take queued dialogs) or join" % self.take)
         self.take = "" if self.take in ("off", "no") else self.take
         self.once_patience = bc.env_number(env, "BRIDGE_ONCE_PATIENCE_SEC", 30, 0, 3600)   # --once: outage
+        # a dialog the bridge took from the queue goes back to it (with the fallback text) when the bot
+        # stays down this long: the customer must not wait outside every queue
+        self.handback_min = bc.env_number(env, "BRIDGE_OUTAGE_HANDBACK_MIN", 5, 0, 7 * 24 * 60)
         self.reply_batch = int(bc.env_number(env, "BRIDGE_REPLY_BATCH", 50, 1, bc.BATCH_MAX, integer=True))
 
 

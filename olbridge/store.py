@@ -251,7 +251,7 @@ class Store:
         for k, v in fields.items():
             setattr(row, k, v)
         cols = ", ".join("%s = ?" % k for k in fields)
-        values = [json.dumps(v, ensure_ascii=False) if k == "answer" else v for k, v in fields.items()]
+        values = [json.dumps(v, ensure_ascii=False) if k in ("answer", "payload") else v for k, v in fields.items()]
         self._tx([("UPDATE inbox SET %s WHERE dialog = ? AND message_id = ?" % cols,
                    values + [row.dialog, row.message_id])])
 

@@ -247,3 +247,23 @@ class PausesInSight(BridgeHarness):
         self.portal.customer_message(chat, "bot again?")
         self.wait_for(lambda: "Echo: bot again?" in self.echoes(chat), 15, "the bot back after the reload")
         self.assertEqual(proc.stop(), 0)
+
+
+class TakeWithTheBotDown(BridgeHarness):
+    def test_taken_once_and_handed_back_to_the_queue_during_an_outage(self) -> None:
+        chat = self.ids["queued"]
+        self.bot.stop()                                   # the bot is down all along
+        proc = self.start_bridge("--take", BRIDGE_OUTAGE_HANDBACK_MIN="0.05", BRIDGE_RETRY_FIRST_SEC="0.3",
+                                 BRIDGE_FALLBACK_TEXT="A person will answer you soon.")
+        self.portal.customer_message(chat, "is anybody there?")
+        self.assertTrue(proc.wait_stderr("went back to the queue", 20), proc.all_output())
+        texts = [m["text"] for m in self.portal.chat_messages(chat)]
+        self.assertEqual(sum(1 for t in texts if t.endswith("took the conversation")), 1, texts)
+        self.assertEqual(texts.count("A person will answer you soon."), 1, texts)
+        self.assertTrue(any("transferred to the queue" in t for t in texts), texts)
+        self.assertTrue(self.portal.in_queue_for(self.portal.chats[chat], 7), "waits in the queue again")
+        self.portal.customer_message(chat, "hello?")           # the bot stays out of this session
+        time.sleep(1.5)
+        texts = [m["text"] for m in self.portal.chat_messages(chat)]
+        self.assertEqual(sum(1 for t in texts if t.endswith("took the conversation")), 1, texts)
+        self.assertEqual(proc.stop(), 0)
