@@ -204,6 +204,8 @@ def run_bridge(args: argparse.Namespace, environ: dict, demo: bool) -> int:
     bc.private_folder(os.path.dirname(os.path.abspath(paths.db)))
     if args.register_bot or args.unregister_bot:
         return chatbot.bot_command(args, client, paths.folder, environ)
+    log.info("b24_ol_bridge %s: settings from %s; state in %s", bc.VERSION,
+             getattr(args, "env_file_used", None) or "the environment", paths.db)
     lock = InstanceLock(paths.lock)
     lock.acquire()
     if args.reset_state:

@@ -90,7 +90,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-VERSION = "0.3.0"
+VERSION = "0.4.0"
 
 # Exit codes shared by every script.
 EXIT_OK = 0
@@ -2592,6 +2592,7 @@ def environment_or_demo(args: argparse.Namespace) -> tuple:
     if getattr(args, "demo", False):
         return environ, True
     env_file = apply_env_file(args, environ)
+    args.env_file_used = env_file          # said at start: which file the settings came from
     if environ.get("B24_WEBHOOK_BASE", "").strip():
         return environ, False
     near = sorted(k for k in environ if k.startswith("B24_WEBHOOK") or k.startswith("B24_WEB_HOOK"))

@@ -159,3 +159,10 @@ class Receiver(QuietWorld):
         self.assertLessEqual(len(refusals), 2, refusals)
         self.assertNotIn("ERROR", out)
         self.assertEqual(proc.stop(), 0)
+
+    def test_the_troubleshooting_curl_gets_401_and_the_start_names_its_files(self) -> None:
+        proc, port, _token = self.start()
+        self.assertEqual(post(port, b"event=PING")[0], 401)          # README: curl -X POST -d event=PING
+        line = next(ln for ln in proc.stderr_lines if "settings from" in ln)
+        self.assertIn("state in %s" % os.path.join(self.tmp, "state", "bridge.db"), line)
+        self.assertEqual(proc.stop(), 0)
