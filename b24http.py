@@ -76,11 +76,11 @@ class GuardedHTTPServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple, handler: Any, logger: logging.Logger):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, handler)
         self.said = SaidOnce(logger)
         self._open: dict = {}          # socket -> [monotonic start, request complete]
         self._guard = threading.Lock()
         self._closing = threading.Event()
+        super().__init__(address, handler)          # binds (and closes itself again if it cannot)
         threading.Thread(target=self._reap, name="http-deadline", daemon=True).start()
 
     # -- the bound ------------------------------------------------------------------------

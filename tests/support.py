@@ -29,6 +29,25 @@ for _name in ("b24common", "b24push"):
 
 PY = sys.executable
 
+# Ports a test picks and binds later (a listener a script opens, an emulator brought back after an outage)
+# come from below the kernel's ephemeral range: tests side by side open thousands of client connections,
+# whose local ports come from that range and could take a port between the pick and the bind.
+_PORTS = range(20000, 32000)
+_port_rng = __import__("random").SystemRandom()     # not a seeded one: workers are forked
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now, outside the ephemeral range."""
+    import socket
+    while True:
+        port = _port_rng.choice(_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
 
 def script(name: str) -> str:
     return os.path.join(ROOT, name)
@@ -40,7 +59,7 @@ class PortalCase(unittest.TestCase):
     poll_sec = "0.3"
 
     def setUp(self) -> None:
-        self.server = mp.serve()
+        self.server = mp.serve(free_port())
         self.portal: mp.Portal = self.server.portal
         self.ids = self.portal.world_ids
         self.tmp = tempfile.mkdtemp(prefix="b24test-")

@@ -105,16 +105,16 @@ class Receiver(QuietWorld):
         self.addCleanup(stop.set)
         self.addCleanup(lambda: [s.close() for s in held])
         for target in (port, health):
-            for _ in range(200):                       # idle: connect, say nothing
+            for _ in range(500):                       # idle: connect, say nothing
                 held.append(socket.create_connection(("127.0.0.1", target), timeout=5))
-            for _ in range(200):                       # trickling: a byte now and then
+            for _ in range(500):                       # trickling: a byte now and then
                 s = socket.create_connection(("127.0.0.1", target), timeout=5)
                 s.sendall(b"P" if target == port else b"G")
                 held.append(s)
 
         def trickle() -> None:
             while not stop.wait(0.5):
-                for s in held[200:400] + held[600:800]:
+                for s in held[500:1000] + held[1500:2000]:
                     try:
                         s.send(b"O")
                     except OSError:

@@ -15,16 +15,11 @@ import unittest
 import urllib.error
 import urllib.request
 
-from tests.support import ROOT, mp, script
+from tests.support import ROOT, free_port, mp, script
 from tests.test_bridge import BRIDGE, BridgeHarness
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Notify:

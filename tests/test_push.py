@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import sqlite3
 import threading
 import time
@@ -20,16 +19,11 @@ import urllib.request
 
 import b24common as bc
 import b24push as push
-from tests.support import PortalCase
+from tests.support import PortalCase, free_port
 from tests.test_bridge import BridgeHarness
 
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(port: int, body: bytes, *, ctype: str = "application/x-www-form-urlencoded", path: str = "/b24",
