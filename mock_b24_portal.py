@@ -42,6 +42,11 @@ name, usable directly from Python::
                                       -> {"id": 971, "application_token": "..."}  (as made in the UI)
     POST /_control/line_bot           {"line_id": 3, "bot_id": 2051}   (the line's chat bot, as in its settings)
     GET  /_control/push_stats         POST deliveries sent / failed / dropped
+    POST /_control/delivery           {"chat_id": 1771, "mode": "fail", "reason": "..."}  (deliver | fail | stuck;
+                                      "delay": connector answer time, "timeout": the 300 s rule)
+    POST /_control/window             {"chat_id": 1771, "close": true, "reason": "expired"}  (or "opted_out")
+    POST /_control/delete_message     {"message_id": 88213}      (the customer deleted it)
+    POST /_control/edit_message       {"message_id": 88213, "text": "..."}
 
 The code is laid out like the portal it imitates: ``b24emu/world.py`` is
 the world, and each REST namespace has its own module there (``im_recent``,
@@ -81,6 +86,7 @@ _CONTROL = {  # endpoint -> (Portal method, HTTP verbs)
     "add_line": "add_line", "forget_uuids": "forget_uuids",
     "outgoing_webhook": "outgoing_webhook", "drop_outgoing_webhook": "drop_outgoing_webhook",
     "line_bot": "line_bot", "push_stats": "push_stats",
+    "delivery": "delivery", "window": "window", "delete_message": "delete_message", "edit_message": "edit_message",
 }
 
 

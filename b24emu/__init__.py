@@ -8,6 +8,7 @@ limits).  :class:`Portal` puts them together.
 from __future__ import annotations
 
 from .batch import Batch
+from .delivery import Delivery
 from .dispatch import Dispatch
 from .event import EventMethods
 from .im_dialog import ImDialog
@@ -19,7 +20,8 @@ from .imopenlines import Imopenlines
 from .ns_user import UserMethods
 from .world import World
 
-NAMESPACES = (UserMethods, ImRecent, ImDialog, ImMessage, Imopenlines, Imbot, ImV2Event, EventMethods, Batch)
+NAMESPACES = (UserMethods, ImRecent, ImDialog, ImMessage, Imopenlines, Imbot, ImV2Event, EventMethods, Batch,
+              Delivery)
 
 
 class Portal(*NAMESPACES, Dispatch, World):  # type: ignore[misc]

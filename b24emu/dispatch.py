@@ -89,6 +89,7 @@ class Dispatch:
             if method.endswith(suffix):
                 method = method[:-len(suffix)]
         with self.lock:
+            self.tick()
             try:
                 self._take_token(ip)
                 if method not in self.METHODS:

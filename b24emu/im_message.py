@@ -69,10 +69,8 @@ class ImMessage:
         if len(text) > 20000:
             text = text[:20000] + " (...)"
         author = 0 if _yes(p.get("SYSTEM")) else uid
-        params = {}
-        if chat["type"] == "lines" and author and not _yes(p.get("SKIP_CONNECTOR")):
-            params = {"SENDING": "Y", "SENDING_TS": int(self.clock())}
-        msg = self._post(chat, author, text, params=params, uuid=template)
+        # the connector hand-off and its marks: b24emu/delivery.py (fact sheet §13)
+        msg = self._post(chat, author, text, uuid=template, skip_connector=_yes(p.get("SKIP_CONNECTOR")))
         if template:
             self.uuids[template] = {"mid": msg["id"], "at": self.clock()}
         if author:

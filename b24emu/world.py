@@ -151,6 +151,7 @@ class World:
         # what other parts of the portal watch: hook(kind, chat, info) on "message", "join",
         # "session_start", "session_finish" -- the event machinery hangs here (see event.py)
         self.hooks: list = []
+        self.ticks: list = [self._apply_rows]   # time-driven changes, applied before each request is served
         self.drop_events = 0              # the next N im.v2 events are not recorded (lost on purpose)
         self.drop_push = 0                # the next N POST deliveries are lost on purpose
         self.push_delay = 0.05            # the queue server's delay before a POST goes out
@@ -205,13 +206,19 @@ class World:
         for hook in self.hooks:
             hook(kind, chat, info)
 
+    def tick(self) -> None:
+        """Apply what time has brought (late recent rows, connector answers); under the lock."""
+        for step in self.ticks:
+            step()
+
     def _post(self, chat: dict, author: int, text: str, *, params: Any = None, uuid: str | None = None,
-              when: float | None = None) -> dict:
+              when: float | None = None, system: bool = False, skip_connector: bool = False) -> dict:
         self.next_message_id += 1 if self.rng.random() < 0.7 else self.rng.randint(2, 6)
         mid = self.next_message_id
         ts = self.clock() if when is None else when
         msg = {"id": mid, "chat_id": chat["id"], "author_id": author, "date": ts, "text": text,
-               "params": params or {}, "uuid": uuid}
+               "params": params or {}, "uuid": uuid, "system": system or not author,
+               "skip_connector": skip_connector}
         self.messages[mid] = msg
         chat["message_ids"].append(mid)
         if self.row_lag > 0 and when is None:
@@ -476,6 +483,7 @@ class World:
     def chat_messages(self, chat_id: int) -> list:
         """Every message of a chat, oldest first (including what the API posted)."""
         with self.lock:
+            self.tick()
             chat = self._chat(chat_id)
             return [self._message_out(self.messages[i]) for i in chat["message_ids"]]
 
@@ -627,7 +635,8 @@ class World:
     def _entity_data_1(self, chat: dict) -> str:
         sid = chat["session_id"]
         created = int(self.sessions[sid]["created"]) if sid in self.sessions else 0
-        return "Y|LEAD|%d|N|N|%d|%d|%d|0|" % (chat["crm_lead"], sid, created, chat["line_id"] or 0)
+        return "Y|LEAD|%d|N|N|%d|%d|%d|%d|%s" % (chat["crm_lead"], sid, created, chat["line_id"] or 0,
+                                                 chat.get("block_date") or 0, chat.get("block_reason") or "")
 
     def _chat_title(self, chat: dict, viewer: int) -> str:
         if chat["type"] == "private":
