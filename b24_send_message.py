@@ -8,9 +8,12 @@ Usage examples::
     echo "multi\\nline" | python3 b24_send_message.py chat1771 -
     python3 b24_send_message.py user9 "private note" --json
 
-Prints the new message id (one per line when a long text was split).
-Exit codes: 0 sent, 1 the portal or network refused, 2 usage or configuration
-mistake, 130 interrupted.
+Prints the new message id (one per line when a long text was split).  Into a
+WhatsApp dialog whose 24-hour window is closed nothing is sent (``--force``
+sends anyway); ``--wait-delivered`` waits for the portal's verdict and prints it.
+Exit codes: 0 sent (or delivered), 1 the portal or network refused, 2 usage or
+configuration mistake, 4 not delivered (or refused: the window is closed),
+5 unconfirmed, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -18,9 +21,11 @@ import argparse
 import json
 import signal
 import sys
+import time
 from typing import Any, TextIO
 
 import b24common as bc
+import b24delivery as delivery
 
 
 def _parse_args(argv: list | None) -> argparse.Namespace:
@@ -40,6 +45,13 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
                         help="the message; '-' or nothing (with piped input) reads stdin")
     parser.add_argument("--json", action="store_true",
                         help="print {\"dialog_id\", \"message_id\", \"message_ids\"} as JSON")
+    parser.add_argument("--wait-delivered", nargs="?", type=float, const=0.0, default=None, metavar="SEC",
+                        help="wait for the portal's verdict (default B24_DELIVERY_WAIT_SEC, 300 s) and print it: "
+                             "delivered, not delivered: REASON, unconfirmed, or sent (no delivery reports); "
+                             "exit 4 not delivered, 5 unconfirmed")
+    parser.add_argument("--force", action="store_true",
+                        help="send even when the WhatsApp 24-hour window is closed (the portal will then "
+                             "report it not delivered)")
     parser.add_argument("--take", action="store_true",
                         help="if the dialog waits in your Open Lines queue, take it first "
                              "(imopenlines.operator.answer), then send")
@@ -49,7 +61,52 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
         parser.error("the following arguments are required: DIALOG")
     if args.json and args.quiet:
         parser.error("--json and --quiet contradict each other")
+    if args.wait_delivered is not None and not 0 <= args.wait_delivered <= 86400:
+        parser.error("--wait-delivered: expected seconds from 1 to 86400")
     return args
+
+
+def check_window(client: bc.Client, dialog_id: str, force: bool) -> str:
+    """Before sending into an Open Lines dialog: its connector ("" if unknown), after making sure its
+    WhatsApp reply window is open -- a closed one refuses the send (exit 4) unless *force*."""
+    if not dialog_id.startswith("chat"):
+        return ""
+    try:
+        chat = bc.as_map(client.call("im.dialog.get", {"DIALOG_ID": dialog_id}))
+    except bc.APIError:
+        return ""                  # no access to read it: the send will say what is wrong
+    window = delivery.window_of(chat)
+    if window.closed() and not force:
+        err = bc.B24Error("%s: the WhatsApp window is closed since %s (portal time, %s): nothing sent -- the "
+                          "customer must write first (--force sends anyway; it will not be delivered)" % (
+                              bc.display_dialog_id(dialog_id),
+                              time.strftime("%Y-%m-%d %H:%M", time.localtime(window.closes_at)), window.why()))
+        err.exit_code = bc.EXIT_NOT_DELIVERED
+        raise err
+    return delivery.connector_of(chat)
+
+
+def wait_delivered(client: bc.Client, dialog_id: str, ids: list, connector: str, seconds: float) -> list:
+    """The verdict on each sent part (``sent`` at once where the chat's connector reports nothing)."""
+    if connector in ("",) + delivery.NO_REPORTS:
+        return [delivery.Verdict(dialog_id, i, delivery.SENT) for i in ids]
+    watch = delivery.DeliveryWatch(client, wait=seconds or client.config.delivery_wait)
+    for i in ids:
+        watch.add(dialog_id, i)
+    verdicts: list = []
+    while watch.busy():
+        verdicts.extend(watch.check())
+        if watch.busy():
+            time.sleep(min(client.config.poll_sec, 1.0))
+    return sorted(verdicts, key=lambda v: v.message_id)
+
+
+def verdict_code(verdicts: list) -> tuple:
+    """``(exit code, the worst verdict)`` of the parts."""
+    rank = {delivery.FAILED: 3, delivery.REFUSED: 3, delivery.UNCONFIRMED: 2, delivery.SENT: 1, delivery.DELIVERED: 0}
+    worst = max(verdicts, key=lambda v: rank[v.status])
+    code = {3: bc.EXIT_NOT_DELIVERED, 2: bc.EXIT_UNCONFIRMED}.get(rank[worst.status], bc.EXIT_OK)
+    return code, worst
 
 
 def read_text(args: argparse.Namespace, stdin: TextIO) -> str:
@@ -162,19 +219,35 @@ def main(argv: list | None = None, stdin: TextIO | None = None, out: TextIO | No
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
         try:
+            connector = check_window(client, dialog_id, args.force)
+        except bc.B24Error as exc:
+            if args.json and exc.exit_code == bc.EXIT_NOT_DELIVERED:
+                out.write(json.dumps({"dialog_id": bc.display_dialog_id(dialog_id), "message_ids": [],
+                                      "message_id": None, "delivery": delivery.REFUSED, "reason": str(exc)}) + "\n")
+                out.flush()
+            raise
+        try:
             ids = send_all(client, dialog_id, parts, args.take, stop)
         except Interrupted as exc:
             if exc.ids and not args.quiet:
                 out.write("".join("%d\n" % i for i in exc.ids))
                 out.flush()
             raise
-        if args.json:
-            out.write(json.dumps({"dialog_id": bc.display_dialog_id(dialog_id),
-                                  "message_ids": ids, "message_id": ids[0]}) + "\n")
-        elif not args.quiet:
+        code, worst = bc.EXIT_OK, None
+        if not args.json and not args.quiet:
             out.write("".join("%d\n" % i for i in ids))
+            out.flush()
+        if args.wait_delivered is not None:
+            code, worst = verdict_code(wait_delivered(client, dialog_id, ids, connector, args.wait_delivered))
+            if not args.json and not args.quiet:
+                out.write(worst.describe() + "\n")
+        if args.json:
+            doc = {"dialog_id": bc.display_dialog_id(dialog_id), "message_ids": ids, "message_id": ids[0]}
+            if worst is not None:
+                doc.update(delivery=worst.status, reason=worst.reason or None)
+            out.write(json.dumps(doc) + "\n")
         out.flush()
-        return bc.EXIT_OK
+        return code
 
     return bc.run_main(body)
 

@@ -42,7 +42,8 @@ from __future__ import annotations
 
 __all__ = [
     # exit codes, errors
-    "VERSION", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED", "TRANSIENT", "Interrupted",
+    "VERSION", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_NOT_DELIVERED", "EXIT_UNCONFIRMED",
+    "EXIT_INTERRUPTED", "TRANSIENT", "Interrupted",
     "B24Error", "ConfigError", "StateWriteError", "UsageError", "TransportError", "UnknownOutcomeError",
     "APIError", "AuthError", "ScopeError", "AccessDeniedError", "NotMemberError", "NotFoundError",
     "RateLimitError", "ServerError", "BadRequestError", "DuplicateUuidError", "PortalMovedError",
@@ -96,6 +97,8 @@ VERSION = "0.4.0"
 EXIT_OK = 0
 EXIT_FAILURE = 1        # an API or network failure that persisted
 EXIT_USAGE = 2          # a usage or configuration mistake
+EXIT_NOT_DELIVERED = 4  # the message did not reach the customer (or was refused: the window is closed)
+EXIT_UNCONFIRMED = 5    # no delivery report came in time
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 # Tuning numbers (each can be overridden through Config / the environment).
@@ -121,6 +124,7 @@ SYNC_MAX_AGE_SEC = 6 * 86400         # im.recent.get LAST_SYNC_DATE looks back 7
 SYNC_MARGIN_SEC = 60.0               # recent rows are written after their message: ask back this far
 SESSION_ANSWERED = 10                # Open Lines session status from which an operator has it
 MESSAGE_MAX_CHARS = 20000            # longer texts are cut by im.message.add
+DELIVERY_WAIT_SEC = 300.0            # a send unconfirmed this long is "unconfirmed" (the portal's own rule)
 SEND_PATIENCE_SEC = 30.0             # how long send_text resends (same TEMPLATE_ID) an unknown outcome
 POLL_BACKOFF_MAX_SEC = 60.0
 SOURCES = ("auto", "poll", "events")   # B24_SOURCE
@@ -704,6 +708,7 @@ class Config:
     max_retries: int = MAX_RETRIES
     send_patience: float = SEND_PATIENCE_SEC
     backoff_max: float = POLL_BACKOFF_MAX_SEC   # the longest pause between tries in an outage
+    delivery_wait: float = DELIVERY_WAIT_SEC     # B24_DELIVERY_WAIT_SEC
     bot_url: str = ""
     bot_auth: str = field(default="", repr=False)
     bot_secret: str = field(default="", repr=False)
@@ -753,6 +758,7 @@ class Config:
             max_retries=int(env_number(env, "B24_MAX_RETRIES", MAX_RETRIES, 0, 50, integer=True)),
             send_patience=env_number(env, "B24_SEND_PATIENCE_SEC", SEND_PATIENCE_SEC, 0, 3600),
             backoff_max=env_number(env, "B24_BACKOFF_MAX_SEC", POLL_BACKOFF_MAX_SEC, 1, 3600),
+            delivery_wait=env_number(env, "B24_DELIVERY_WAIT_SEC", DELIVERY_WAIT_SEC, 1, 86400),
             bot_url=bot_url, bot_auth=bot_auth, bot_secret=bot_secret, bot_routes=routes,
             bot_timeout=env_number(env, "BOT_HTTP_TIMEOUT_SEC", DEFAULT_BOT_TIMEOUT_SEC, 1, 3600),
             bot_max_bytes=int(env_number(env, "BOT_MAX_REPLY_BYTES", DEFAULT_BOT_MAX_BYTES, 1024, 64 * 1048576,

@@ -75,7 +75,7 @@ class Delivery:
         due = [h for h in self._handoffs if h[0] <= now]
         if due:
             self._handoffs = [h for h in self._handoffs if h[0] > now]
-        for _due, mid, chat_id in due:
+        for handed_at, mid, chat_id in due:
             msg, chat = self.messages.get(mid), self.chats.get(chat_id)
             if not msg or not chat:
                 continue
@@ -92,7 +92,7 @@ class Delivery:
                                         if reason else "")
                 self._post(chat, 0, text, system=True)
             else:                                              # stuck: nobody confirms
-                self._unconfirmed[mid] = (now, chat_id)
+                self._unconfirmed[mid] = (handed_at, chat_id)     # (applied lazily: count from then)
         told = set()
         for mid, (since, chat_id) in list(self._unconfirmed.items()):
             if now - since >= self.delivery_timeout:

@@ -1,0 +1,150 @@
+"""Whether each answer reached the customer (fact sheet §13, §19): the emulator's connector, window and
+deletes, the shared verdicts, and the sender saying them (exit 4 not delivered or refused, 5 unconfirmed)."""
+from __future__ import annotations
+
+import json
+import time
+
+import b24delivery as delivery
+from tests.support import PortalCase, bc
+
+SEND = "b24_send_message.py"
+
+
+class EmulatorDelivery(PortalCase):
+    """The emulator follows §13: marks, notices, the window, the 300 s rule, soft deletes."""
+
+    def params_after(self, chat: int, mid: int, seconds: float = 0.6) -> dict:
+        time.sleep(seconds)
+        return next(m["params"] for m in self.portal.chat_messages(chat) if m["id"] == mid)
+
+    def test_sending_then_delivered_with_the_connectors_id(self) -> None:
+        chat = self.ids["lines_member2"]
+        mid = bc.send_text(self.client(), "chat%d" % chat, "hello")
+        first = next(m["params"] for m in self.portal.chat_messages(chat) if m["id"] == mid)
+        self.assertEqual(first.get("SENDING"), "Y")
+        later = self.params_after(chat, mid)
+        self.assertNotIn("SENDING", later)
+        self.assertTrue(later["CONNECTOR_MID"][0].startswith("wamid."))
+
+    def test_a_connector_error_and_the_providers_text(self) -> None:
+        chat = self.ids["lines_member2"]
+        self.portal.delivery(chat, mode="fail", reason="Recipient phone number not on WhatsApp")
+        mid = bc.send_text(self.client(), "chat%d" % chat, "hello")
+        params = self.params_after(chat, mid)
+        self.assertEqual(params.get("IS_DELIVERED"), "N")
+        self.assertNotIn("SENDING", params)
+        notice = self.portal.chat_messages(chat)[-1]
+        self.assertEqual(notice["author_id"], 0)
+        self.assertTrue(notice["text"].startswith("Message could not be delivered"))
+        self.assertIn("Recipient phone number not on WhatsApp", notice["text"])
+
+    def test_the_window_opens_with_each_customer_message_and_a_closed_one_refuses(self) -> None:
+        chat = self.ids["lines_member2"]                      # a whatsappbyedna line
+        client = self.client()
+        fields = bc.as_map(client.call("im.dialog.get", {"DIALOG_ID": "chat%d" % chat}))["entity_data_1"].split("|")
+        self.assertEqual(len(fields), 10)
+        self.assertEqual(fields[9], "DEFAULT")
+        self.assertGreater(int(fields[8]), time.time() + 20 * 3600)
+        self.portal.window(chat, close=True, reason="expired")
+        window = delivery.window_of(bc.as_map(client.call("im.dialog.get", {"DIALOG_ID": "chat%d" % chat})))
+        self.assertTrue(window.closed())
+        mid = bc.send_text(client, "chat%d" % chat, "too late")      # im.message.add still returns an id
+        params = self.params_after(chat, mid)
+        self.assertEqual(params.get("SENDING"), "Y", "SENDING stays for good")
+        self.assertEqual(self.portal.chat_messages(chat)[-1]["text"], "Error sending message")
+        self.portal.customer_message(chat, "I am back")
+        window = delivery.window_of(bc.as_map(client.call("im.dialog.get", {"DIALOG_ID": "chat%d" % chat})))
+        self.assertFalse(window.closed())
+        self.assertIn("window closes in 23 h", window.describe())
+
+    def test_no_window_and_no_reports_where_the_connector_has_none(self) -> None:
+        chat = self.ids["lines_member"]                       # a REST connector: no window bookkeeping (§13.4)
+        chat_obj = bc.as_map(self.client().call("im.dialog.get", {"DIALOG_ID": "chat%d" % chat}))
+        self.assertEqual(delivery.window_of(chat_obj).closes_at, 0)
+        group = self.ids["group"]
+        mid = bc.send_text(self.client(), "chat%d" % group, "team note")
+        self.assertEqual(self.params_after(group, mid, 0.4), [])
+
+    def test_stuck_then_the_300_s_notice_once_per_chat(self) -> None:
+        chat = self.ids["lines_member2"]
+        self.portal.delivery(chat, mode="stuck", timeout=1.0)
+        client = self.client()
+        first = bc.send_text(client, "chat%d" % chat, "one")
+        bc.send_text(client, "chat%d" % chat, "two")
+        self.assertEqual(self.params_after(chat, first, 1.6).get("SENDING"), "Y")
+        notices = [m["text"] for m in self.portal.chat_messages(chat) if m["author_id"] == 0]
+        self.assertEqual(notices.count("Your message was not delivered. Customer is still waiting for reply."), 1)
+
+    def test_soft_deletes_and_edits_keep_the_id(self) -> None:
+        chat = self.ids["lines_member"]
+        sent = self.portal.customer_message(chat, "my card number is 1234")
+        self.portal.delete_message(sent["message_id"])
+        got = next(m for m in self.portal.chat_messages(chat) if m["id"] == sent["message_id"])
+        self.assertEqual(got["params"], {"IS_DELETED": "Y"})
+        self.assertEqual(got["text"], "This message has been deleted.")
+        other = self.portal.customer_message(chat, "helo")
+        self.portal.edit_message(other["message_id"], "hello")
+        got = next(m for m in self.portal.chat_messages(chat) if m["id"] == other["message_id"])
+        self.assertEqual((got["text"], got["params"].get("IS_EDITED")), ("hello", "Y"))
+
+
+class Verdicts(PortalCase):
+    """The shared tracker: one batch a check for all dialogs in flight, none when nothing is."""
+
+    def test_one_batch_for_many_dialogs_and_nothing_when_idle(self) -> None:
+        client = self.client()
+        watch = delivery.DeliveryWatch(client, wait=30)
+        before = client.requests
+        self.assertEqual(watch.check(), [])
+        self.assertEqual(client.requests, before, "nothing in flight: no request")
+        a, b = self.ids["lines_member"], self.ids["lines_member2"]
+        self.portal.delivery(b, mode="fail", reason="blocked by the customer")
+        for chat in (a, b, a):
+            watch.add("chat%d" % chat, bc.send_text(client, "chat%d" % chat, "hi"))
+        time.sleep(0.6)
+        before = client.requests
+        verdicts = watch.check()
+        self.assertEqual(client.requests, before + 1, "one batch for every dialog in flight")
+        self.assertEqual(sorted(v.status for v in verdicts), ["delivered", "delivered", "failed"])
+        self.assertEqual(next(v for v in verdicts if v.status == "failed").reason, "blocked by the customer")
+        self.assertFalse(watch.busy())
+
+
+class SenderSaysIt(PortalCase):
+    def send(self, *args: str, **env):
+        return self.run_script(SEND, *args, env=self.env(**env))
+
+    def test_delivered_not_delivered_unconfirmed_and_sent(self) -> None:
+        chat = "chat%d" % self.ids["lines_member2"]
+        proc = self.send(chat, "hello", "--wait-delivered")
+        self.assertEqual((proc.returncode, proc.stdout.split("\n")[1]), (0, "delivered"), proc.stderr)
+        self.portal.delivery(self.ids["lines_member2"], mode="fail", reason="Recipient blocked the number")
+        proc = self.send(chat, "hello", "--wait-delivered")
+        self.assertEqual(proc.returncode, 4, proc.stderr)
+        self.assertIn("not delivered: Recipient blocked the number", proc.stdout)
+        proc = self.send(chat, "hello", "--wait-delivered", "--json")
+        doc = json.loads(proc.stdout)
+        self.assertEqual((doc["delivery"], doc["reason"]), ("failed", "Recipient blocked the number"))
+        self.portal.delivery(self.ids["lines_member2"], mode="stuck")
+        proc = self.send(chat, "hello", "--wait-delivered", "1")
+        self.assertEqual(proc.returncode, 5, proc.stderr)
+        self.assertIn("unconfirmed after 1 s", proc.stdout)
+        proc = self.send("chat%d" % self.ids["group"], "team", "--wait-delivered")
+        self.assertEqual((proc.returncode, proc.stdout.split("\n")[1]), (0, "sent"), proc.stderr)
+
+    def test_a_closed_window_refuses_and_force_sends_anyway(self) -> None:
+        chat = self.ids["lines_member2"]
+        self.portal.window(chat, close=True, reason="opted_out")
+        before = len(self.portal.chat_messages(chat))
+        proc = self.send("chat%d" % chat, "are you there?")
+        self.assertOneLineError(proc, 4, "window is closed", "the customer opted out", "--force")
+        self.assertEqual(len(self.portal.chat_messages(chat)), before, "nothing posted")
+        proc = self.send("chat%d" % chat, "are you there?", "--json")
+        self.assertEqual(json.loads(proc.stdout)["delivery"], "refused")
+        proc = self.send("chat%d" % chat, "are you there?", "--force", "--wait-delivered")
+        self.assertEqual(proc.returncode, 4, proc.stderr)
+        self.assertIn("not delivered: refused", proc.stdout)
+        # a channel without a window is unaffected
+        proc = self.send("chat%d" % self.ids["lines_member"], "fine")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
