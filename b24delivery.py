@@ -17,8 +17,8 @@ reads the reply window from a chat's ``entity_data_1`` (fields 9 and 10, §6.1 a
 """
 from __future__ import annotations
 
-__all__ = ["DELIVERED", "SENT", "FAILED", "REFUSED", "UNCONFIRMED", "Verdict", "Window", "window_of",
-           "judge", "DeliveryWatch", "connector_of"]
+__all__ = ["DELIVERED", "SENT", "FAILED", "REFUSED", "UNCONFIRMED", "NO_REPORTS", "WINDOW_SEC", "Verdict",
+           "Window", "window_of", "judge", "DeliveryWatch", "connector_of"]
 
 import re
 import time
@@ -28,6 +28,7 @@ import b24common as bc
 
 DELIVERED, SENT, FAILED, REFUSED, UNCONFIRMED = "delivered", "sent", "failed", "refused", "unconfirmed"
 NO_REPORTS = ("livechat",)          # connectors that report no delivery (§13)
+WINDOW_SEC = {"whatsappbyedna": 86400, "whatsappbytwilio": 86400}   # connectors with a reply window (§13.4)
 _DASHES = re.compile(r"-{5,}")
 
 
@@ -128,8 +129,9 @@ class DeliveryWatch:
         self.clock = clock
         self.pending: dict = {}          # message id -> (dialog id, monotonic time sent)
 
-    def add(self, dialog_id: str, message_id: int) -> None:
-        self.pending[int(message_id)] = (dialog_id, self.clock())
+    def add(self, dialog_id: str, message_id: int, at: float | None = None) -> None:
+        """Follow *message_id* (sent at *at* on this watch's clock; now if not given)."""
+        self.pending[int(message_id)] = (dialog_id, self.clock() if at is None else at)
 
     def busy(self) -> bool:
         return bool(self.pending)

@@ -8,6 +8,7 @@ import threading
 import time
 
 import b24common as bc
+from b24delivery import WINDOW_SEC
 from olbridge.bot import BotClient, BotError
 from olbridge.pauses import Pauses
 from olbridge.poster import Poster, next_missing
@@ -127,7 +128,16 @@ class Asker:
         return True
 
     def _bot_for(self, row: Row) -> BotClient | None:
+        bot = self.bot_for_line(row.payload.get("line_id"))
         line = row.payload.get("line_id")
+        if bot is None and line not in self.warned_unrouted:
+            self.warned_unrouted.add(line)
+            log.warning("%s: line %s has no bot (no BOT_ROUTES entry, no BOT_HTTP_URL): its messages are "
+                        "not forwarded", row.where, line)
+        return bot
+
+    def bot_for_line(self, line: int | None) -> BotClient | None:
+        """The bot of an Open Line (its BOT_ROUTES entry, else BOT_HTTP_URL's); None if it has none."""
         with self.lock:
             url = self.routes.get(line) or self.bot_url
             if url:
@@ -135,10 +145,6 @@ class Asker:
                 if bot is None:
                     bot = self.bots[url] = BotClient(self.cfg, url)
                 return bot
-        if line not in self.warned_unrouted:
-            self.warned_unrouted.add(line)
-            log.warning("%s: line %s has no bot (no BOT_ROUTES entry, no BOT_HTTP_URL): its messages are "
-                        "not forwarded", row.where, line)
         return None
 
     def _take_from_queue(self, row: Row) -> bool:
@@ -180,6 +186,10 @@ class Asker:
             return None
         answer, took = self._exchange(bot, row)
         if answer is None:
+            return None
+        closed = self._window_closed(row)
+        if closed:
+            sh.bury(row, "window closed: %s -- the answer was not posted" % closed, "post")
             return None
         parts = self._parts(row, answer.texts)
         log.info("%s: bot answered in %.1f s with %d message%s%s", row.where, took,
@@ -241,6 +251,16 @@ class Asker:
                         "(BRIDGE_OUTAGE_HANDBACK_MIN)", row.where, minutes, line)
         except bc.B24Error as exc2:
             log.error("%s: could not hand the dialog back to the queue: %s", row.where, bc.format_error(exc2))
+
+    @staticmethod
+    def _window_closed(row: Row) -> str:
+        """Why the WhatsApp window of *row*'s dialog is closed by now ("" if open): the customer's message
+        opened it for 24 hours (fact sheet §13.4), and the bot or the retries took longer."""
+        window = WINDOW_SEC.get(row.payload.get("connector") or "")
+        sent = bc.parse_date(row.payload.get("date"))
+        if window and sent is not None and time.time() > sent + window:
+            return "24 hours passed since the customer's message (%s)" % row.payload.get("date")
+        return ""
 
     def _parts(self, row: Row, texts: list) -> list:
         """The answer's texts as messages of at most BRIDGE_MAX_REPLY_CHARS, at most MAX_PARTS of them."""

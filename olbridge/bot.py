@@ -256,6 +256,16 @@ class BotClient:
             return None, str(exc)
         return status, ""
 
+    def tell(self, notice: Mapping) -> None:
+        """POST a notice the bot need not answer (a delivery report), signed like every request."""
+        body = json.dumps(notice, ensure_ascii=False).encode("utf-8")
+        headers = self._headers()
+        if self.secret:
+            headers.update(sign_request(self.secret, body))
+        status, _ctype, _raw = self._exchange(body, headers)
+        if status >= 300:
+            raise BotError("bot on %s answered HTTP %d" % (self.host, status), retryable=status >= 500)
+
     def ask(self, payload: Mapping, *, headers: Mapping[str, str] | None = None) -> bc.BotAnswer:
         """One exchange with the bot; raises :class:`BotError`."""
         all_headers = self._headers(headers)

@@ -15,6 +15,7 @@ import b24push as push
 from olbridge import chatbot
 from olbridge.asker import Asker
 from olbridge.bot import BotClient
+from olbridge.delivered import REASONS, Deliveries
 from olbridge.health import Liveness, Watchdog, metric, sd_notify
 from olbridge.pauses import Pauses
 from olbridge.poster import Poster
@@ -71,6 +72,8 @@ class Bridge:
         self.poster = Poster(self.shared, self.pauses, self.scheduler)
         self.asker = Asker(self.shared, self.pauses, self.scheduler, self.poster, self.stop,
                            take="answer" if getattr(args, "take", False) else settings.take)
+        self.deliveries = Deliveries(self.shared, self.asker.bot_for_line, notify_bot=settings.delivery_events,
+                                     hand_to_queue=settings.undelivered_to == "queue")
         self.watchdog = Watchdog(self.live, self.status)
         self.poller: bc.Poller | None = None
         self.inbound: push.Inbound | None = None     # the sources (see choose_sources); None: scans only
@@ -172,10 +175,14 @@ class Bridge:
                 "business_phone": self.client.config.business_phone or None, "new_dialog": new_dialog,
                 "event_id": reply_template_id(host, msg.dialog_id, msg.id, -1),
                 "message_ids": [msg.id], "crm": {k: msg.crm.get(k) for k in ("lead", "contact", "deal", "company")},
-                "waiting": msg.waiting,
+                "waiting": msg.waiting, "connector": self._connector(msg.dialog_id),
                 "metadata": {"dialog_id": did, "message_id": msg.id, "line_id": msg.line_id,
                              "session_id": msg.session_id or None, "customer_name": msg.customer_name or None,
                              "customer_phone": msg.customer_phone or None, "portal": host}}
+
+    def _connector(self, dialog_id: str) -> str:
+        info = self.poller.dialogs.get(dialog_id) if self.poller is not None else None
+        return str(getattr(info, "entity_id", "") or "").split("|")[0]
 
     def inbox_rows(self, msgs: list) -> list:
         """Customer messages -> inbox rows (a new session means new_dialog); a person who wrote pauses the
@@ -331,6 +338,10 @@ class Bridge:
         metric(out, "b24_bridge_paused_dialogs", "gauge", "Dialogs the bot stays out of now (b24_ol_bridge.py "
                "--paused lists them, --resume lifts one).", [('{why="person wrote"}', paused),
                                                             ('{why="handed over"}', handed)])
+        metric(out, "b24_bridge_replies_delivered_total", "counter", "Reply parts the portal says reached the "
+               "customer (or sent where the channel reports nothing).", [("", self.deliveries.counts["delivered"])])
+        metric(out, "b24_bridge_replies_undelivered_total", "counter", "Reply parts that did not reach the customer.",
+               [('{reason="%s"}' % r, self.deliveries.counts[r]) for r in REASONS])
         metric(out, "b24_bridge_portal_requests_total", "counter", "HTTP requests made to the portal.",
                [("", self.client.requests)])
         metric(out, "b24_bridge_portal_limit_hits_total", "counter", "Portal answers refused by a rate limit.",
@@ -370,6 +381,8 @@ class Bridge:
         if self.commit():            # pauses lifted with --resume meanwhile are in the store
             self.pauses.load(*self.shared.store.pauses())
         self.asker.take = "answer" if getattr(self.args, "take", False) else settings.take
+        self.deliveries.notify_bot = settings.delivery_events
+        self.deliveries.hand_to_queue = settings.undelivered_to == "queue"
         self.shared.settings = settings
         self.interval = self.args.interval or cfg.poll_sec
         if self.inbound is not None:
@@ -386,6 +399,13 @@ class Bridge:
         if self.reload_requested:
             self.reload_requested = False
             self.reload()
+        if self.shared.store is not None:
+            try:
+                self.deliveries.check(self.interval)      # one batch a poll interval, while parts are in flight
+            except bc.TRANSIENT as exc:
+                log.debug("delivery reports not read this time: %s", exc)
+            except sqlite3.Error as exc:
+                self.shared.note_save_error(exc)
         now = time.monotonic()
         if now - self.last_prune >= min(PRUNE_EVERY_SEC, self.settings.forget_days * 86400 / 4):
             self.last_prune = now

@@ -8,6 +8,7 @@ import threading
 import time
 
 import b24common as bc
+from b24delivery import NO_REPORTS
 from olbridge.pauses import Pauses
 from olbridge.scheduler import Scheduler
 from olbridge.shared import MAX_PARTS, Shared
@@ -45,6 +46,12 @@ class Poster:
         self.shared.stats["dropped_late"] += 1
         self.shared.store.finish(row)
         return True
+
+    @staticmethod
+    def follow(row: Row) -> bool:
+        """Is there a delivery verdict to wait for (an Open Lines chat whose connector reports one)?"""
+        return row.dialog.startswith("chat") and bool(row.payload.get("connector")) \
+            and row.payload.get("connector") not in NO_REPORTS
 
     def _release(self, row: Row, *, again_at: float | None = None) -> None:
         self.scheduler.from_poster(row.dialog, again_at)
@@ -92,7 +99,7 @@ class Poster:
         if len(live) == 1 or self.shared.chat_bot:   # one reply (or the chat bot's): one request each
             for row in live:
                 self.shared.live.beat("posting a reply of %s" % row.where)
-                self._after_post(row, self._post_one(row))
+                self._after_post(row, *self._post_one(row))
             return
         names = {"r%d" % i: row for i, row in enumerate(live)}
         commands = {name: ("im.message.add", {
@@ -104,46 +111,48 @@ class Poster:
             result = self.shared.client.batch(commands)
             outcomes = {name: result.errors.get(name) for name in names}
             missing = [n for n in names if n not in result.results and n not in result.errors]
+            ids = {n: bc.as_int(result.results.get(n)) for n in names}     # the posted messages' ids
         except bc.TRANSIENT as exc:
             # the answer to the whole batch was lost or refused: find out, reply by reply
-            outcomes, missing = {}, list(names)
+            outcomes, missing, ids = {}, list(names), {}
             log.info("replies not confirmed (%s); looking for them in their dialogs", exc)
         if missing:
             found = self._find_posted({n: names[n] for n in missing})
             for n in missing:
+                ids[n] = found.get(n, 0)
                 outcomes[n] = None if found.get(n) else bc.UnknownOutcomeError("not confirmed", "not in the dialog yet")
         for name, row in names.items():
-            self._after_post(row, outcomes.get(name))
+            self._after_post(row, outcomes.get(name), ids.get(name, 0))
 
-    def _post_one(self, row: Row) -> Exception | None:
+    def _post_one(self, row: Row) -> tuple:
         """Post the next part of *row*'s answer: as the chat bot when one is registered (falling back to
-        the webhook user where the bot is not in the chat), else with ``im.message.add``."""
+        the webhook user where the bot is not in the chat), else with ``im.message.add``.
+        ``(None, message id)`` (id 0 when not known), or ``(error, 0)``."""
         sh = self.shared
         text = row.answer[row.posted]
         if sh.chat_bot:
             try:
-                sh.client.call("imbot.message.add", {
+                return None, bc.as_int(sh.client.call("imbot.message.add", {
                     "BOT_ID": sh.chat_bot["bot_id"], "CLIENT_ID": sh.chat_bot["client_id"],
-                    "DIALOG_ID": row.dialog, "MESSAGE": text}, write=True)
-                return None
+                    "DIALOG_ID": row.dialog, "MESSAGE": text}, write=True))
             except bc.UnknownOutcomeError as exc:
                 # imbot.message.add has no TEMPLATE_ID: parts_present() looks for the bot's texts instead
                 try:
-                    return None if row.posted in self.parts_present(row) else exc
+                    return (None, 0) if row.posted in self.parts_present(row) else (exc, 0)
                 except bc.B24Error:
-                    return exc
+                    return exc, 0
             except bc.TRANSIENT + (bc.AuthError,) as exc:
-                return exc
+                return exc, 0
             except bc.APIError as exc:
                 if row.dialog not in self.warned_bot_cannot_post:
                     self.warned_bot_cannot_post.add(row.dialog)
                     log.warning("%s: the chat bot cannot post in %s (%s): answering as the webhook user",
                                 row.where, bc.display_dialog_id(row.dialog), exc)
         try:
-            bc.send_text(sh.client, row.dialog, text, template_id=sh.template(row, row.posted), patience=0)
-            return None
+            return None, bc.send_text(sh.client, row.dialog, text, template_id=sh.template(row, row.posted),
+                                      patience=0)
         except bc.B24Error as exc:
-            return exc
+            return exc, 0
 
     # -- is it there already? ------------------------------------------------------------------
     def parts_present(self, row: Row) -> set:
@@ -173,23 +182,27 @@ class Poster:
         return found
 
     def _find_posted(self, rows: dict) -> dict:
-        """``{name: is row's next part in its dialog}``, for many rows in one batch of reads."""
+        """``{name: the id of row's next part in its dialog, 0 if it is not there}``, for many rows in one
+        batch of reads."""
         try:
             br = self.shared.client.batch({n: ("im.dialog.messages.get", {"DIALOG_ID": r.dialog, "LAST_ID": 0,
                                                                           "LIMIT": bc.MESSAGES_PAGE})
                                            for n, r in rows.items()})
         except bc.B24Error:
             return {}
-        return {n: self.shared.template(r, r.posted) in bc.posted_uuids(br.results.get(n))
+        return {n: bc.posted_uuids(br.results.get(n)).get(self.shared.template(r, r.posted), 0)
                 for n, r in rows.items()}
 
     # -- what a post's outcome means ---------------------------------------------------------
-    def _after_post(self, row: Row, error: Exception | None) -> None:
+    def _after_post(self, row: Row, error: Exception | None, message_id: int = 0) -> None:
         sh = self.shared
         index, total = row.posted, len(row.answer)
         if error is None:
             sh.stats["replies"] += 1
-            sh.store.update(row, posted=index + 1, attempts=0, first_try=None)
+            if message_id and self.follow(row):
+                sh.store.part_posted(row, message_id, index, posted=index + 1, attempts=0, first_try=None)
+            else:
+                sh.store.update(row, posted=index + 1, attempts=0, first_try=None)
             self._next_part(row)
             return
         if isinstance(error, bc.NotMemberError):

@@ -34,6 +34,10 @@ class Settings:
         # a dialog the bridge took from the queue goes back to it (with the fallback text) when the bot
         # stays down this long: the customer must not wait outside every queue
         self.handback_min = bc.env_number(env, "BRIDGE_OUTAGE_HANDBACK_MIN", 5, 0, 7 * 24 * 60)
+        self.delivery_events = (env.get("BOT_DELIVERY_EVENTS") or "").strip().lower() in ("1", "y", "yes", "true", "on")
+        self.undelivered_to = (env.get("BRIDGE_UNDELIVERED_TO") or "").strip().lower()
+        if self.undelivered_to not in ("", "queue"):
+            raise bc.ConfigError("BRIDGE_UNDELIVERED_TO=%s: expected queue (or nothing)" % self.undelivered_to)
         self.reply_batch = int(bc.env_number(env, "BRIDGE_REPLY_BATCH", 50, 1, bc.BATCH_MAX, integer=True))
 
 

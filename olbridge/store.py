@@ -29,6 +29,9 @@ CREATE TABLE IF NOT EXISTS inbox (
     handoff INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
     first_try REAL, next_try REAL NOT NULL DEFAULT 0, error TEXT, arrived REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (dialog, message_id));
+CREATE TABLE IF NOT EXISTS sent (
+    message_id INTEGER PRIMARY KEY, dialog TEXT NOT NULL, source INTEGER NOT NULL, part INTEGER NOT NULL,
+    sent_at REAL NOT NULL, payload TEXT NOT NULL);
 """
 
 
@@ -254,6 +257,28 @@ class Store:
         values = [json.dumps(v, ensure_ascii=False) if k in ("answer", "payload") else v for k, v in fields.items()]
         self._tx([("UPDATE inbox SET %s WHERE dialog = ? AND message_id = ?" % cols,
                    values + [row.dialog, row.message_id])])
+
+    def part_posted(self, row: Row, message_id: int, index: int, **fields: Any) -> None:
+        """Part *index* of *row*'s answer is in the dialog as *message_id*: recorded, and followed until the
+        portal says whether it was delivered -- in one transaction, so a crash loses no verdict."""
+        for k, v in fields.items():
+            setattr(row, k, v)
+        cols = ", ".join("%s = ?" % k for k in fields)
+        follow = {k: row.payload.get(k) for k in ("event_id", "line_id", "session_id", "dialog_id")}
+        follow["text"] = row.answer[index] if index < len(row.answer) else ""
+        self._tx([("UPDATE inbox SET %s WHERE dialog = ? AND message_id = ?" % cols,
+                   list(fields.values()) + [row.dialog, row.message_id]),
+                  ("INSERT OR IGNORE INTO sent (message_id, dialog, source, part, sent_at, payload) "
+                   "VALUES (?, ?, ?, ?, ?, ?)", (message_id, row.dialog, row.message_id, index, time.time(),
+                                                 json.dumps(follow, ensure_ascii=False)))])
+
+    def sent_in_flight(self) -> list:
+        """``[(message id, dialog, source message id, part, sent at, payload)]`` not settled yet."""
+        return [(m, d, s, p, t, json.loads(j)) for m, d, s, p, t, j in self.db.execute(
+            "SELECT message_id, dialog, source, part, sent_at, payload FROM sent ORDER BY message_id")]
+
+    def settled(self, message_ids: list) -> None:
+        self._tx([("DELETE FROM sent WHERE message_id = ?", (m,)) for m in message_ids])
 
     def finish(self, row: Row) -> None:
         self._tx([("DELETE FROM inbox WHERE dialog = ? AND message_id = ?", (row.dialog, row.message_id))])

@@ -148,3 +148,75 @@ class SenderSaysIt(PortalCase):
         # a channel without a window is unaffected
         proc = self.send("chat%d" % self.ids["lines_member"], "fine")
         self.assertEqual(proc.returncode, 0, proc.stderr)
+
+
+class BridgeFollowsItsAnswers(PortalCase):
+    """Every part the bridge posts is followed: a failure is logged, counted, dead-lettered, told to the bot,
+    handed to the queue -- and a kill -9 while parts are in flight loses no verdict."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        import mock_bot_server
+        self.bot = mock_bot_server.BotServer().start()
+        self.addCleanup(self.bot.stop)
+
+    def bridge(self, **env):
+        from tests.support import free_port
+        self.health = free_port()
+        proc = self.start_script("b24_ol_bridge.py", env=self.env(
+            BOT_HTTP_URL=self.bot.url, BRIDGE_HTTP_LISTEN=str(self.health), **env))
+        self.assertTrue(proc.wait_stderr("bridging Open Lines", 20), proc.all_output())
+        return proc
+
+    def metrics(self) -> str:
+        import urllib.request
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open("http://127.0.0.1:%d/metrics" % self.health, timeout=10) as resp:
+            return resp.read().decode()
+
+    def dead_letters(self) -> list:
+        import os
+        path = os.path.join(self.tmp, "state", "bridge.dead-letters.jsonl")
+        if not os.path.exists(path):
+            return []
+        with open(path, encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+
+    def wait(self, cond, what: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cond():
+                return
+            time.sleep(0.1)
+        self.fail("timed out waiting for " + what)
+
+    def test_an_undelivered_answer_is_logged_counted_kept_told_and_handed_over(self) -> None:
+        chat = self.ids["lines_member2"]
+        self.portal.delivery(chat, mode="fail", reason="Recipient has blocked the business number")
+        proc = self.bridge(BOT_DELIVERY_EVENTS="1", BRIDGE_UNDELIVERED_TO="queue")
+        self.portal.customer_message(chat, "hello?")
+        self.wait(lambda: any(d["stage"] == "delivery" for d in self.dead_letters()), "the dead letter")
+        letter = next(d for d in self.dead_letters() if d["stage"] == "delivery")
+        self.assertIn("not delivered: Recipient has blocked the business number", letter["reason"])
+        self.assertTrue(proc.wait_stderr("not delivered: Recipient has blocked", 5))
+        self.assertIn('b24_bridge_replies_undelivered_total{reason="blocked"} 1', self.metrics())
+        self.wait(lambda: any(r["payload"].get("type") == "delivery" for r in self.bot.received), "the bot's notice")
+        notice = next(r["payload"] for r in self.bot.received if r["payload"].get("type") == "delivery")
+        self.assertEqual((notice["status"], notice["dialog_id"]), ("failed", "chat%d" % chat))
+        self.assertIn("blocked", notice["reason"])
+        self.wait(lambda: self.portal.in_queue_for(self.portal.chats[chat], 7), "the hand-over to the queue")
+        self.assertEqual(proc.stop(), 0)
+
+    def test_delivered_answers_are_counted_and_kill_9_loses_no_verdict(self) -> None:
+        chat = self.ids["lines_member"]
+        proc = self.bridge()
+        self.portal.customer_message(chat, "one")
+        self.wait(lambda: 'b24_bridge_replies_delivered_total 1' in self.metrics(), "the delivered count")
+        self.portal.delivery(chat, mode="fail", reason="provider outage", delay=4.0)
+        self.portal.customer_message(chat, "two")
+        self.wait(lambda: "Echo: two" in [m["text"] for m in self.portal.chat_messages(chat)], "the answer")
+        proc.kill()                                   # kill -9 while the verdict is still to come
+        again = self.bridge()
+        self.wait(lambda: any(d["stage"] == "delivery" for d in self.dead_letters()), "the verdict after kill -9")
+        self.assertIn("provider outage", self.dead_letters()[-1]["reason"])
+        self.assertEqual(again.stop(), 0)

@@ -1,0 +1,108 @@
+"""Did each answer reach the customer: the parts the poster sent are followed until the portal settles them
+(b24delivery); a part not delivered is logged once, counted, kept in the dead letters with the reason,
+told to the bot (BOT_DELIVERY_EVENTS=1) and, with BRIDGE_UNDELIVERED_TO=queue, handed to the line's queue."""
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+
+import b24common as bc
+import b24delivery as delivery
+from olbridge.bot import BotClient, BotError
+from olbridge.shared import Shared
+from olbridge.store import Row
+
+log = logging.getLogger("b24_ol_bridge")
+
+REASONS = ("window", "blocked", "provider", "unconfirmed")     # b24_bridge_replies_undelivered_total{reason}
+
+
+def reason_kind(verdict: delivery.Verdict) -> str:
+    if verdict.status == delivery.REFUSED:
+        return "window"
+    if verdict.status == delivery.UNCONFIRMED:
+        return "unconfirmed"
+    return "blocked" if "block" in verdict.reason.lower() else "provider"
+
+
+class Deliveries:
+    """Checked from the main loop at most once a poll interval, and only while parts are in flight."""
+
+    def __init__(self, shared: Shared, bot_for_line, *, notify_bot: bool, hand_to_queue: bool):
+        self.shared = shared
+        self.bot_for_line = bot_for_line            # line id -> BotClient | None
+        self.notify_bot, self.hand_to_queue = notify_bot, hand_to_queue
+        self.watch: delivery.DeliveryWatch | None = None
+        self.rows: dict = {}                        # message id -> (dialog, source, part, payload)
+        self.last = 0.0
+        self.counts = {"delivered": 0, **{r: 0 for r in REASONS}}
+
+    def _load(self) -> None:
+        """The parts in flight, from the store (a restart loses no verdict)."""
+        self.watch = delivery.DeliveryWatch(self.shared.client, clock=time.time)
+        for mid, dialog, source, part, sent_at, payload in self.shared.store.sent_in_flight():
+            self.watch.add(dialog, mid, at=sent_at)
+            self.rows[mid] = (dialog, source, part, payload)
+
+    def check(self, interval: float) -> None:
+        if self.watch is None:
+            self._load()
+        else:
+            for mid, dialog, source, part, sent_at, payload in self.shared.store.sent_in_flight():
+                if mid not in self.rows:
+                    self.watch.add(dialog, mid, at=sent_at)
+                    self.rows[mid] = (dialog, source, part, payload)
+        if not self.watch.busy() or time.monotonic() - self.last < interval:
+            return
+        self.last = time.monotonic()
+        verdicts = self.watch.check()
+        for v in verdicts:
+            self._settle(v)
+        if verdicts:
+            try:
+                self.shared.store.settled([v.message_id for v in verdicts])
+            except sqlite3.Error as exc:
+                self.shared.note_save_error(exc)
+            for v in verdicts:
+                self.rows.pop(v.message_id, None)
+
+    def _settle(self, v: delivery.Verdict) -> None:
+        sh = self.shared
+        if v.status in (delivery.DELIVERED, delivery.SENT):
+            self.counts["delivered"] += 1
+            return
+        kind = reason_kind(v)
+        self.counts[kind] += 1
+        dialog, source, part, payload = self.rows.get(v.message_id, (v.dialog_id, 0, 0, {}))
+        where = "%s #%d" % (bc.display_dialog_id(dialog), source)
+        log.warning("%s: reply %d (message %d) %s", where, part + 1, v.message_id, v.describe())
+        row = Row((dialog, source, json.dumps(payload), "answered", json.dumps([payload.get("text", "")]), 0, 0,
+                   0, None, 0, None, 0))
+        sh.dead_letter(row, "reply %d %s" % (part + 1, v.describe()), "delivery")
+        if self.notify_bot:
+            self._tell_bot(v, payload)
+        if self.hand_to_queue and payload.get("line_id") and dialog.startswith("chat"):
+            try:
+                sh.client.call("imopenlines.operator.transfer", {"CHAT_ID": int(dialog[4:]),
+                                                                  "TRANSFER_ID": "queue%d" % payload["line_id"]},
+                               write=True)
+                log.info("%s: handed to the queue of line %s for a person to follow up (BRIDGE_UNDELIVERED_TO)",
+                         where, payload["line_id"])
+            except bc.B24Error as exc:
+                log.error("%s: could not hand the dialog to the queue: %s", where, bc.format_error(exc))
+
+    def _tell_bot(self, v: delivery.Verdict, payload: dict) -> None:
+        bot: BotClient | None = self.bot_for_line(payload.get("line_id"))
+        if bot is None:
+            return
+        status = "unconfirmed" if v.status == delivery.UNCONFIRMED else "failed"
+        notice = {"type": "delivery", "event_id": payload.get("event_id"),
+                  "dialog_id": bc.display_dialog_id(v.dialog_id), "message_ids": [v.message_id],
+                  "status": status, "reason": v.reason}
+        try:
+            bot.tell(notice)
+        except BotError as exc:
+            log.warning("%s: the bot was not told that a reply %s (%s)", bc.display_dialog_id(v.dialog_id),
+                        status, exc)
