@@ -1375,8 +1375,20 @@ class Message:
         return parse_date(self.date)
 
     @property
+    def deleted(self) -> bool:
+        """Deleted by its author (the portal keeps the id, puts a placeholder text in, §19)."""
+        return str(self.params.get("IS_DELETED") or "").upper() == "Y"
+
+    @property
+    def edited(self) -> bool:
+        """Edited after it was sent: same id, the new text (§19)."""
+        return str(self.params.get("IS_EDITED") or "").upper() == "Y"
+
+    @property
     def display_text(self) -> str:
-        """The text as a person reads it: ``[photo: a.jpg, 230 KB] caption`` for media."""
+        """The text as a person reads it: ``[photo: a.jpg, 230 KB] caption`` for media, ``[deleted]``."""
+        if self.deleted:
+            return "[deleted]"
         if not self.attachments:
             return self.text
         tags = " ".join(_describe_attachment(a) for a in self.attachments)
@@ -1388,7 +1400,9 @@ class Message:
                 "author_kind": self.author_kind, "author_name": self.author_name,
                 "customer_name": self.customer_name or None,
                 "customer_phone": self.customer_phone or None, "line_id": self.line_id,
-                "text": self.text, "attachments": list(self.attachments), "new_dialog": self.new_dialog}
+                "text": None if self.deleted else self.text, "attachments": list(self.attachments),
+                "new_dialog": self.new_dialog, **({"deleted": True} if self.deleted else {}),
+                **({"edited": True} if self.edited else {})}
 
 
 _MEDIA_WORDS = {"image": "photo", "audio": "audio", "video": "video", "file": "document"}

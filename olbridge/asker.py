@@ -18,6 +18,8 @@ from olbridge.store import Row
 
 log = logging.getLogger("b24_ol_bridge")
 
+DELETED_RECHECK_SEC = 1.0   # a message that looks deleted is read again this much later before it is skipped
+
 
 class Asker:
     """The workers' job: :meth:`serve` handles a dialog's messages in order (the scheduler calls it)."""
@@ -174,6 +176,13 @@ class Asker:
         bot = self._bot_for(row)
         if bot is None:
             return self._skip(row, "skipped")
+        if row.payload.get("deleted"):
+            gone = self._deleted(row)
+            if gone is None:
+                return None                       # looked at again in a moment
+            if gone:
+                log.info("%s: deleted by the customer; not forwarded", row.where)
+                return self._skip(row, "deleted")
         if sh.settings.debounce and not row.attempts:
             group = sh.store.waiting_rows(row.dialog)
             newest = max(r.arrived for r in group) if group else 0
@@ -203,13 +212,37 @@ class Asker:
                         attempts=0, first_try=None, next_try=0, error=None)
         return self.poster.take(row)
 
+    def _deleted(self, row: Row) -> bool | None:
+        """A message that looked deleted when read: True if it still is a moment later, False if it was
+        only read before its params were written (fact sheet §19: its text is taken from the second read),
+        None while the moment has not passed."""
+        sh = self.shared
+        if not row.payload.get("deleted_seen"):
+            row.payload["deleted_seen"] = time.time()
+            sh.store.update(row, payload=row.payload, next_try=time.time() + DELETED_RECHECK_SEC)
+            return None
+        res = sh.client.call("im.dialog.messages.get", {"DIALOG_ID": row.dialog, "FIRST_ID": row.message_id - 1,
+                                                         "LIMIT": 1})
+        msgs, users, files = bc.messages_of(res)
+        raw = next((m for m in msgs if bc.as_int(m.get("id")) == row.message_id), None)
+        if raw is None or str(bc.as_map(raw.get("params")).get("IS_DELETED") or "").upper() == "Y":
+            return True
+        factory = bc.MessageFactory(0)
+        factory.learn(users, None, files)
+        again = factory.make(raw, row.dialog, None)
+        for key in ("deleted", "deleted_seen"):
+            row.payload.pop(key, None)
+        row.payload.update(text=again.text, message=again.text, attachments=list(again.attachments))
+        sh.store.update(row, payload=row.payload)
+        return False
+
     def _exchange(self, bot: BotClient, row: Row) -> tuple:
         """One request to the bot: ``(answer, seconds)``, or ``(None, 0)`` -- the message is then retried
         later or buried."""
         sh = self.shared
         payload = dict(row.payload, attempt=row.attempts + 1)
-        payload.pop("waiting", None)
-        payload.pop("taken", None)
+        for key in ("waiting", "taken", "connector", "deleted", "deleted_seen"):
+            payload.pop(key, None)
         started = time.monotonic()
         sh.stats["forwarded"] += 1
         sh.live.beat("asking the bot about %s" % row.where)

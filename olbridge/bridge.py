@@ -176,6 +176,7 @@ class Bridge:
                 "event_id": reply_template_id(host, msg.dialog_id, msg.id, -1),
                 "message_ids": [msg.id], "crm": {k: msg.crm.get(k) for k in ("lead", "contact", "deal", "company")},
                 "waiting": msg.waiting, "connector": self._connector(msg.dialog_id),
+                **({"deleted": True} if msg.deleted else {}),
                 "metadata": {"dialog_id": did, "message_id": msg.id, "line_id": msg.line_id,
                              "session_id": msg.session_id or None, "customer_name": msg.customer_name or None,
                              "customer_phone": msg.customer_phone or None, "portal": host}}

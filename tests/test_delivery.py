@@ -150,9 +150,8 @@ class SenderSaysIt(PortalCase):
         self.assertEqual(proc.returncode, 0, proc.stderr)
 
 
-class BridgeFollowsItsAnswers(PortalCase):
-    """Every part the bridge posts is followed: a failure is logged, counted, dead-lettered, told to the bot,
-    handed to the queue -- and a kill -9 while parts are in flight loses no verdict."""
+class BridgeWorld(PortalCase):
+    """An emulator, the mock bot, and the bridge as a subprocess with its health listener."""
 
     def setUp(self) -> None:
         super().setUp()
@@ -190,6 +189,11 @@ class BridgeFollowsItsAnswers(PortalCase):
             time.sleep(0.1)
         self.fail("timed out waiting for " + what)
 
+
+class BridgeFollowsItsAnswers(BridgeWorld):
+    """Every part the bridge posts is followed: a failure is logged, counted, dead-lettered, told to the bot,
+    handed to the queue -- and a kill -9 while parts are in flight loses no verdict."""
+
     def test_an_undelivered_answer_is_logged_counted_kept_told_and_handed_over(self) -> None:
         chat = self.ids["lines_member2"]
         self.portal.delivery(chat, mode="fail", reason="Recipient has blocked the business number")
@@ -220,3 +224,41 @@ class BridgeFollowsItsAnswers(PortalCase):
         self.wait(lambda: any(d["stage"] == "delivery" for d in self.dead_letters()), "the verdict after kill -9")
         self.assertIn("provider outage", self.dead_letters()[-1]["reason"])
         self.assertEqual(again.stop(), 0)
+
+
+class DeletedMessages(BridgeWorld):
+    def test_a_deleted_message_never_reaches_the_bot_and_the_race_is_read_again(self) -> None:
+        chat = self.ids["lines_member"]
+        proc = self.bridge()
+        with self.portal.lock:                   # written and deleted before the bridge could read it
+            gone = self.portal.customer_message(chat, "my card number is 1234")
+            self.portal.delete_message(gone["message_id"])
+        self.assertTrue(proc.wait_stderr("deleted by the customer; not forwarded", 15), proc.all_output())
+        # the race (§19): the row is read before its params are written -- it looks deleted, then is not
+        with self.portal.lock:
+            late = self.portal.customer_message(chat, "a photo of the receipt")
+            msg = self.portal.messages[late["message_id"]]
+            kept = (msg["text"], msg["params"])
+            msg["text"], msg["params"] = "This message has been deleted.", {"IS_DELETED": "Y"}
+        time.sleep(0.6)                          # the bridge reads it as deleted...
+        with self.portal.lock:
+            msg["text"], msg["params"] = kept    # ...and its params arrive
+        self.wait(lambda: "Echo: a photo of the receipt" in [m["text"] for m in self.portal.chat_messages(chat)],
+                  "the answer to the message that only looked deleted")
+        texts = [r["payload"].get("text") for r in self.bot.received]
+        self.assertNotIn("my card number is 1234", texts)
+        self.assertNotIn("This message has been deleted.", texts)
+        self.assertEqual(texts.count("a photo of the receipt"), 1)
+        self.assertEqual(proc.stop(), 0)
+
+    def test_the_reader_shows_deleted(self) -> None:
+        chat = self.ids["lines_member"]
+        sent = self.portal.customer_message(chat, "oops")
+        self.portal.delete_message(sent["message_id"])
+        proc = self.run_script("b24_openlines_reader.py", "--since-minutes", "5", "--once")
+        self.assertIn("[chat%d] [deleted]" % chat, proc.stdout)
+        self.assertNotIn("This message has been deleted", proc.stdout)
+        proc = self.run_script("b24_openlines_reader.py", "--since-minutes", "5", "--once", "--json")
+        docs = [json.loads(line) for line in proc.stdout.splitlines()]
+        gone = next(d for d in docs if d["message_id"] == sent["message_id"])
+        self.assertEqual((gone["deleted"], gone["text"]), (True, None))
