@@ -27,6 +27,7 @@ import time
 from typing import Callable, TextIO
 
 import b24common as bc
+import b24delivery as delivery
 import b24push as push
 
 log = logging.getLogger("b24_openlines_reader")
@@ -101,6 +102,8 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument("--all", action="store_true",
                         help="also print operator, own, bot and system messages (marked as such)")
     parser.add_argument("--json", action="store_true", help="one JSON object per message per line")
+    parser.add_argument("--all-senders", action="store_true",
+                        help="report the delivery of operators' messages too (not only your own)")
     parser.add_argument("--once", action="store_true", help="one poll cycle, then exit")
     parser.add_argument("--since-minutes", type=float, metavar="N",
                         help="first print what arrived in the last N minutes")
@@ -156,6 +159,7 @@ class Reader:
         self.client, self.args, self.out, self.interval = client, args, out, interval
         self.state = state
         self.stop = threading.Event()
+        self.watch = delivery.DeliveryWatch(client)
         self.poller: bc.Poller | None = None
         self.store: PollerStore | None = None
         self.pending_new: set = set()
@@ -214,12 +218,39 @@ class Reader:
                 raise bc.B24Error("cannot write the output (%s): %s #%d and what follows was not printed"
                                   % (exc.strerror or exc, bc.display_dialog_id(msg.dialog_id), msg.id)) from None
 
+    def follow(self, msg: bc.Message) -> None:
+        """Your own messages (and with --all-senders, operators') in Open Lines chats are followed until the
+        portal says whether they reached the customer."""
+        kinds = ("self", "operator") if self.args.all_senders else ("self",)
+        info = self.poller.dialogs.get(msg.dialog_id) if self.poller is not None else None
+        connector = str(getattr(info, "entity_id", "") or "").split("|")[0]
+        if msg.author_kind in kinds and msg.dialog_id.startswith("chat") and connector \
+                and connector not in delivery.NO_REPORTS:
+            self.watch.add(msg.dialog_id, msg.id)
+
+    def report_deliveries(self) -> None:
+        """``{"type": "delivery", ...}`` lines (--json: every verdict), or ``[chatN] ! not delivered: ...``."""
+        for v in self.watch.check():
+            if self.args.json:
+                line = json.dumps({"type": "delivery", "dialog_id": bc.display_dialog_id(v.dialog_id),
+                                   "message_id": v.message_id, "status": v.status, "reason": v.reason or None})
+            elif v.status in (delivery.DELIVERED, delivery.SENT):
+                continue
+            else:
+                line = "[%s] ! %s  -- message %d" % (bc.display_dialog_id(v.dialog_id), bc.visible(v.describe()),
+                                                     v.message_id)
+            self.out.write(line + "\n")
+            self.out.flush()
+
     def cycle(self, batches: list | None = None) -> bool:
         """One round: a scan (*batches* None), or what the sources' batches point at."""
         assert self.poller is not None
         hints = None if batches is None else push.hints_of(batches)
         msgs = self.poller.poll(auto_ack=self.store is None, hints=hints)
+        if self.watch.busy():
+            self.report_deliveries()
         for msg in msgs:
+            self.follow(msg)
             self.emit(msg)
             if self.store is not None:
                 self.poller.ack(msg)

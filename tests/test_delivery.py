@@ -262,3 +262,28 @@ class DeletedMessages(BridgeWorld):
         docs = [json.loads(line) for line in proc.stdout.splitlines()]
         gone = next(d for d in docs if d["message_id"] == sent["message_id"])
         self.assertEqual((gone["deleted"], gone["text"]), (True, None))
+
+
+class ReaderSaysIt(PortalCase):
+    def test_the_reader_reports_the_fate_of_your_messages(self) -> None:
+        chat = self.ids["lines_member2"]
+        self.portal.delivery(chat, mode="fail", reason="Recipient has blocked the business number")
+        for json_mode in (True, False):
+            with self.subTest(json=json_mode):
+                proc = self.start_script("b24_openlines_reader.py", *(["--json"] if json_mode else []))
+                time.sleep(0.8)
+                sent = self.run_script(SEND, "chat%d" % chat, "a reply from a script")
+                mid = int(sent.stdout.split()[0])
+                want = '"type": "delivery"' if json_mode else "[chat%d] ! not delivered" % chat
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline and not any(want in ln for ln in proc.stdout_lines):
+                    time.sleep(0.1)
+                line = next((ln for ln in proc.stdout_lines if want in ln), None)
+                self.assertIsNotNone(line, proc.all_output())
+                if json_mode:
+                    doc = json.loads(line)
+                    self.assertEqual((doc["message_id"], doc["status"]), (mid, "failed"))
+                    self.assertEqual(doc["reason"], "Recipient has blocked the business number")
+                else:
+                    self.assertIn("not delivered: Recipient has blocked the business number", line)
+                proc.stop()
