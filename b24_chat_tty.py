@@ -25,6 +25,7 @@ import threading
 from typing import Any, TextIO
 
 import b24common as bc
+import b24delivery as delivery
 
 try:
     import readline
@@ -219,6 +220,10 @@ class Chat:
                  interval: float, history_file: str | None):
         self.client, self.args, self.screen, self.stdin = client, args, screen, stdin
         self.interval = interval
+        self.watch = delivery.DeliveryWatch(client)   # your lines, until the portal says they arrived
+        self.sent_texts: dict = {}                     # message id -> the text, for the mark
+        self.window = delivery.Window()
+        self.follows = False
         self.tty = stdin.isatty() and readline is not None
         self.me = client.whoami()
         self.inbox: queue.Queue = queue.Queue()
@@ -389,8 +394,23 @@ class Chat:
                     continue
             if msgs:
                 self.inbox.put(msgs)
+            self._marks()
             if not self.inbox.empty():
                 self._notify()   # also repeats a signal that came while nobody was reading
+
+    def _marks(self) -> None:
+        """A mark for each line you sent, as its verdict arrives: delivered, not delivered + why, sent."""
+        if not self.watch.busy():
+            return
+        try:
+            verdicts = self.watch.check()
+        except bc.B24Error:
+            return                     # asked again next round
+        for v in verdicts:
+            text = self.sent_texts.pop(v.message_id, "")
+            short = text if len(text) <= 40 else text[:37] + "..."
+            sign = "\u2713" if v.status in (delivery.DELIVERED, delivery.SENT) else "!"
+            self.inbox.put('  %s %s: "%s"' % (sign, v.describe(), short.replace("\n", " ")))
 
     # -- picker ----------------------------------------------------------------------------
     def _lines(self) -> dict:
@@ -500,6 +520,11 @@ class Chat:
         extra = " %s" % info.customer_phone if info.customer_phone else ""
         self.screen.line("== %s (%s)%s ==" % (title, bc.display_dialog_id(dialog_id), extra), "title")
         self.screen.messages(history)
+        self.window = delivery.window_of({"entity_data_1": info.entity_data_1}) if info.is_lines \
+            else delivery.Window()
+        if self.window.describe():
+            self.screen.line("(%s)" % self.window.describe(), "note")
+        self.follows = info.is_lines and info.entity_id.split("|")[0] not in ("",) + delivery.NO_REPORTS
         if info.is_lines and not self._is_member(dialog_id):
             self.screen.line("(you can read this dialog but not write yet: it waits in the queue or its "
                              "session is closed -- take it in Bitrix24 or join it)", "note")
@@ -544,7 +569,14 @@ class Chat:
         try:
             bc.check_text(text)
             for part in bc.split_text(text):
-                bc.send_text(self.client, self.reader.dialog_id, part)
+                mid = bc.send_text(self.client, self.reader.dialog_id, part)
+                if self.follows:
+                    self.watch.add(self.reader.dialog_id, mid)
+                    self.sent_texts[mid] = part
+                else:
+                    self.screen.line('  \u2713 sent: "%s"' % (part if len(part) <= 40 else part[:37] + "..."), "note")
+            if self.window.closed():
+                self.screen.line("(%s: it will not be delivered)" % self.window.describe(), "note")
         except bc.B24Error as exc:
             reason = bc.format_error(exc)
             if isinstance(exc, bc.NotMemberError):

@@ -1308,6 +1308,7 @@ class DialogInfo:
     waiting: bool = False          # in the webhook user's queue, not taken: readable, not writable
     adopted: bool = False          # known through our chat bot, not the recent list: re-read at each scan
     crm: dict = field(default_factory=dict)   # {"lead": id, "contact": id, "deal": id, "company": id} bound
+    entity_data_1: str = ""        # as read (its fields 9 and 10: the reply window, b24delivery.window_of)
 
     @classmethod
     def from_chat(cls, dialog_id: str, chat: Mapping | None, title: str = "") -> DialogInfo:
@@ -1319,7 +1320,8 @@ class DialogInfo:
         info = cls(dialog_id, as_int(chat.get("id")), str(title or chat.get("name") or ""),
                    entity_id, None, 0, is_lines=is_lines)
         parts = entity_id.split("|")
-        data1 = str(chat.get("entity_data_1") or "").split("|")
+        info.entity_data_1 = str(chat.get("entity_data_1") or "")
+        data1 = info.entity_data_1.split("|")
         if is_lines and len(data1) >= 6:
             info.session_id = as_int(data1[5])      # 0 once the session is closed
         data2 = str(chat.get("entity_data_2") or "").split("|")

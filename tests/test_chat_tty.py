@@ -197,3 +197,22 @@ class ChatTTY(ChatHarness):
             with self.subTest(argv=argv):
                 proc = self.run_script(CHAT, *argv, input="")
                 self.assertOneLineError(proc, code, needle)
+
+
+class DeliveryMarks(ChatHarness):
+    def test_each_line_gets_its_verdict_and_the_window_is_shown(self) -> None:
+        chat = self.ids["lines_member2"]                     # WhatsApp: a window, delivery reports
+        p = self.open_chat("chat%d" % chat)
+        p.expect("window closes in 2")                       # opened by the customer's last message
+        at = p.expect("/help for commands")
+        p.send("this one arrives\r")
+        at = p.expect('\u2713 delivered: "this one arrives"', start=at)
+        self.portal.delivery(chat, mode="fail", reason="Recipient has blocked the business number")
+        p.send("this one does not\r")
+        p.expect('! not delivered: Recipient has blocked the business number: "this one does not"', start=at)
+        p.expect("Message could not be delivered", start=at)      # the portal's own notice, shown
+        group = self.ids["group"]                            # no delivery reports: "sent" at once
+        q = self.open_chat("chat%d" % group)
+        q.expect("/help for commands")
+        q.send("team note\r")
+        q.expect('\u2713 sent: "team note"')
