@@ -255,6 +255,7 @@ class Bridge:
             if ts is not None:
                 self.activity[m.dialog_id] = max(self.activity.get(m.dialog_id, 0.0), ts)
         self.uncommitted.extend(self.inbox_rows(msgs))
+        self.deliveries.seen(msgs)          # our parts among them are judged from this read
         return self.commit()
 
     def prune(self) -> None:

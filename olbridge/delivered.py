@@ -17,6 +17,7 @@ from olbridge.store import Row
 log = logging.getLogger("b24_ol_bridge")
 
 REASONS = ("window", "blocked", "provider", "unconfirmed")     # b24_bridge_replies_undelivered_total{reason}
+CHECK_EVERY_SEC = 5.0       # parts the poller has not settled on its way are read again this often (one batch)
 
 
 def reason_kind(verdict: delivery.Verdict) -> str:
@@ -46,6 +47,27 @@ class Deliveries:
             self.watch.add(dialog, mid, at=sent_at)
             self.rows[mid] = (dialog, source, part, payload)
 
+    def seen(self, msgs: list) -> None:
+        """The poller read these anyway: a part among them (posting it moved its dialog, so the next scan
+        reads it) is judged from what came with it, at no extra request; only parts still in flight then
+        are left to :meth:`check`."""
+        if self.watch is None or not self.watch.busy():
+            return
+        verdicts = []
+        now = time.time()
+        for i, msg in enumerate(msgs):
+            pending = self.watch.pending.get(msg.id)
+            if pending is None or pending[0] != msg.dialog_id:
+                continue
+            notices = [{"text": m.text, "author_id": 0} for m in msgs[i + 1:]
+                       if m.dialog_id == msg.dialog_id and m.author_kind == "system"]
+            verdict = delivery.judge({"id": msg.id, "params": msg.params}, notices, age=now - pending[1],
+                                     wait=self.watch.wait, dialog_id=msg.dialog_id)
+            if verdict is not None:
+                del self.watch.pending[msg.id]
+                verdicts.append(verdict)
+        self._settle_all(verdicts)
+
     def check(self, interval: float) -> None:
         if self.watch is None:
             self._load()
@@ -54,10 +76,12 @@ class Deliveries:
                 if mid not in self.rows:
                     self.watch.add(dialog, mid, at=sent_at)
                     self.rows[mid] = (dialog, source, part, payload)
-        if not self.watch.busy() or time.monotonic() - self.last < interval:
+        if not self.watch.busy() or time.monotonic() - self.last < max(interval, CHECK_EVERY_SEC):
             return
         self.last = time.monotonic()
-        verdicts = self.watch.check()
+        self._settle_all(self.watch.check())
+
+    def _settle_all(self, verdicts: list) -> None:
         for v in verdicts:
             self._settle(v)
         if verdicts:

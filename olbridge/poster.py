@@ -47,11 +47,10 @@ class Poster:
         self.shared.store.finish(row)
         return True
 
-    @staticmethod
-    def follow(row: Row) -> bool:
+    def follow(self, row: Row) -> bool:
         """Is there a delivery verdict to wait for (an Open Lines chat whose connector reports one)?"""
-        return row.dialog.startswith("chat") and bool(row.payload.get("connector")) \
-            and row.payload.get("connector") not in NO_REPORTS
+        return self.shared.settings.track_delivery and row.dialog.startswith("chat") \
+            and bool(row.payload.get("connector")) and row.payload.get("connector") not in NO_REPORTS
 
     def _release(self, row: Row, *, again_at: float | None = None) -> None:
         self.scheduler.from_poster(row.dialog, again_at)

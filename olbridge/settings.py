@@ -34,6 +34,10 @@ class Settings:
         # a dialog the bridge took from the queue goes back to it (with the fallback text) when the bot
         # stays down this long: the customer must not wait outside every queue
         self.handback_min = bc.env_number(env, "BRIDGE_OUTAGE_HANDBACK_MIN", 5, 0, 7 * 24 * 60)
+        # follow each posted part until the portal says it was delivered (one batch a poll interval while
+        # parts are in flight); 0 turns it off
+        self.track_delivery = (env.get("BRIDGE_TRACK_DELIVERY") or "1").strip().lower() not in ("0", "n", "no",
+                                                                                              "false", "off")
         self.delivery_events = (env.get("BOT_DELIVERY_EVENTS") or "").strip().lower() in ("1", "y", "yes", "true", "on")
         self.undelivered_to = (env.get("BRIDGE_UNDELIVERED_TO") or "").strip().lower()
         if self.undelivered_to not in ("", "queue"):
