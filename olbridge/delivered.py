@@ -17,7 +17,7 @@ from olbridge.store import Row
 log = logging.getLogger("b24_ol_bridge")
 
 REASONS = ("window", "blocked", "provider", "unconfirmed")     # b24_bridge_replies_undelivered_total{reason}
-CHECK_EVERY_SEC = 5.0       # parts the poller has not settled on its way are read again this often (one batch)
+CHECK_EVERY_SEC = 10.0      # parts the poller has not settled on its way are read again this often (one batch)
 
 
 def reason_kind(verdict: delivery.Verdict) -> str:

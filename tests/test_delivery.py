@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import unittest
 
 import b24delivery as delivery
 from tests.support import PortalCase, bc
@@ -65,6 +66,13 @@ class EmulatorDelivery(PortalCase):
         group = self.ids["group"]
         mid = bc.send_text(self.client(), "chat%d" % group, "team note")
         self.assertEqual(self.params_after(group, mid, 0.4), [])
+        self.portal.add_line(9, "Site chat", [7], connector="livechat")       # live chat reports nothing
+        live = self.portal.new_conversation(9, "Visitor", None, "hi from the site")["chat_id"]
+        self.portal.take_chat(live, 7)
+        proc = self.run_script(SEND, "chat%d" % live, "hello visitor", "--wait-delivered")
+        self.assertEqual((proc.returncode, proc.stdout.split("\n")[1]), (0, "sent"), proc.stderr)
+        mid = int(proc.stdout.split()[0])
+        self.assertEqual(self.params_after(live, mid, 0.4), [])
 
     def test_stuck_then_the_300_s_notice_once_per_chat(self) -> None:
         chat = self.ids["lines_member2"]
@@ -287,3 +295,19 @@ class ReaderSaysIt(PortalCase):
                 else:
                     self.assertIn("not delivered: Recipient has blocked the business number", line)
                 proc.stop()
+
+
+class WindowWhileThinking(unittest.TestCase):
+    """An answer is not posted once 24 hours passed since the customer's message on a window connector."""
+
+    def test_the_rule(self) -> None:
+        from olbridge.asker import Asker
+        from olbridge.store import Row
+
+        def row(connector: str, hours_ago: float) -> Row:
+            date = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - hours_ago * 3600))
+            return Row(("chat1", 5, json.dumps({"connector": connector, "date": date}), "new", None, 0, 0, 0,
+                        None, 0, None, 0))
+        self.assertIn("24 hours passed", Asker._window_closed(row("whatsappbyedna", 25)))
+        self.assertEqual(Asker._window_closed(row("whatsappbyedna", 23)), "")
+        self.assertEqual(Asker._window_closed(row("olchat_wa_connector_2", 48)), "", "no window there")
