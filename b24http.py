@@ -22,6 +22,7 @@ from typing import Any
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_REQUEST_DEADLINE_SEC = 10.0
 SAY_EVERY_SEC = 60.0
+LINGER_MAX_BYTES = 4 << 20          # what a refused client may still send before its connection is closed
 
 
 class SaidOnce:
@@ -79,6 +80,7 @@ class GuardedHTTPServer(ThreadingHTTPServer):
         self.said = SaidOnce(logger)
         self._open: dict = {}          # socket -> [monotonic start, request complete]
         self._guard = threading.Lock()
+        self._unread: set = set()      # refused before their bodies were read (see _linger)
         self._closing = threading.Event()
         super().__init__(address, handler)          # binds (and closes itself again if it cannot)
         threading.Thread(target=self._reap, name="http-deadline", daemon=True).start()
@@ -108,7 +110,32 @@ class GuardedHTTPServer(ThreadingHTTPServer):
     def shutdown_request(self, request: Any) -> None:
         with self._guard:
             self._open.pop(request, None)
+            linger = request in self._unread
+            self._unread.discard(request)
+        if linger:
+            self._linger(request)
         super().shutdown_request(request)
+
+    def body_left_unread(self, request: Any) -> None:
+        """The handler refuses *request* without reading its body: linger when closing it."""
+        with self._guard:
+            self._unread.add(request)
+
+    @staticmethod
+    def _linger(sock: Any) -> None:
+        """A request refused before its body was read (413, 411): take in what the client is still sending,
+        for a moment and a few MiB at most, so that it reads the refusal instead of a reset connection."""
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(0.5)
+            deadline, taken = time.monotonic() + 2.0, 0
+            while time.monotonic() < deadline and taken < LINGER_MAX_BYTES:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                taken += len(chunk)
+        except OSError:
+            pass
 
     def _drop(self, sock: Any) -> None:
         """Make *sock* count no more and end it (under the lock): its handler's next read sees the end, and

@@ -695,6 +695,7 @@ class _PushHandler(BaseHTTPRequestHandler):
     def _post(self) -> None:
         length, refused = content_length(self.headers, RECEIVER_MAX_BODY)
         if refused is not None:
+            self.server.body_left_unread(self.request)   # a moment's lingering: the client reads the refusal
             self._refuse(*refused)
             return
         raw = self.rfile.read(length)

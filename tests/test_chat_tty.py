@@ -118,6 +118,7 @@ class ChatTTY(ChatHarness):
         self.portal.take_chat(chat, 7)
         p.send("\r")
         self.wait_for_text(chat, "please retry me")
+        p.expect('delivered: "please retry me"', start=pos)   # its mark is in (it redraws the input line)
         p.send("\x04")
         self.assertEqual(p.wait(), 0)
 

@@ -170,8 +170,13 @@ class Operations(BridgeHarness):
             self.portal.customer_message(chat, "count me %d" % i)
         self.wait_for(lambda: len([t for t in self.texts(chat) if t.startswith("Echo: count me")]) == 3,
                       what="three replies")
-        with OPENER.open(base + "/metrics", timeout=5) as resp:
-            text = resp.read().decode()
+
+        def metrics() -> str:
+            with OPENER.open(base + "/metrics", timeout=5) as resp:
+                return resp.read().decode()
+        # the portal has the third reply a moment before the bridge has written it down
+        self.wait_for(lambda: "\nb24_bridge_backlog_messages 0\n" in metrics(), what="the backlog written down")
+        text = metrics()
         self.assertNotIn(self.portal.code, text)
         values = {}
         for line in text.splitlines():
