@@ -224,7 +224,7 @@ class BridgeFollowsItsAnswers(BridgeWorld):
         proc = self.bridge()
         self.portal.customer_message(chat, "one")
         self.wait(lambda: 'b24_bridge_replies_delivered_total 1' in self.metrics(), "the delivered count")
-        self.portal.delivery(chat, mode="fail", reason="provider outage", delay=4.0)
+        self.portal.delivery(chat, mode="fail", reason="provider outage", delay=1.0)
         self.portal.customer_message(chat, "two")
         self.wait(lambda: "Echo: two" in [m["text"] for m in self.portal.chat_messages(chat)], "the answer")
         proc.kill()                                   # kill -9 while the verdict is still to come
