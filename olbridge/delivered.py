@@ -17,7 +17,6 @@ from olbridge.store import Row
 log = logging.getLogger("b24_ol_bridge")
 
 REASONS = ("window", "blocked", "provider", "unconfirmed")     # b24_bridge_replies_undelivered_total{reason}
-CHECK_EVERY_SEC = 10.0      # parts the poller has not settled on its way are read again this often (one batch)
 
 
 def reason_kind(verdict: delivery.Verdict) -> str:
@@ -76,7 +75,8 @@ class Deliveries:
                 if mid not in self.rows:
                     self.watch.add(dialog, mid, at=sent_at)
                     self.rows[mid] = (dialog, source, part, payload)
-        if not self.watch.busy() or time.monotonic() - self.last < max(interval, CHECK_EVERY_SEC):
+        every = max(interval, self.shared.settings.delivery_check)        # BRIDGE_DELIVERY_CHECK_SEC
+        if not self.watch.busy() or time.monotonic() - self.last < every:
             return
         self.last = time.monotonic()
         self._settle_all(self.watch.check())

@@ -38,6 +38,8 @@ class Settings:
         # parts are in flight); 0 turns it off
         self.track_delivery = (env.get("BRIDGE_TRACK_DELIVERY") or "1").strip().lower() not in ("0", "n", "no",
                                                                                               "false", "off")
+        # parts the scan did not settle on its way are read again this often (one batch for all of them)
+        self.delivery_check = bc.env_number(env, "BRIDGE_DELIVERY_CHECK_SEC", 10, 0.1, 3600)
         self.delivery_events = (env.get("BOT_DELIVERY_EVENTS") or "").strip().lower() in ("1", "y", "yes", "true", "on")
         self.undelivered_to = (env.get("BRIDGE_UNDELIVERED_TO") or "").strip().lower()
         if self.undelivered_to not in ("", "queue"):
