@@ -149,6 +149,3 @@ class Delivery:
             msg["params"] = dict(msg["params"] or {}, IS_EDITED="Y")
             self._notify("update", self.chats[msg["chat_id"]], msg=msg)
             return {"message_id": msg["id"]}
-
-    def pending_handoffs(self) -> int:
-        return len(self._handoffs)
