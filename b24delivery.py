@@ -121,7 +121,7 @@ def judge(msg: Mapping, notices: list, *, age: float, wait: float, dialog_id: st
 
 class DeliveryWatch:
     """Sent messages followed until the portal settles them.  :meth:`add` after a send, :meth:`check`
-    once a poll cycle (one ``batch`` for every dialog with sends in flight, none when there are none)."""
+    once a poll cycle (one ``batch`` for up to 50 dialogs with sends in flight, none when there are none)."""
 
     def __init__(self, client: bc.Client, wait: float | None = None, clock: Any = time.monotonic):
         self.client = client
@@ -143,13 +143,17 @@ class DeliveryWatch:
         first: dict = {}
         for mid, (dialog, _at) in self.pending.items():
             first[dialog] = min(first.get(dialog, mid), mid)
-        dialogs = sorted(first)[:bc.BATCH_MAX]
-        res = self.client.batch({"d%d" % i: ("im.dialog.messages.get", {
-            "DIALOG_ID": d, "FIRST_ID": first[d] - 1, "LIMIT": bc.MESSAGES_PAGE}) for i, d in enumerate(dialogs)})
+        dialogs = sorted(first, key=first.get)                   # the longest waiting first
+        results: dict = {}
+        for start in range(0, len(dialogs), bc.BATCH_MAX):      # one batch per 50 dialogs in flight
+            chunk = dialogs[start:start + bc.BATCH_MAX]
+            res = self.client.batch({"d%d" % i: ("im.dialog.messages.get", {
+                "DIALOG_ID": d, "FIRST_ID": first[d] - 1, "LIMIT": bc.MESSAGES_PAGE}) for i, d in enumerate(chunk)})
+            results.update({d: res.results.get("d%d" % i) for i, d in enumerate(chunk)})
         now = self.clock()
         out = []
-        for i, dialog in enumerate(dialogs):
-            msgs = sorted(bc.messages_of(res.results.get("d%d" % i))[0], key=lambda m: bc.as_int(m.get("id")))
+        for dialog in dialogs:
+            msgs = sorted(bc.messages_of(results.get(dialog))[0], key=lambda m: bc.as_int(m.get("id")))
             by_id = {bc.as_int(m.get("id")): m for m in msgs}
             for mid, (d, sent_at) in list(self.pending.items()):
                 if d != dialog or mid not in by_id:
