@@ -524,7 +524,7 @@ class Chat:
             else delivery.Window()
         if self.window.describe():
             self.screen.line("(%s)" % self.window.describe(), "note")
-        self.follows = info.is_lines and info.entity_id.split("|")[0] not in ("",) + delivery.NO_REPORTS
+        self.follows = delivery.reports_delivery(info.connector)
         if info.is_lines and not self._is_member(dialog_id):
             self.screen.line("(you can read this dialog but not write yet: it waits in the queue or its "
                              "session is closed -- take it in Bitrix24 or join it)", "note")

@@ -223,9 +223,7 @@ class Reader:
         portal says whether they reached the customer."""
         kinds = ("self", "operator") if self.args.all_senders else ("self",)
         info = self.poller.dialogs.get(msg.dialog_id) if self.poller is not None else None
-        connector = str(getattr(info, "entity_id", "") or "").split("|")[0]
-        if msg.author_kind in kinds and msg.dialog_id.startswith("chat") and connector \
-                and connector not in delivery.NO_REPORTS:
+        if msg.author_kind in kinds and info is not None and delivery.reports_delivery(info.connector):
             self.watch.add(msg.dialog_id, msg.id)
 
     def report_deliveries(self) -> None:

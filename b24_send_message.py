@@ -83,12 +83,12 @@ def check_window(client: bc.Client, dialog_id: str, force: bool) -> str:
                               time.strftime("%Y-%m-%d %H:%M", time.localtime(window.closes_at)), window.why()))
         err.exit_code = bc.EXIT_NOT_DELIVERED
         raise err
-    return delivery.connector_of(chat)
+    return bc.DialogInfo.from_chat(dialog_id, chat).connector
 
 
 def wait_delivered(client: bc.Client, dialog_id: str, ids: list, connector: str, seconds: float) -> list:
     """The verdict on each sent part (``sent`` at once where the chat's connector reports nothing)."""
-    if connector in ("",) + delivery.NO_REPORTS:
+    if not delivery.reports_delivery(connector):
         return [delivery.Verdict(dialog_id, i, delivery.SENT) for i in ids]
     watch = delivery.DeliveryWatch(client, wait=seconds or client.config.delivery_wait)
     for i in ids:

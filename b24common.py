@@ -1336,6 +1336,11 @@ class DialogInfo:
                 info.customer_phone = normalize_phone(parts[2])
         return info
 
+    @property
+    def connector(self) -> str:
+        """The Open Lines connector (``entity_id`` = ``connector|line|external chat|customer``), else ""."""
+        return self.entity_id.split("|")[0] if self.is_lines else ""
+
     def learn_customer(self, user: Mapping | None) -> None:
         if not isinstance(user, Mapping):
             return

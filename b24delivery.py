@@ -18,7 +18,7 @@ reads the reply window from a chat's ``entity_data_1`` (fields 9 and 10, §6.1 a
 from __future__ import annotations
 
 __all__ = ["DELIVERED", "SENT", "FAILED", "REFUSED", "UNCONFIRMED", "NO_REPORTS", "WINDOW_SEC", "Verdict",
-           "Window", "window_of", "judge", "DeliveryWatch", "connector_of"]
+           "Window", "window_of", "judge", "DeliveryWatch", "reports_delivery"]
 
 import re
 import time
@@ -76,12 +76,9 @@ def window_of(chat: Mapping) -> Window:
     return Window(float(bc.as_int(fields[8])), fields[9] if fields[9] not in ("0",) else "")
 
 
-def connector_of(chat: Mapping) -> str:
-    """The connector of a LINES chat (``entity_id`` = ``connector|line|external chat|user``), else ""."""
-    if str(chat.get("entity_type") or chat.get("type") or "").upper() not in ("LINES", "LINES_CHAT") and \
-            str(chat.get("type") or "") != "lines":
-        return ""
-    return str(chat.get("entity_id") or "").split("|")[0]
+def reports_delivery(connector: str) -> bool:
+    """Does a chat on this connector get delivery marks (an Open Lines connector other than live chat)?"""
+    return bool(connector) and connector not in NO_REPORTS
 
 
 def _yes(value: Any) -> bool:

@@ -183,7 +183,7 @@ class Bridge:
 
     def _connector(self, dialog_id: str) -> str:
         info = self.poller.dialogs.get(dialog_id) if self.poller is not None else None
-        return str(getattr(info, "entity_id", "") or "").split("|")[0]
+        return info.connector if info is not None else ""
 
     def inbox_rows(self, msgs: list) -> list:
         """Customer messages -> inbox rows (a new session means new_dialog); a person who wrote pauses the

@@ -8,7 +8,7 @@ import threading
 import time
 
 import b24common as bc
-from b24delivery import NO_REPORTS
+from b24delivery import reports_delivery
 from olbridge.pauses import Pauses
 from olbridge.scheduler import Scheduler
 from olbridge.shared import MAX_PARTS, Shared
@@ -49,8 +49,7 @@ class Poster:
 
     def follow(self, row: Row) -> bool:
         """Is there a delivery verdict to wait for (an Open Lines chat whose connector reports one)?"""
-        return self.shared.settings.track_delivery and row.dialog.startswith("chat") \
-            and bool(row.payload.get("connector")) and row.payload.get("connector") not in NO_REPORTS
+        return self.shared.settings.track_delivery and reports_delivery(row.payload.get("connector") or "")
 
     def _release(self, row: Row, *, again_at: float | None = None) -> None:
         self.scheduler.from_poster(row.dialog, again_at)
