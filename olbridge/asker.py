@@ -275,15 +275,9 @@ class Asker:
             minutes, exc, line), "bot")              # the fallback text goes with it
         self.pauses.hand_over(row)
         sh.store.set_handed_off(row.dialog, row.payload.get("session_id") or 0)
-        if not line or not row.dialog.startswith("chat"):
-            return
-        try:
-            sh.client.call("imopenlines.operator.transfer", {"CHAT_ID": int(row.dialog[4:]),
-                                                              "TRANSFER_ID": "queue%d" % line}, write=True)
-            log.warning("%s: the bot has been down for %.0f min: the dialog went back to the queue of line %s "
-                        "(BRIDGE_OUTAGE_HANDBACK_MIN)", row.where, minutes, line)
-        except bc.B24Error as exc2:
-            log.error("%s: could not hand the dialog back to the queue: %s", row.where, bc.format_error(exc2))
+        if sh.to_queue(row.dialog, line, row.where, "BRIDGE_OUTAGE_HANDBACK_MIN"):
+            log.warning("%s: the bot has been down for %.0f min: the dialog went back to the queue of line %s",
+                        row.where, minutes, line)
 
     @staticmethod
     def _window_closed(row: Row) -> str:

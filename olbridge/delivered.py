@@ -107,15 +107,8 @@ class Deliveries:
         sh.dead_letter(row, "reply %d %s" % (part + 1, v.describe()), "delivery")
         if self.notify_bot:
             self._tell_bot(v, payload)
-        if self.hand_to_queue and payload.get("line_id") and dialog.startswith("chat"):
-            try:
-                sh.client.call("imopenlines.operator.transfer", {"CHAT_ID": int(dialog[4:]),
-                                                                  "TRANSFER_ID": "queue%d" % payload["line_id"]},
-                               write=True)
-                log.info("%s: handed to the queue of line %s for a person to follow up (BRIDGE_UNDELIVERED_TO)",
-                         where, payload["line_id"])
-            except bc.B24Error as exc:
-                log.error("%s: could not hand the dialog to the queue: %s", where, bc.format_error(exc))
+        if self.hand_to_queue:
+            sh.to_queue(dialog, payload.get("line_id"), where, "a reply was not delivered: BRIDGE_UNDELIVERED_TO")
 
     def _tell_bot(self, v: delivery.Verdict, payload: dict) -> None:
         bot: BotClient | None = self.bot_for_line(payload.get("line_id"))

@@ -244,14 +244,8 @@ class Poster:
         sh = self.shared
         sh.store.set_handed_off(row.dialog, self.pauses.hand_over(row))
         log.info("%s: the bot handed the dialog over to a person; it stays out of this conversation", row.where)
-        line = row.payload.get("line_id")
-        if sh.settings.handoff_to == "queue" and line and row.dialog.startswith("chat"):
-            try:
-                sh.client.call("imopenlines.operator.transfer", {"CHAT_ID": int(row.dialog[4:]),
-                                                                  "TRANSFER_ID": "queue%d" % line}, write=True)
-                log.info("%s: transferred to the queue of line %s", row.where, line)
-            except bc.B24Error as exc:
-                log.error("%s: could not transfer the dialog to the queue: %s", row.where, bc.format_error(exc))
+        if sh.settings.handoff_to == "queue":
+            sh.to_queue(row.dialog, row.payload.get("line_id"), row.where, "the bot handed over")
 
 
 def next_missing(row: Row, start: int) -> int:

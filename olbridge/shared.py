@@ -91,6 +91,20 @@ class Shared:
             log.warning("%s: the bot is not asked while the webhook user cannot post in %s: %s", row.where,
                         bc.display_dialog_id(row.dialog), why)
 
+    def to_queue(self, dialog: str, line: int | None, where: str, why: str) -> bool:
+        """Give *dialog* back to the queue of Open Line *line* (``imopenlines.operator.transfer`` to
+        ``queueN``), so a person can take it; one log line either way.  True when it went."""
+        if not line or not dialog.startswith("chat"):
+            return False
+        try:
+            self.client.call("imopenlines.operator.transfer", {"CHAT_ID": int(dialog[4:]),
+                                                               "TRANSFER_ID": "queue%d" % line}, write=True)
+        except bc.B24Error as exc:
+            log.error("%s: could not hand the dialog to the queue of line %s: %s", where, line, bc.format_error(exc))
+            return False
+        log.info("%s: transferred to the queue of line %s (%s)", where, line, why)
+        return True
+
     # -- a message that failed ------------------------------------------------------------
     def retry_later(self, row: Row, error: str, *, unusable: bool = False) -> bool:
         """Schedule another try; False when this message's time (or patience) is up."""
