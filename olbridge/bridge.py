@@ -74,6 +74,7 @@ class Bridge:
                            take="answer" if getattr(args, "take", False) else settings.take)
         self.deliveries = Deliveries(self.shared, self.asker.bot_for_line, notify_bot=settings.delivery_events,
                                      hand_to_queue=settings.undelivered_to == "queue")
+        self.poster.on_posted = self.deliveries.follow
         self.watchdog = Watchdog(self.live, self.status)
         self.poller: bc.Poller | None = None
         self.inbound: push.Inbound | None = None     # the sources (see choose_sources); None: scans only

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import sqlite3
 import time
 
@@ -34,23 +35,38 @@ class Deliveries:
         self.shared = shared
         self.bot_for_line = bot_for_line            # line id -> BotClient | None
         self.notify_bot, self.hand_to_queue = notify_bot, hand_to_queue
-        self.watch: delivery.DeliveryWatch | None = None
+        self.watch: delivery.DeliveryWatch | None = None   # made (and filled from the store) by the main thread
+        self.posted: queue.Queue = queue.Queue()    # parts the poster posted, for the main thread to follow
         self.rows: dict = {}                        # message id -> (dialog, source, part, payload)
         self.last = 0.0
         self.counts = {"delivered": 0, **{r: 0 for r in REASONS}}
 
-    def _load(self) -> None:
-        """The parts in flight, from the store (a restart loses no verdict)."""
-        self.watch = delivery.DeliveryWatch(self.shared.client, clock=time.time)
-        for mid, dialog, source, part, sent_at, payload in self.shared.store.sent_in_flight():
-            self.watch.add(dialog, mid, at=sent_at)
-            self.rows[mid] = (dialog, source, part, payload)
+    def follow(self, part: tuple) -> None:
+        """The poster posted a part (``(message id, dialog, source, part, sent at, payload)``); any thread."""
+        self.posted.put(part)
+
+    def _take_posted(self) -> None:
+        """In the main thread: the parts in flight from the store once (a restart loses no verdict), then
+        those the poster posted since."""
+        if self.watch is None:
+            self.watch = delivery.DeliveryWatch(self.shared.client, clock=time.time)
+            for part in self.shared.store.sent_in_flight():
+                self.posted.put(part)
+        while True:
+            try:
+                mid, dialog, source, part, sent_at, payload = self.posted.get_nowait()
+            except queue.Empty:
+                return
+            if mid not in self.rows:
+                self.watch.add(dialog, mid, at=sent_at)
+                self.rows[mid] = (dialog, source, part, payload)
 
     def seen(self, msgs: list) -> None:
         """The poller read these anyway: a part among them (posting it moved its dialog, so the next scan
         reads it) is judged from what came with it, at no extra request; only parts still in flight then
         are left to :meth:`check`."""
-        if self.watch is None or not self.watch.busy():
+        self._take_posted()
+        if not self.watch.busy():
             return
         verdicts = []
         now = time.time()
@@ -68,13 +84,7 @@ class Deliveries:
         self._settle_all(verdicts)
 
     def check(self, interval: float) -> None:
-        if self.watch is None:
-            self._load()
-        else:
-            for mid, dialog, source, part, sent_at, payload in self.shared.store.sent_in_flight():
-                if mid not in self.rows:
-                    self.watch.add(dialog, mid, at=sent_at)
-                    self.rows[mid] = (dialog, source, part, payload)
+        self._take_posted()
         every = max(interval, self.shared.settings.delivery_check)        # BRIDGE_DELIVERY_CHECK_SEC
         if not self.watch.busy() or time.monotonic() - self.last < every:
             return

@@ -6,6 +6,7 @@ import logging
 import queue
 import threading
 import time
+from typing import Callable
 
 import b24common as bc
 from b24delivery import reports_delivery
@@ -27,6 +28,7 @@ class Poster:
         self.scheduler = scheduler
         self.outbox: queue.Queue = queue.Queue()
         self.warned_bot_cannot_post: set = set()
+        self.on_posted: Callable[[tuple], None] = lambda part: None   # a part to follow (Deliveries.follow)
 
     def start(self) -> None:
         threading.Thread(target=self._run, name="bridge-poster", daemon=True).start()
@@ -198,7 +200,8 @@ class Poster:
         if error is None:
             sh.stats["replies"] += 1
             if message_id and self.follow(row):
-                sh.store.part_posted(row, message_id, index, posted=index + 1, attempts=0, first_try=None)
+                self.on_posted(sh.store.part_posted(row, message_id, index, posted=index + 1, attempts=0,
+                                                    first_try=None))
             else:
                 sh.store.update(row, posted=index + 1, attempts=0, first_try=None)
             self._next_part(row)

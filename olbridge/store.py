@@ -258,19 +258,22 @@ class Store:
         self._tx([("UPDATE inbox SET %s WHERE dialog = ? AND message_id = ?" % cols,
                    values + [row.dialog, row.message_id])])
 
-    def part_posted(self, row: Row, message_id: int, index: int, **fields: Any) -> None:
+    def part_posted(self, row: Row, message_id: int, index: int, **fields: Any) -> tuple:
         """Part *index* of *row*'s answer is in the dialog as *message_id*: recorded, and followed until the
-        portal says whether it was delivered -- in one transaction, so a crash loses no verdict."""
+        portal says whether it was delivered -- in one transaction, so a crash loses no verdict.  Returns
+        the part in flight as :meth:`sent_in_flight` lists it."""
         for k, v in fields.items():
             setattr(row, k, v)
         cols = ", ".join("%s = ?" % k for k in fields)
         follow = {k: row.payload.get(k) for k in ("event_id", "line_id", "session_id", "dialog_id")}
         follow["text"] = row.answer[index] if index < len(row.answer) else ""
+        sent_at = time.time()
         self._tx([("UPDATE inbox SET %s WHERE dialog = ? AND message_id = ?" % cols,
                    list(fields.values()) + [row.dialog, row.message_id]),
                   ("INSERT OR IGNORE INTO sent (message_id, dialog, source, part, sent_at, payload) "
-                   "VALUES (?, ?, ?, ?, ?, ?)", (message_id, row.dialog, row.message_id, index, time.time(),
+                   "VALUES (?, ?, ?, ?, ?, ?)", (message_id, row.dialog, row.message_id, index, sent_at,
                                                  json.dumps(follow, ensure_ascii=False)))])
+        return message_id, row.dialog, row.message_id, index, sent_at, follow
 
     def sent_in_flight(self) -> list:
         """``[(message id, dialog, source message id, part, sent at, payload)]`` not settled yet."""
