@@ -105,6 +105,10 @@ class Asker:
             sh.store.finish(row)
             return False
         if row.state == "answered":
+            if self.poster.follow(row):        # posted before the crash, never recorded: their verdicts too
+                for index, mid in row.present.items():
+                    if index >= row.posted:
+                        self.poster.on_posted(sh.store.part_found(row, mid, index))
             start = next_missing(row, row.posted)
             if start > row.posted:
                 log.info("%s: replies %d-%d are already in the dialog; posting the rest", row.where,

@@ -155,9 +155,9 @@ class Poster:
             return exc, 0
 
     # -- is it there already? ------------------------------------------------------------------
-    def parts_present(self, row: Row) -> set:
-        """Which parts of this message's answer are already in the dialog (by their TEMPLATE_IDs, or the
-        chat bot's texts: imbot.message.add takes no TEMPLATE_ID).
+    def parts_present(self, row: Row) -> dict:
+        """Which parts of this message's answer are already in the dialog, ``{part index: message id}`` (by
+        their TEMPLATE_IDs, or the chat bot's texts: imbot.message.add takes no TEMPLATE_ID).
 
         Asked once for a message left over from an earlier run (or put back from the dead letters): a
         crash between posting a part and recording it must not post it twice, even on a portal that has
@@ -166,16 +166,17 @@ class Poster:
         sh = self.shared
         ours = {sh.template(row, i): i for i in range(MAX_PARTS)}
         bot_id = bc.as_int((sh.chat_bot or {}).get("bot_id"))
-        found: set = set()
+        found: dict = {}
         after = row.message_id
         for _page in range(4):
             res = sh.client.call("im.dialog.messages.get", {"DIALOG_ID": row.dialog, "FIRST_ID": after,
                                                             "LIMIT": bc.MESSAGES_PAGE})
-            found.update(ours[uuid] for uuid in bc.posted_uuids(res) if uuid in ours)
+            found.update({ours[uuid]: mid for uuid, mid in bc.posted_uuids(res).items() if uuid in ours})
             msgs = bc.messages_of(res)[0]
             for m in msgs if bot_id and row.answer else ():
                 if bc.as_int(m.get("author_id")) == bot_id:        # the bot's parts carry no uuid
-                    found.update(i for i, text in enumerate(row.answer) if text == m.get("text"))
+                    found.update({i: bc.as_int(m.get("id")) for i, text in enumerate(row.answer)
+                                  if text == m.get("text")})
             if len(msgs) < bc.MESSAGES_PAGE:
                 break
             after = max(bc.as_int(m.get("id")) for m in msgs)

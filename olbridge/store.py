@@ -47,7 +47,7 @@ class Row:
         self.payload = json.loads(payload)
         self.answer = json.loads(answer) if answer else []
         self.handoff = bool(handoff)
-        self.present: set = set()      # indexes of parts found in the dialog already (not saved: looked up again)
+        self.present: dict = {}        # part index -> message id, found in the dialog already (looked up again)
 
     @property
     def where(self) -> str:
@@ -265,15 +265,27 @@ class Store:
         for k, v in fields.items():
             setattr(row, k, v)
         cols = ", ".join("%s = ?" % k for k in fields)
+        insert, part = self._in_flight(row, message_id, index)
+        self._tx([("UPDATE inbox SET %s WHERE dialog = ? AND message_id = ?" % cols,
+                   list(fields.values()) + [row.dialog, row.message_id]), insert])
+        return part
+
+    def part_found(self, row: Row, message_id: int, index: int) -> tuple:
+        """Part *index* was found in the dialog after a crash (posted, never recorded): followed from now."""
+        insert, part = self._in_flight(row, message_id, index)
+        self._tx([insert])
+        return part
+
+    @staticmethod
+    def _in_flight(row: Row, message_id: int, index: int) -> tuple:
+        """``(the INSERT that keeps a part in flight, the part as sent_in_flight lists it)``."""
         follow = {k: row.payload.get(k) for k in ("event_id", "line_id", "session_id", "dialog_id")}
         follow["text"] = row.answer[index] if index < len(row.answer) else ""
         sent_at = time.time()
-        self._tx([("UPDATE inbox SET %s WHERE dialog = ? AND message_id = ?" % cols,
-                   list(fields.values()) + [row.dialog, row.message_id]),
-                  ("INSERT OR IGNORE INTO sent (message_id, dialog, source, part, sent_at, payload) "
-                   "VALUES (?, ?, ?, ?, ?, ?)", (message_id, row.dialog, row.message_id, index, sent_at,
-                                                 json.dumps(follow, ensure_ascii=False)))])
-        return message_id, row.dialog, row.message_id, index, sent_at, follow
+        insert = ("INSERT OR IGNORE INTO sent (message_id, dialog, source, part, sent_at, payload) "
+                  "VALUES (?, ?, ?, ?, ?, ?)", (message_id, row.dialog, row.message_id, index, sent_at,
+                                                json.dumps(follow, ensure_ascii=False)))
+        return insert, (message_id, row.dialog, row.message_id, index, sent_at, follow)
 
     def sent_in_flight(self) -> list:
         """``[(message id, dialog, source message id, part, sent at, payload)]`` not settled yet."""
