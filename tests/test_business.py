@@ -252,9 +252,13 @@ class PausesInSight(BridgeHarness):
 class TakeWithTheBotDown(BridgeHarness):
     def test_taken_once_and_handed_back_to_the_queue_during_an_outage(self) -> None:
         chat = self.ids["queued"]
-        self.bot.stop()                                   # the bot is down all along
+        import socket
+        down = socket.socket()                            # the bot is down all along: its port is held (so no
+        down.bind(("127.0.0.1", 0))                       # other test's server can take it) and refuses
+        self.addCleanup(down.close)
         proc = self.start_bridge("--take", BRIDGE_OUTAGE_HANDBACK_MIN="0.05", BRIDGE_RETRY_FIRST_SEC="0.3",
-                                 BRIDGE_FALLBACK_TEXT="A person will answer you soon.")
+                                 BRIDGE_FALLBACK_TEXT="A person will answer you soon.",
+                                 BOT_HTTP_URL="http://127.0.0.1:%d/bot" % down.getsockname()[1])
         self.portal.customer_message(chat, "is anybody there?")
         self.assertTrue(proc.wait_stderr("went back to the queue", 20), proc.all_output())
         texts = [m["text"] for m in self.portal.chat_messages(chat)]
