@@ -40,7 +40,10 @@ name, usable directly from Python::
     POST /_control/behave             {"drop_events": 2, "drop_push": 1, "push_delay": 0.05}
     POST /_control/outgoing_webhook   {"url": "http://127.0.0.1:8089/", "events": ["ONOPENLINEMESSAGEADD"]}
                                       -> {"id": 971, "application_token": "..."}  (as made in the UI)
-    POST /_control/line_bot           {"line_id": 3, "bot_id": 2051}   (the line's chat bot, as in its settings)
+    POST /_control/line_bot           {"line_id": 3, "bot_id": 2051, "time": 600}   (the line's chat bot, as in
+                                      its settings; imopenlines.config.update does the same over REST)
+    POST /_control/permissions        {"user_id": 7, "lines_modify": false, "admin": false}
+    GET  /_control/typing             the "typing..." indications bots sent
     GET  /_control/push_stats         POST deliveries sent / failed / dropped
     POST /_control/delivery           {"chat_id": 1771, "mode": "fail", "reason": "..."}  (deliver | fail | stuck;
                                       "delay": connector answer time, "timeout": the 300 s rule)
@@ -85,7 +88,7 @@ _CONTROL = {  # endpoint -> (Portal method, HTTP verbs)
     "offer": "offer", "pin": "pin", "customer_media": "customer_media", "behave": "behave",
     "add_line": "add_line", "forget_uuids": "forget_uuids",
     "outgoing_webhook": "outgoing_webhook", "drop_outgoing_webhook": "drop_outgoing_webhook",
-    "line_bot": "line_bot", "push_stats": "push_stats",
+    "line_bot": "line_bot", "push_stats": "push_stats", "permissions": "permissions", "typing": "typing_shown",
     "delivery": "delivery", "window": "window", "delete_message": "delete_message", "edit_message": "edit_message",
 }
 

@@ -16,12 +16,15 @@ from .im_message import ImMessage
 from .im_recent import ImRecent
 from .im_v2_event import ImV2Event
 from .imbot import Imbot
+from .imbot_v2 import ImbotV2
 from .imopenlines import Imopenlines
 from .ns_user import UserMethods
+from .welcome_bot import WelcomeBot
 from .world import World
 
-NAMESPACES = (UserMethods, ImRecent, ImDialog, ImMessage, Imopenlines, Imbot, ImV2Event, EventMethods, Batch,
-              Delivery)
+# the order of their hooks: the welcome bot acts on a message after the others have seen it
+NAMESPACES = (UserMethods, ImRecent, ImDialog, ImMessage, Imopenlines, Imbot, ImbotV2, ImV2Event, EventMethods, Batch,
+              Delivery, WelcomeBot)
 
 
 class Portal(*NAMESPACES, Dispatch, World):  # type: ignore[misc]

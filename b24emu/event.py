@@ -110,9 +110,11 @@ class EventMethods:
                 return
             self._queue_event("ONOPENLINEMESSAGEADD", data)
         elif kind in ("session_start", "session_finish"):
+            # the IM chat id in both places (fact sheet §12: prepareEventsParams)
             data = {"DATA": {"connector": {"connector_id": line.get("connector", ""), "line_id": chat["line_id"],
-                                           "chat_id": ext, "user_id": chat["customer_id"]},
-                             "session": {"id": info.get("session", 0)}}}
+                                           "chat_id": chat["id"], "user_id": chat["customer_id"]},
+                             "chat": {"chat_id": chat["id"]},
+                             "line": {"id": chat["line_id"], "name": line.get("name", "")}}}
             self._queue_event("ONSESSIONSTART" if kind == "session_start" else "ONSESSIONFINISH", data)
 
     def _queue_event(self, event: str, data: dict) -> None:

@@ -7,6 +7,8 @@ from typing import Any
 
 from .world import RestError, _yes
 
+_UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
 
 class ImMessage:
     """``im.message.add`` (fact sheet §9)."""
@@ -44,26 +46,11 @@ class ImMessage:
         if uid not in chat["members"]:
             raise RestError(400, "CANCELED", "Action was canceled: you are not a member of this chat")
         template = p.get("TEMPLATE_ID")
-        if isinstance(template, str) and re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", template):
-            # the uuid record is written before the message (fact sheet §9): a repeat while the
-            # first attempt runs, or after it died, is refused until the record expires
-            record = self.uuids.get(template)
-            if record and record["mid"]:
-                return record["mid"]
-            if record and self.clock() - record["at"] < self.uuid_ttl:
-                raise RestError(400, "MESSAGE_DUPLICATED_BY_UUID", "Message with this uuid already exists")
-            record = self.uuids[template] = {"mid": None, "at": self.clock()}
-            if self.fail_after_uuid > 0:
-                self.fail_after_uuid -= 1
-                raise RestError(500, "INTERNAL_SERVER_ERROR", "Internal server error")
-            if self.message_add_delay > 0:
-                # processing takes time; other requests go on meanwhile (handle_rest holds the
-                # lock once, so releasing it here lets them in)
-                self.lock.release()
-                try:
-                    time.sleep(self.message_add_delay)
-                finally:
-                    self.lock.acquire()
+        if is_uuid(template):
+            known = self._uuid_claim(template, RestError(400, "MESSAGE_DUPLICATED_BY_UUID",
+                                                         "Message with this uuid already exists"))
+            if known:
+                return known
         else:
             template = None
         if len(text) > 20000:
@@ -76,3 +63,30 @@ class ImMessage:
         if author:
             self._touch_session(chat, author)
         return msg["id"]
+
+    def _uuid_claim(self, template: str, busy: RestError) -> int | None:
+        """The uuid record is written before the message (fact sheet §9): the id of the message a repeat
+        names, or None once this attempt holds the record; a repeat while the first attempt runs, or after
+        it died, is refused with *busy* until the record expires."""
+        record = self.uuids.get(template)
+        if record and record["mid"]:
+            return record["mid"]
+        if record and self.clock() - record["at"] < self.uuid_ttl:
+            raise busy
+        self.uuids[template] = {"mid": None, "at": self.clock()}
+        if self.fail_after_uuid > 0:
+            self.fail_after_uuid -= 1
+            raise RestError(500, "INTERNAL_SERVER_ERROR", "Internal server error")
+        if self.message_add_delay > 0:
+            # processing takes time; other requests go on meanwhile (handle_rest holds the
+            # lock once, so releasing it here lets them in)
+            self.lock.release()
+            try:
+                time.sleep(self.message_add_delay)
+            finally:
+                self.lock.acquire()
+        return None
+
+
+def is_uuid(value: Any) -> bool:
+    return isinstance(value, str) and bool(_UUID4.fullmatch(value))

@@ -40,17 +40,25 @@ class ImV2Event:
 
     def m_im_v2_event_get(self, ctx: dict, p: dict) -> Any:
         q = self.event_queues.get(ctx["user"])
-        if q is None:      # not subscribed: nothing is recorded (no error)
-            return {"events": [], "nextOffset": None, "hasMore": False}
-        offset = _int_param(p.get("offset"), None)
-        limit = _int_param(p.get("limit"), EVENTS_LIMIT_DEFAULT) or EVENTS_LIMIT_DEFAULT
-        limit = max(1, min(EVENTS_LIMIT_MAX, limit))
+        return self._read_events([q["events"]] if q is not None else [], p)    # not subscribed: empty, no error
+
+    def _read_events(self, queues: list, p: dict) -> dict:
+        """``offset`` acknowledges (deletes) every event before it in each of *queues*; the events from it
+        on come back in id order.  ``nextOffset`` is never null, ``hasMore`` = a full page (fact sheet §12.1)."""
+        offset = _int_param(p.get("offset"), 0) or 0
+        limit = max(1, min(EVENTS_LIMIT_MAX, _int_param(p.get("limit"), EVENTS_LIMIT_DEFAULT) or 1))
         horizon = self.clock() - EVENT_RETENTION_SEC
-        q["events"] = [e for e in q["events"] if e["at"] >= horizon and (offset is None or e["eventId"] >= offset)]
-        out = q["events"][:limit]
+        for events in queues:
+            events[:] = [e for e in events if e["at"] >= horizon and e["eventId"] >= offset]
+        out = sorted((e for events in queues for e in events), key=lambda e: e["eventId"])[:limit]
         return {"events": [{k: v for k, v in e.items() if k != "at"} for e in out],
-                "nextOffset": out[-1]["eventId"] + 1 if out else None,
-                "hasMore": len(q["events"]) > len(out)}
+                "nextOffset": max(offset, out[-1]["eventId"] + 1 if out else 0),
+                "hasMore": len(out) >= limit}
+
+    def _new_event(self, etype: str, data: dict) -> dict:
+        self.next_event_id += 1
+        return {"eventId": self.next_event_id, "type": etype, "date": _iso(self.clock()), "data": data,
+                "at": self.clock()}
 
     # -- recording -------------------------------------------------------------------
     def _v2_hook(self, kind: str, chat: dict, info: dict) -> None:
@@ -71,14 +79,13 @@ class ImV2Event:
                 data = {"dialogId": "chat%d" % chat["id"], "chat": self._v2_chat(chat),
                         "user": self._v2_user(info["uid"]), "language": "en"}
                 etype = "ONIMV2JOINCHAT"
-            self.next_event_id += 1
-            q["events"].append({"eventId": self.next_event_id, "type": etype, "date": _iso(self.clock()),
-                                "data": data, "at": self.clock()})
+            q["events"].append(self._new_event(etype, data))
 
     def _v2_message(self, msg: dict) -> dict:
-        return {"id": msg["id"], "chatId": msg["chat_id"], "authorId": msg["author_id"],
-                "date": _iso(msg["date"]), "text": msg["text"], "isSystem": msg["author_id"] == 0,
-                "uuid": msg["uuid"] or "", "forward": None, "params": msg["params"] or {},
+        params = {k: v for k, v in (msg["params"] or {}).items() if k not in ("SENDING", "SENDING_TS")}
+        return {"id": msg["id"], "chatId": msg["chat_id"], "chat_id": msg["chat_id"], "authorId": msg["author_id"],
+                "author_id": msg["author_id"], "date": _iso(msg["date"]), "text": msg["text"],
+                "isSystem": msg["author_id"] == 0, "uuid": msg["uuid"], "forward": None, "params": params,
                 "viewedByOthers": False}
 
     def _v2_chat(self, chat: dict) -> dict:

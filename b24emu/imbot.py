@@ -2,16 +2,15 @@
 
 A webhook may register a bot when it passes ``CLIENT_ID`` (else 403
 ``ACCESS_DENIED``); its handler URLs get ``?CLIENT_ID=...`` appended, and
-every later ``imbot.*`` call must bring the same ``CLIENT_ID``.  An Open
-Lines bot (``TYPE=O`` or ``OPENLINE=Y``) chosen for a line (here: the control
-action :meth:`Imbot.line_bot`, in the portal the line's settings) joins every
-new session of that line (``ONIMBOTJOINCHAT``) and gets ``ONIMBOTMESSAGEADD``
-for each customer message while it is in the chat; it answers with
-``imbot.message.add``.  A closed session removes it with everybody else.
+every later ``imbot.*`` call must bring the same ``CLIENT_ID``.  Registering
+a taken ``CODE`` again returns the old bot, whatever the ``CLIENT_ID``.  The
+bots of a chat hear its join and every message by a person (customer,
+operator, the webhook user): as POSTs carrying ``auth[application_token]`` =
+the CLIENT_ID, or -- for a bot in fetch mode (``imbot_v2.py``) -- in its event
+queue.  When a line's bot joins and leaves: ``welcome_bot.py``.
 """
 from __future__ import annotations
 
-import secrets
 import urllib.parse
 from typing import Any
 
@@ -38,8 +37,7 @@ class Imbot:
 
     def attach(self) -> None:
         self.bots: dict = {}              # bot user id -> registration
-        self.apps: dict = {}              # CLIENT_ID -> {"token": application token}
-        self.hooks.append(self._bot_hook)
+        self.hooks.append(self._bot_hook)     # before the welcome bot's: a "0" is sent, then acted on
 
     def _client(self, p: dict) -> str:
         client = str(p.get("CLIENT_ID") or "")
@@ -76,20 +74,21 @@ class Imbot:
         if not name and not props.get("LAST_NAME"):
             raise RestError(400, "NAME_ERROR", "Bot name isn't specified")
         for bot in self.bots.values():
-            if bot["code"] == code:      # the same code again: that bot (its handlers follow the call)
-                if bot["client_id"] != client:
-                    raise RestError(400, "WRONG_REQUEST", "Bot can't be created")
-                bot["handlers"] = handlers
+            if bot["code"] == code:
+                # the same code again: the old bot id, even for another CLIENT_ID -- whose handlers are
+                # bound but never called, and whose imbot.* calls fail (fact sheet §12)
+                bot["handlers"], bot["handler_client"] = handlers, client
                 return bot["id"]
         if sum(1 for b in self.bots.values() if b["client_id"] == client) >= MAX_BOTS_PER_APP:
             raise RestError(400, "MAX_COUNT_ERROR", "Has reached the maximum number of bots for application "
                                                     "(max: %d)" % MAX_BOTS_PER_APP)
-        app = self.apps.setdefault(client, {"token": secrets.token_hex(16)})
         uid = self.add_user(name or str(props.get("LAST_NAME")), str(props.get("LAST_NAME") or ""), kind="bot",
                             position=str(props.get("WORK_POSITION") or ""))
         openline = str(p.get("TYPE") or "B").upper() == "O" or _yes(p.get("OPENLINE"))
         self.bots[uid] = {"id": uid, "code": code, "client_id": client, "handlers": handlers,
-                          "openline": openline, "token": app["token"], "owner": ctx["user"]}
+                          "handler_client": client, "openline": openline,
+                          "owner": ctx["user"], "event_mode": "webhook", "type": "openline" if openline else "bot",
+                          "events": []}
         return uid
 
     def m_imbot_unregister(self, ctx: dict, p: dict) -> Any:
@@ -118,42 +117,43 @@ class Imbot:
             raise RestError(400, "MESSAGE_EMPTY", "Message can't be empty")
         chat = self.chats.get(_int_param(dialog[4:], 0) or 0) if dialog.startswith("chat") else None
         if chat is None or bot["id"] not in chat["members"]:
-            raise RestError(400, "WRONG_REQUEST", "Message isn't added")
+            raise RestError(400, "CANCELED", "Action was canceled")
         msg = self._post(chat, bot["id"], text)
         self._touch_session(chat, bot["id"])
         return msg["id"]
 
-    # -- a bot in a line --------------------------------------------------------------
-    def line_bot(self, line_id: int, bot_id: int | None) -> dict:
-        """Choose (or, with None, remove) the Open Lines bot of a line, as in the line's settings."""
-        with self.lock:
-            line = self.lines.get(int(line_id))
-            if not line:
-                raise RestError(400, "LINE_ID", "no such line")
-            if bot_id and (int(bot_id) not in self.bots or not self.bots[int(bot_id)]["openline"]):
-                raise RestError(400, "BOT_ID", "not an Open Lines bot")
-            line["bot"] = int(bot_id) if bot_id else None
-            return {"line_id": line["id"], "bot": line["bot"]}
-
+    # -- what the bots hear -------------------------------------------------------------
     def _bot_hook(self, kind: str, chat: dict, info: dict) -> None:
+        """Events for the bots in a chat: a bot added (join), and every message whose author is neither a
+        bot nor the system (fact sheet §12: customers, operators, the webhook user).  A fetch-mode bot gets
+        them in its queue (``imbot_v2.py``), the others as POSTs."""
         if chat["type"] != "lines" or not self.bots:
             return
-        if kind == "session_start":
-            bot_id = (self.lines.get(chat["line_id"]) or {}).get("bot")
-            if bot_id in self.bots and bot_id not in chat["members"]:
-                self._add_member(chat, bot_id)
-                self._bot_post(self.bots[bot_id], "ONIMBOTJOINCHAT", self._bot_params(chat, bot_id))
-        elif kind == "message" and info["msg"]["author_id"] == chat["customer_id"]:
+        if kind == "join" and info["uid"] in self.bots:
+            bot = self.bots[info["uid"]]
+            if bot["event_mode"] == "fetch":
+                self._bot_v2_event(bot, "ONIMBOTV2JOINCHAT", chat, user=chat["customer_id"])
+            else:
+                self._bot_post(bot, "ONIMBOTJOINCHAT", self._bot_params(chat, bot["id"]))
+        elif kind == "message":
             msg = info["msg"]
+            author = self.users.get(msg["author_id"], {})
+            if not msg["author_id"] or msg.get("system") or author.get("kind") == "bot":
+                return
             for bot_id in [b for b in chat["members"] if b in self.bots]:
+                bot = self.bots[bot_id]
+                if bot["event_mode"] == "fetch":
+                    self._bot_v2_event(bot, "ONIMBOTV2MESSAGEADD", chat, msg=msg)
+                    continue
                 params = dict(self._bot_params(chat, bot_id), MESSAGE=msg["text"], MESSAGE_ID=msg["id"],
                               FROM_USER_ID=msg["author_id"], AUTHOR_ID=msg["author_id"], MESSAGE_TYPE="L",
                               SYSTEM="N", TEMPLATE_ID=msg["uuid"] or "")
-                user = self.users.get(msg["author_id"], {})
-                self._bot_post(self.bots[bot_id], "ONIMBOTMESSAGEADD", params, user={
+                connector = author.get("kind") == "connector"
+                self._bot_post(bot, "ONIMBOTMESSAGEADD", params, user={
                     "ID": msg["author_id"], "NAME": self._full_name(msg["author_id"]),
-                    "FIRST_NAME": user.get("first_name", ""), "LAST_NAME": user.get("last_name", ""),
-                    "IS_BOT": "N", "IS_CONNECTOR": "Y", "IS_NETWORK": "N", "IS_EXTRANET": "Y"})
+                    "FIRST_NAME": author.get("first_name", ""), "LAST_NAME": author.get("last_name", ""),
+                    "IS_BOT": "N", "IS_CONNECTOR": "Y" if connector else "N", "IS_NETWORK": "N",
+                    "IS_EXTRANET": "Y" if connector else "N"})
 
     def _bot_params(self, chat: dict, bot_id: int) -> dict:
         return {"DIALOG_ID": "chat%d" % chat["id"], "TO_CHAT_ID": chat["id"], "CHAT_ID": chat["id"],
@@ -162,9 +162,11 @@ class Imbot:
                 "TO_USER_ID": bot_id, "LANGUAGE": "en"}
 
     def _bot_post(self, bot: dict, event: str, params: dict, user: dict | None = None) -> None:
+        if bot["event_mode"] == "fetch" or not bot["handlers"] or bot.get("handler_client") != bot["client_id"]:
+            return      # a fetch bot gets no POSTs; handlers re-bound for another CLIENT_ID are never called
         url = bot["handlers"]["EVENT_BOT_DELETE" if event == "ONIMBOTDELETE" else
                               "EVENT_WELCOME_MESSAGE" if event == "ONIMBOTJOINCHAT" else "EVENT_MESSAGE_ADD"]
-        auth = self._auth_block(bot["token"])
-        bot_auth = dict(auth, client_id=bot["client_id"], user_id=bot["id"], BOT_ID=bot["id"], BOT_CODE=bot["code"])
-        data = {"BOT": {str(bot["id"]): bot_auth}, "PARAMS": params, "USER": user or {}}
+        auth = self._auth_block(bot["client_id"])       # application_token = the raw CLIENT_ID
+        data = {"BOT": {str(bot["id"]): {"AUTH": [], "BOT_ID": bot["id"], "BOT_CODE": bot["code"]}},
+                "PARAMS": params, "USER": user or {}}
         self._deliver(url, event, 0, data, auth)

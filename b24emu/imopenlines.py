@@ -29,7 +29,8 @@ class Imopenlines:
         for line in sorted(self.lines.values(), key=lambda x: x["id"]):
             row = {"ID": str(line["id"]), "ACTIVE": "Y" if line["active"] else "N",
                    "LINE_NAME": line["name"], "CRM": "Y", "QUEUE_TYPE": "evenly",
-                   "DATE_CREATE": _iso(self.clock() - 300 * 86400), "CHECK_AVAILABLE": "N"}
+                   "DATE_CREATE": _iso(self.clock() - 300 * 86400), "CHECK_AVAILABLE": "N",
+                   **self.line_settings(line)}
             if _yes(options.get("QUEUE")):
                 row["QUEUE"] = [str(u) for u in line["queue"]]
                 row["QUEUE_USERS_FIELDS"] = {str(u): {"USER_NAME": self._full_name(u),
@@ -133,6 +134,8 @@ class Imopenlines:
 
     def m_imopenlines_operator_answer(self, ctx: dict, p: dict) -> Any:
         chat = self._session_chat(ctx, p)
+        if not self.sessions.get(chat["session_id"]) or chat["owner"] == ctx["user"]:
+            raise RestError(400, "", "")     # no session to load, or already yours: an empty error (§16)
         self.take_chat(chat["id"], ctx["user"])
         self._post(chat, 0, "%s took the conversation" % self._full_name(ctx["user"]))
         return True
@@ -172,6 +175,7 @@ class Imopenlines:
             chat["line_id"] = line["id"]
             if session:
                 session.update(status=SESSION_NEW, operator=0, line_id=line["id"])
+                session.pop("bot", None)            # a bot that held it is out with the others
             chat["offered_to"] = (line["queue"] or [None])[0] if line.get("offer") == "one" else None
             chat["offered_at"] = self.clock()
             self._post(chat, 0, "The conversation was transferred to the queue of %s" % line["name"])

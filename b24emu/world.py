@@ -20,6 +20,7 @@ DEFAULT_OPERATING_LIMIT = 420.0   # seconds per method per 10 minutes (box defau
 OPERATING_MIN_COUNTED = 0.1   # calls shorter than this are not counted
 
 SESSION_NEW, SESSION_ANSWERED, SESSION_CLIENT, SESSION_CLIENT_AFTER_OPERATOR = 0, 10, 20, 25
+SESSION_SKIP = 5                   # the bot handed the session to the operators (fact sheet §15.4)
 SESSION_OPERATOR, SESSION_WAIT_CLIENT, SESSION_CLOSED = 40, 50, 60
 
 HTML_ERROR_PAGE = (b"<html><head><title>502 Bad Gateway</title></head><body>"
@@ -167,7 +168,7 @@ class World:
                 uid = self.next_user_id
             self.users[uid] = {"id": uid, "first_name": name, "last_name": last, "kind": kind,
                                "phone": phone, "position": position, "gender": gender,
-                               "active": True, "admin": admin,
+                               "active": True, "admin": admin, "lines_modify": admin,
                                "color": "#%06x" % self.rng.randrange(0x222222, 0xdddddd)}
             return uid
 
@@ -177,7 +178,9 @@ class World:
         time (the first one, then whoever :meth:`offer` names), as strict/evenly queues do."""
         with self.lock:
             self.lines[int(line_id)] = {"id": int(line_id), "name": name, "queue": [int(u) for u in queue],
-                                        "connector": connector, "active": True, "offer": offer}
+                                        "connector": connector, "active": True, "offer": offer,
+                                        "modify_user": 0, "bot": None, "bot_join": "always", "bot_time": 600,
+                                        "bot_left": "queue"}
             return {"line_id": int(line_id)}
 
     def _new_chat(self, **fields) -> dict:
@@ -249,6 +252,8 @@ class World:
         """The standing world: see the module docstring."""
         now = self.clock()
         self.add_user("Olga", "Sidorova", position="Support operator", gender="F", uid=WEBHOOK_USER_ID)
+        # webhooks are usually made by someone who runs the lines: may edit them, not an administrator
+        self.users[WEBHOOK_USER_ID]["lines_modify"] = True
         self.add_user("Pavel", "Orlov", position="Sales operator", gender="M", uid=9)
         self.add_user("Irina", "Volkova", position="Head of support", gender="F", uid=11, admin=True)
         self.add_user("Welcome", "Bot", kind="bot", uid=15)
@@ -373,6 +378,7 @@ class World:
             session["status"] = SESSION_OPERATOR
 
     def take_chat(self, chat_id: int, user_id: int, *, when: float | None = None) -> None:
+        """*user_id* answers the chat's session (becomes its operator and the chat's owner)."""
         chat = self._chat(chat_id)
         self._add_member(chat, user_id, role="owner")
         chat["owner"] = user_id
@@ -380,6 +386,7 @@ class World:
         if session:
             session["status"] = max(session["status"], SESSION_ANSWERED)
             session["operator"] = user_id
+        self._notify("answer", chat, uid=user_id)
 
     def join(self, chat_id: int, user_id: int = WEBHOOK_USER_ID) -> dict:
         """A user joins a chat (as after "Join" in the UI); a system message is posted."""
@@ -508,6 +515,17 @@ class World:
                 hook["active"] = bool(active)
             return {"scopes": hook["scopes"], "active": hook["active"]}
 
+    def permissions(self, user_id: int = WEBHOOK_USER_ID, admin: bool | None = None,
+                    lines_modify: bool | None = None) -> dict:
+        """A user's Open Lines rights: *admin* (read every line), *lines_modify* (edit lines)."""
+        with self.lock:
+            user = self.users[int(user_id)]
+            if admin is not None:
+                user["admin"] = bool(admin)
+            if lines_modify is not None:
+                user["lines_modify"] = bool(lines_modify)
+            return {"user_id": user["id"], "admin": user["admin"], "lines_modify": user["lines_modify"]}
+
     def set_limits(self, rate: float | None = None, burst: int | None = None,
                    operating_limit: float | None = None, method_cost: dict | None = None,
                    bucket_level: float | None = None) -> dict:
@@ -623,14 +641,20 @@ class World:
         line = self.lines.get(chat["line_id"])
         if not line or status is None or status >= SESSION_ANSWERED or uid not in line["queue"]:
             return False
-        if line.get("bot") and line["bot"] in chat["members"]:
+        if (self.sessions.get(chat["session_id"]) or {}).get("bot"):
             return False        # the line's chat bot holds the session: it is in nobody's queue yet
         return line.get("offer") != "one" or chat["offered_to"] == uid
 
     def _can_read(self, chat: dict, uid: int) -> bool:
+        """Membership, a queue offer, or the JOIN permission (fact sheet §17): administrators on every
+        line, everybody else (JOIN = self) on the lines whose queue has them or that they last edited."""
         if uid in chat["members"] or self.in_queue_for(chat, uid):
             return True
-        return chat["type"] == "lines" and self.users.get(uid, {}).get("admin", False)
+        if chat["type"] != "lines":
+            return False
+        line = self.lines.get(chat["line_id"]) or {}
+        return self.users.get(uid, {}).get("admin", False) or uid in line.get("queue", ()) \
+            or line.get("modify_user") == uid
 
     def _entity_data_1(self, chat: dict) -> str:
         sid = chat["session_id"]
