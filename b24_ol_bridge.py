@@ -66,7 +66,8 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
                "BOT_HTTP_TIMEOUT_SEC (120),\nBOT_MAX_REPLY_BYTES (1 MiB), BRIDGE_RETRY_HOURS (24), "
                "BRIDGE_FALLBACK_TEXT, BRIDGE_MAX_REPLY_CHARS (4096),\nBRIDGE_FORGET_DAYS (7), "
                "B24_BUSINESS_PHONE, B24_POLL_SEC (2), B24_STATE_DIR,\nB24_SOURCE (auto|poll|events), "
-               "B24_RECONCILE_SEC (60), B24_LISTEN, B24_APP_TOKEN")
+               "B24_RECONCILE_SEC (60), B24_LISTEN, B24_APP_TOKEN,\nBRIDGE_BOT_NAME, BRIDGE_BOT_TIME (0), "
+               "BRIDGE_BOT_CODE")
     parser.add_argument("--take", action="store_true",
                         help="when a dialog waits in the queue, take it (imopenlines.operator.answer) "
                              "so the reply can be posted")
@@ -90,17 +91,21 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
                         help="one poll cycle, handle what is ready, exit (retries wait for the next run)")
     parser.add_argument("--demo", action="store_true",
                         help="run against a built-in emulator and echo bot with simulated customers")
-    parser.add_argument("--register-bot", metavar="URL",
-                        help="register the bridge as an Open Lines chat bot whose events go to URL (the public "
-                             "https:// address of B24_LISTEN's receiver), then exit")
+    parser.add_argument("--register-bot", metavar="URL", nargs="?", const="",
+                        help="register the bridge as an Open Lines chat bot (Chatbots 2.0: its events wait on "
+                             "the portal, no public URL needed), then exit; with URL, the legacy bot whose events "
+                             "are POSTed to URL (the public https:// address of B24_LISTEN's receiver)")
+    parser.add_argument("--attach-bot", metavar="LINE", type=_line_id,
+                        help="make the registered chat bot the chat bot of Open Line LINE (every new conversation, "
+                             "kept until it hands over: BRIDGE_BOT_TIME, default 0 = no limit), then exit")
     parser.add_argument("--unregister-bot", action="store_true",
                         help="remove the chat bot registered with --register-bot, then exit")
     bc.add_common_arguments(parser, poll=True)
     args = parser.parse_args(argv)
     if args.workers is not None and not 1 <= args.workers <= 64:
         parser.error("--workers: expected 1 to 64")
-    if args.register_bot and args.unregister_bot:
-        parser.error("--register-bot and --unregister-bot: one at a time")
+    if sum((args.register_bot is not None, args.unregister_bot, args.attach_bot is not None)) > 1:
+        parser.error("--register-bot, --attach-bot and --unregister-bot: one at a time")
     if args.dialog and not args.replay_dead:
         parser.error("--dialog goes with --replay-dead")
     for name in ("dialog", "resume"):
@@ -110,6 +115,16 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
             except bc.UsageError as exc:
                 parser.error("--%s: %s" % (name, exc))
     return args
+
+
+def _line_id(text: str) -> int:
+    if not text.strip().isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError("expected the number of an Open Line (b24_ol_bridge.py --check lists them)")
+    return int(text)
+
+
+def bot_command_given(args: argparse.Namespace) -> bool:
+    return args.register_bot is not None or args.unregister_bot or args.attach_bot is not None
 
 
 def replay_dead(store: Store, dead: DeadLetters, dialog: str | None) -> set:
@@ -141,15 +156,41 @@ def check(args: argparse.Namespace) -> int:
         except bc.ConfigError as exc:
             doctor.fail(str(exc), "run --register-bot again")
             reg = None
-        if reg:
+        if reg and chatbot.is_fetch(reg):
+            doctor.ok("chat bot %s registered (Chatbots 2.0, fetch mode): replies go as the bot, its events are "
+                      "fetched from the portal" % reg["bot_id"])
+        elif reg:
             doctor.ok("chat bot %s registered; replies go as the bot, its events to %s" % (
                 reg["bot_id"], bc.split_url(str(reg.get("url") or "http://unknown/"), "url", "").hostname))
             if not cfg.listen:
                 doctor.warn("a chat bot is registered but B24_LISTEN is not set: its events are not heard "
-                            "(the scan still finds what the webhook user can see)")
-        doctor.receiver_token(cfg, chat_bot=bool(reg))
+                            "(the scan still finds what the webhook user can see); b24_ol_bridge.py "
+                            "--register-bot (no URL) moves it to fetch mode")
+        if reg and client is not None:
+            check_lines(doctor, client, reg)
+        doctor.receiver_token(cfg, chat_bot=bool(reg) and not chatbot.is_fetch(reg))
         check_bots(doctor, cfg)
     return bc.run_doctor(args, require_bot=True, extra=extra)
+
+
+def check_lines(doctor: bc.Doctor, client: bc.Client, reg: Mapping) -> None:
+    """Each line's chat bot settings; a warning where ours loses its chats after a time."""
+    try:
+        rows = chatbot.lines_with_settings(client)
+    except bc.B24Error as exc:
+        doctor.warn("the lines' chat bot settings could not be read (%s)" % bc.format_error(exc))
+        return
+    bot_id = bc.as_int(reg["bot_id"])
+    ours = False
+    for row in rows:
+        text, warn = chatbot.describe_line(row, bot_id)
+        ours = ours or "(ours)" in text
+        if warn:
+            doctor.warn(warn)
+        else:
+            doctor.ok(text)
+    if not ours:
+        doctor.warn("our chat bot %d is the chat bot of no line: b24_ol_bridge.py --attach-bot LINE" % bot_id)
 
 
 def check_bots(doctor: bc.Doctor, cfg: bc.Config) -> None:
@@ -197,12 +238,13 @@ def start_demo(environ: dict, args: argparse.Namespace) -> tuple:
 
 def run_bridge(args: argparse.Namespace, environ: dict, demo: bool) -> int:
     """The daemon: one bridge per state, signals, the health listener, then the loop."""
-    cfg = bc.Config.from_env(environ, require_bot=True)
+    managing = bot_command_given(args)
+    cfg = bc.Config.from_env(environ, require_bot=not managing)
     settings = Settings(environ)
     client = bc.Client(cfg)
     paths = StatePaths(args, environ)
     bc.private_folder(os.path.dirname(os.path.abspath(paths.db)))
-    if args.register_bot or args.unregister_bot:
+    if managing:
         return chatbot.bot_command(args, client, paths.folder, environ)
     log.info("b24_ol_bridge %s: settings from %s; state in %s", bc.VERSION,
              getattr(args, "env_file_used", None) or "the environment", paths.db)

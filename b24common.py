@@ -127,7 +127,7 @@ MESSAGE_MAX_CHARS = 20000            # longer texts are cut by im.message.add
 DELIVERY_WAIT_SEC = 300.0            # a send unconfirmed this long is "unconfirmed" (the portal's own rule)
 SEND_PATIENCE_SEC = 30.0             # how long send_text resends (same TEMPLATE_ID) an unknown outcome
 POLL_BACKOFF_MAX_SEC = 60.0
-SOURCES = ("auto", "poll", "events")   # B24_SOURCE
+SOURCES = ("auto", "poll", "events", "bot")   # B24_SOURCE
 DEFAULT_RECONCILE_SEC = 60.0         # the scan beside a push source (B24_RECONCILE_SEC)
 USERS_CACHE_MAX = 5000               # authors remembered for classification (oldest dropped first)
 
@@ -717,7 +717,7 @@ class Config:
     bot_max_bytes: int = DEFAULT_BOT_MAX_BYTES
     business_phone: str = ""
     state_dir: str = ""
-    source: str = "auto"                  # B24_SOURCE: auto | poll | events
+    source: str = "auto"                  # B24_SOURCE: auto | poll | events | bot
     reconcile_sec: float = DEFAULT_RECONCILE_SEC
     listen: tuple = ()                    # B24_LISTEN: (host, port) of the HTTP receiver
     app_token: str = field(default="", repr=False)
@@ -1925,8 +1925,11 @@ class Poller:
             info = self.dialogs[did] = fresh
         lines = as_map(item.get("lines"))
         before = (info.session_id, info.waiting)
+        data1 = str(as_map(item.get("chat")).get("entity_data_1") or "")
         if lines.get("id") is not None:
             info.session_id = as_int(lines.get("id"))
+        elif info.is_lines and data1.count("|") >= 5:     # im.dialog.get: no "lines", the session is in field 6
+            info.session_id = as_int(data1.split("|")[5])
         info.waiting = info.is_lines and waits_in_queue(item)
         if (info.session_id, info.waiting) != before and did in self.cursors:
             self.cursors.dirty.add(did)
@@ -2097,7 +2100,8 @@ class Poller:
                                     for h in hints)
         changed, newest = self._scan(full=False) if scan else ({}, None)
         for h in hints or ():
-            if h.adopt and h.dialog_id not in self.cursors and h.dialog_id not in changed:
+            # met through our chat bot: learnt when new, and again when the bot joins (a new session)
+            if h.adopt and h.dialog_id not in changed and (h.dialog_id not in self.cursors or not h.message_id):
                 item = self._adopt(h.dialog_id, h.message_id)
                 if item is not None:
                     changed[h.dialog_id] = item

@@ -17,7 +17,8 @@ scan.  Used by the reader and the bridge:
 """
 from __future__ import annotations
 
-__all__ = ["Hint", "SCAN", "Delivery", "Source", "ScanSource", "EventQueueSource", "event_source_available",
+__all__ = ["Hint", "SCAN", "Delivery", "Source", "ScanSource", "EventQueueSource", "BotEventSource",
+           "event_source_available",
            "Inbound", "choose_sources", "run_sources", "hints_of", "parse_php_form", "push_hints", "HintSpool",
            "ReceiverSource", "PushReceiver", "EVENTS_PAGE", "RECEIVER_MAX_BODY"]
 
@@ -146,8 +147,12 @@ class ScanSource(Source):
         return Delivery(self, [SCAN])
 
 
+BOT_MESSAGE_EVENTS = ("ONIMBOTV2MESSAGEADD", "ONIMBOTV2COMMANDADD")
+
+
 def _event_hint(event: Mapping, *, lines_only: bool, skip: Callable[[Mapping], bool] | None) -> Hint | None:
-    """An ``im.v2.Event.get`` event -> a hint (None: not ours to look at)."""
+    """An ``im.v2.Event.get`` / ``imbot.v2.Event.get`` event -> a hint (None: not ours to look at).  The bot's
+    own events *adopt* their dialog: a chat the bot holds is in nobody's recent list."""
     etype = str(event.get("type") or "").upper()
     data = as_map(event.get("data"))
     chat = as_map(data.get("chat"))
@@ -157,14 +162,17 @@ def _event_hint(event: Mapping, *, lines_only: bool, skip: Callable[[Mapping], b
         return None
     dialog = str(chat.get("dialogId") or data.get("dialogId") or "") or (
         "chat%d" % as_int(chat.get("id")) if as_int(chat.get("id")) else "")
-    if etype == "ONIMV2MESSAGEADD":
+    if etype == "ONIMV2MESSAGEADD" or etype in BOT_MESSAGE_EVENTS:
         msg = as_map(data.get("message"))
         if skip is not None and skip(msg):
             return None
         dialog = dialog or ("chat%d" % as_int(msg.get("chatId")) if as_int(msg.get("chatId")) else "")
-        return Hint(dialog, as_int(msg.get("id")))
-    if etype == "ONIMV2JOINCHAT":
-        return Hint(dialog, 0)
+        return Hint(dialog, as_int(msg.get("id")), etype != "ONIMV2MESSAGEADD")
+    if etype in ("ONIMV2JOINCHAT", "ONIMBOTV2JOINCHAT"):
+        return Hint(dialog, 0, etype == "ONIMBOTV2JOINCHAT")
+    if etype == "ONIMBOTV2DELETE":
+        log.warning("the portal says our chat bot was deleted: its chats are no longer ours "
+                    "(b24_ol_bridge.py --register-bot makes a new one)")
     return None       # updates, deletions, reactions: nothing new to deliver
 
 
@@ -181,10 +189,13 @@ class EventQueueSource(Source):
     """
 
     name = "events"
+    method = "im.v2.Event.get"
 
     def __init__(self, client: Client, *, interval: float, lines_only: bool = True,
-                 skip: Callable[[Mapping], bool] | None = None):
+                 skip: Callable[[Mapping], bool] | None = None,
+                 observe: Callable[[Mapping], None] | None = None):
         self.client, self.interval, self.lines_only, self.skip = client, interval, lines_only, skip
+        self.observe = observe            # sees every event as it comes (the bridge follows its bot's sessions)
         self.offset: int | None = None
         self.more = False
         self.backoff = Backoff(interval, client.config.backoff_max)
@@ -194,6 +205,9 @@ class EventQueueSource(Source):
         log.warning("reading the portal's event queue (im.v2.Event) of user %d: only ONE program may read it "
                     "-- a second reader or bridge on this webhook user takes events away from this one "
                     "(they then arrive only with the reconciliation scan)", self.client.config.user_id)
+
+    def params(self) -> dict:
+        return {}
 
     def position(self) -> Any:
         return self.offset
@@ -208,11 +222,11 @@ class EventQueueSource(Source):
     def next_batch(self, stop: threading.Event) -> Delivery | None:
         if not self.more and self.offset is not None and stop.wait(self.interval):
             return None
-        params: dict = {"limit": EVENTS_PAGE}
+        params: dict = dict(self.params(), limit=EVENTS_PAGE)
         if self.offset is not None:
             params["offset"] = self.offset
         try:
-            res = as_map(self.client.call("im.v2.Event.get", params))
+            res = as_map(self.client.call(self.method, params))
         except TRANSIENT as exc:
             delay = self.backoff.failed()
             log.warning("event queue: %s -- trying again in %.0f s", exc, delay)
@@ -231,6 +245,8 @@ class EventQueueSource(Source):
         upto = as_int(res.get("nextOffset")) or max(as_int(e.get("eventId")) for e in events) + 1
         hints = []
         for e in events:
+            if self.observe is not None:
+                self.observe(e)
             h = _event_hint(e, lines_only=self.lines_only, skip=self.skip)
             if h is not None and h not in hints:
                 hints.append(h)
@@ -243,6 +259,32 @@ class EventQueueSource(Source):
 
     def ack(self, delivery: Delivery) -> None:
         self.offset = self.position_after(delivery)
+
+
+class BotEventSource(EventQueueSource):
+    """``imbot.v2.Event.get``: the events of the bridge's own chat bot (Chatbots 2.0, fetch mode) -- every
+    message a person writes in a chat the bot holds, and its joins -- kept on the portal for 24 hours, so
+    nothing is lost while the bridge is down.  With *user_events*, the webhook user's own ``ONIMV2*`` events
+    come in the same stream (one offset acknowledges both: no separate event-queue source then)."""
+
+    name = "bot"
+    method = "imbot.v2.Event.get"
+
+    def __init__(self, client: Client, *, bot_id: int, token: str, user_events: bool, interval: float,
+                 skip: Callable[[Mapping], bool] | None = None,
+                 observe: Callable[[Mapping], None] | None = None):
+        super().__init__(client, interval=interval, skip=skip, observe=observe)
+        self.bot_id, self.token, self.user_events = bot_id, token, user_events
+
+    def start(self) -> None:
+        log.info("reading chat bot %d's events from the portal (imbot.v2.Event.get)%s", self.bot_id,
+                 ", with the webhook user's own" if self.user_events else "")
+
+    def params(self) -> dict:
+        out: dict = {"botId": self.bot_id, "botToken": self.token}
+        if self.user_events:
+            out["withUserEvents"] = True
+        return out
 
 
 def event_source_available(client: Client) -> tuple:
@@ -347,20 +389,31 @@ class Inbound:
 
 def choose_sources(client: Client, *, self_id: int, interval: float, spool_path: str = ":memory:",
                    client_id: str = "", waiting: Callable[[], bool] | None = None,
-                   skip: Callable[[Mapping], bool] | None = None) -> list:
+                   skip: Callable[[Mapping], bool] | None = None, own: Callable[[str, int], bool] | None = None,
+                   bot: Mapping | None = None, observe: Callable[[Mapping], None] | None = None) -> list:
     """The sources ``B24_SOURCE`` and ``B24_LISTEN`` ask for, started, and always a scan: the whole
     job when nothing pushes, the reconciliation pass (``B24_RECONCILE_SEC``) when something does.
 
-    ``auto`` takes the cheapest source that misses nothing: the receiver when
-    ``B24_LISTEN`` is set; else the event queue if the portal offers it and
-    the webhook user is in no Open Lines queue -- a chat waiting in a queue
-    produces no events, so a queue operator's scan must run at the poll
-    interval anyway, and then polling alone costs less.
+    ``auto`` takes the cheapest source that misses nothing: the bridge's own
+    chat bot's events when it has one in fetch mode (*bot*: ``{"bot_id",
+    "client_id"}``; the webhook user's events come in the same stream); the
+    receiver when ``B24_LISTEN`` is set; else the event queue if the portal
+    offers it and the webhook user is in no Open Lines queue -- a chat waiting
+    in a queue produces no events, so a queue operator's scan must run at the
+    poll interval anyway, and then polling alone costs less.  *own* tells the
+    receiver which messages the caller posted itself (their echoes need no read).
     """
     cfg = client.config
     push: list = []
-    events = cfg.source == "events"
-    if cfg.source == "auto" and not cfg.listen:
+    if cfg.source == "bot" and not bot:
+        raise ConfigError("B24_SOURCE=bot: no chat bot in fetch mode is registered here; run b24_ol_bridge.py "
+                          "--register-bot first")
+    if bot and cfg.source in ("auto", "bot", "events"):
+        user_events, _why = event_source_available(client)
+        push.append(BotEventSource(client, bot_id=as_int(bot["bot_id"]), token=str(bot["client_id"]),
+                                   user_events=user_events, interval=interval, skip=skip, observe=observe))
+    events = cfg.source == "events" and not push
+    if cfg.source == "auto" and not cfg.listen and not push:
         ok, why = event_source_available(client)
         queues: list = []
         if ok:
@@ -388,7 +441,7 @@ def choose_sources(client: Client, *, self_id: int, interval: float, spool_path:
                               "when you created the outgoing webhook in .env (or register the bridge's chat bot)")
         try:
             push.append(ReceiverSource(cfg.listen, app_token=cfg.app_token, client_id=client_id,
-                                       spool_path=spool_path, portal_host=cfg.portal_host))
+                                       spool_path=spool_path, portal_host=cfg.portal_host, own=own))
         except OSError as exc:
             raise ConfigError("B24_LISTEN=%s:%d: cannot listen (%s)" % (cfg.listen + (exc.strerror or exc,))) from None
     for src in push:
@@ -504,7 +557,11 @@ def push_hints(body: Mapping) -> list:
         if chat_id:            # an outbound message: it carries the IM chat and message ids
             return [Hint("chat%d" % chat_id, as_int(msg.get("id")))]
         return [SCAN]          # an inbound one carries only the connector's ids (fact sheet §12)
-    if event in ("ONSESSIONSTART", "ONSESSIONFINISH", "ONIMBOTDELETE"):
+    if event in ("ONSESSIONSTART", "ONSESSIONFINISH"):
+        inner = _first(data.get("DATA"))            # they carry the IM chat id (fact sheet §12)
+        chat_id = as_int(as_map(inner.get("chat")).get("chat_id")) or as_int(as_map(inner.get("connector")).get("chat_id"))
+        return [Hint("chat%d" % chat_id)] if chat_id else [SCAN]
+    if event == "ONIMBOTDELETE":
         return [SCAN]
     return []
 
@@ -571,8 +628,9 @@ class ReceiverSource(Source):
     name = "receiver"
 
     def __init__(self, listen: tuple, *, app_token: str = "", client_id: str = "", spool_path: str = ":memory:",
-                 portal_host: str = ""):
+                 portal_host: str = "", own: Callable[[str, int], bool] | None = None):
         self.listen = listen
+        self.own = own                  # (dialog, message id) -> posted by us: its echo needs no read
         try:
             self.spool = HintSpool(spool_path)
         except sqlite3.Error as exc:
@@ -593,8 +651,11 @@ class ReceiverSource(Source):
             self.arrived.set()          # left over from before a restart
 
     def received(self, hints: list, event: str) -> None:
-        self.spool.add(hints, event)    # durable before the portal hears 200
-        self.arrived.set()
+        if self.own is not None:        # the echo of a reply we posted: nothing to read
+            hints = [h for h in hints if not (h.dialog_id and h.message_id and self.own(h.dialog_id, h.message_id))]
+        if hints:
+            self.spool.add(hints, event)    # durable before the portal hears 200
+            self.arrived.set()
 
     def next_batch(self, stop: threading.Event) -> Delivery | None:
         if not self.arrived.wait(0.5):
@@ -618,8 +679,9 @@ class ReceiverSource(Source):
 
 class PushReceiver(GuardedHTTPServer):
     """``POST`` only; form (PHP bracket keys) or JSON bodies up to 1 MiB; ``auth[application_token]``
-    (``B24_APP_TOKEN``) or the registered bot's ``CLIENT_ID`` checked in constant time, before the body is
-    taken apart; 200 once the event is spooled -- the work happens after.  Floods and slow clients are
+    checked in constant time against ``B24_APP_TOKEN`` (an outgoing webhook) or the registered bot's
+    ``CLIENT_ID`` (the portal sends that as a legacy bot's token), before the body is taken apart; 200 once
+    the event is spooled -- the work happens after.  Floods and slow clients are
     :class:`b24http.GuardedHTTPServer`'s business."""
 
     request_deadline = RECEIVER_READ_TIMEOUT_SEC
@@ -635,14 +697,10 @@ class PushReceiver(GuardedHTTPServer):
     def count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
 
-    def authentic(self, token: str, query: Mapping) -> bool:
-        if self.app_token and token and hmac.compare_digest(token.encode(), self.app_token.encode()):
-            return True
-        if self.client_id:
-            given = str(query.get("CLIENT_ID") or "")
-            if given and hmac.compare_digest(given.encode(), self.client_id.encode()):
-                return True
-        return False
+    def authentic(self, token: str) -> bool:
+        given = token.encode()
+        return bool(token) and any(hmac.compare_digest(given, known.encode())
+                                   for known in (self.app_token, self.client_id) if known)
 
 
 class _PushHandler(BaseHTTPRequestHandler):
@@ -703,8 +761,7 @@ class _PushHandler(BaseHTTPRequestHandler):
             self._refuse(400, "body shorter than its Content-Length")
             return
         self.server.request_complete(self.request)
-        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
-        body = self._parse(raw, query)
+        body = self._parse(raw)
         if body is None:
             return                            # answered
         domain = str(as_map(body.get("auth")).get("domain") or "")
@@ -727,7 +784,7 @@ class _PushHandler(BaseHTTPRequestHandler):
         log.debug("receiver: %s -> %s", event, ", ".join("%s#%d" % h[:2] if h[0] else "scan" for h in hints) or "-")
         self._answer(200, "ok")
 
-    def _parse(self, raw: bytes, query: Mapping) -> dict | None:
+    def _parse(self, raw: bytes) -> dict | None:
         """The event, once it is well formed and authentic (cheap checks first: the token is compared
         before a form is taken apart); None when a refusal was sent."""
         bad = "not a Bitrix24 event (form or JSON with an 'event' field)"
@@ -755,7 +812,7 @@ class _PushHandler(BaseHTTPRequestHandler):
         if not str(body.get("event") or "").strip():
             self._refuse(400, bad, "malformed")
             return None
-        if not self.server.authentic(str(token), query):
+        if not self.server.authentic(str(token)):
             self._refuse(401, "wrong application token", "token")
             return None
         if pairs:

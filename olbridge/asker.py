@@ -10,6 +10,7 @@ import time
 import b24common as bc
 from b24delivery import WINDOW_SEC
 from olbridge.bot import BotClient, BotError
+from olbridge.botsession import BotSessions
 from olbridge.pauses import Pauses
 from olbridge.poster import Poster, next_missing
 from olbridge.scheduler import Scheduler
@@ -19,6 +20,8 @@ from olbridge.store import Row
 log = logging.getLogger("b24_ol_bridge")
 
 DELETED_RECHECK_SEC = 1.0   # a message that looks deleted is read again this much later before it is skipped
+TYPING_AFTER_SEC = 1.0      # a bot slower than this shows "typing..." in the chat our chat bot holds,
+TYPING_EVERY_SEC = 20.0     # refreshed this often (each shown for TYPING_EVERY_SEC + 10 s)
 
 
 class Asker:
@@ -38,6 +41,7 @@ class Asker:
         self.bot_url = ""
         self.bots: dict = {}              # URL -> BotClient
         self.warned_unrouted: set = set()
+        self.sessions: BotSessions | None = None       # which chats our fetch-mode chat bot holds
         self.use_bots(self.cfg, BotClient(self.cfg) if self.cfg.bot_url else None)
 
     def use_bots(self, cfg: bc.Config, bot: BotClient | None) -> None:
@@ -127,7 +131,7 @@ class Asker:
         session = row.payload.get("session_id") or 0
         if row.dialog in sh.cannot_post and sh.cannot_post[row.dialog] == session:
             return False
-        if row.payload.get("waiting") and not self.take and not sh.chat_bot:
+        if row.payload.get("waiting") and not self.take and not (sh.chat_bot and not sh.fetch_bot):
             sh.cannot_post_in(row, "it waits in the queue and the webhook user has not taken it "
                                    "(--take or BRIDGE_TAKE=answer lets the bridge take queued dialogs)")
             return False
@@ -173,6 +177,9 @@ class Asker:
     # -- asking --------------------------------------------------------------------------------
     def ask_bot(self, row: Row) -> str | None:
         sh = self.shared
+        if sh.as_bot(row) and self.sessions is not None and not self.sessions.check(row):
+            self.pauses.stays_out(row)              # says why, once
+            return self._skip(row, "paused")
         if not self._can_answer(row):
             return self._skip(row, "skipped")
         if self.pauses.stays_out(row):
@@ -195,7 +202,8 @@ class Asker:
                 return None
             if len(group) > 1:
                 row = self._fold(group)
-        if row.payload.get("waiting") and self.take and not sh.chat_bot and not self._take_from_queue(row):
+        if row.payload.get("waiting") and self.take and not (sh.chat_bot and not sh.fetch_bot) \
+                and not self._take_from_queue(row):
             return None
         answer, took = self._exchange(bot, row)
         if answer is None:
@@ -245,11 +253,12 @@ class Asker:
         later or buried."""
         sh = self.shared
         payload = dict(row.payload, attempt=row.attempts + 1)
-        for key in ("waiting", "taken", "connector", "deleted", "deleted_seen"):
+        for key in ("waiting", "taken", "connector", "deleted", "deleted_seen", "bot_chat"):
             payload.pop(key, None)
         started = time.monotonic()
         sh.stats["forwarded"] += 1
         sh.live.beat("asking the bot about %s" % row.where)
+        typing = Typing(sh, row.dialog) if sh.as_bot(row) else None
         try:
             answer = bot.ask(payload, headers={"Idempotency-Key": row.payload.get("event_id") or ""})
         except BotError as exc:
@@ -263,6 +272,9 @@ class Asker:
             elif row.payload.get("taken") and time.time() - row.first_try >= sh.settings.handback_min * 60:
                 self._hand_back(row, exc)
             return None, 0.0
+        finally:
+            if typing is not None:
+                typing.stop()
         sh.live.beat("handling %s" % row.where)
         took = time.monotonic() - started
         sh.latency.add(took)
@@ -279,7 +291,7 @@ class Asker:
             minutes, exc, line), "bot")              # the fallback text goes with it
         self.pauses.hand_over(row)
         sh.store.set_handed_off(row.dialog, row.payload.get("session_id") or 0)
-        if sh.to_queue(row.dialog, line, row.where, "BRIDGE_OUTAGE_HANDBACK_MIN"):
+        if sh.to_queue(row, "BRIDGE_OUTAGE_HANDBACK_MIN"):
             log.warning("%s: the bot has been down for %.0f min: the dialog went back to the queue of line %s",
                         row.where, minutes, line)
 
@@ -316,3 +328,32 @@ class Asker:
         log.info("%s: %d messages within BRIDGE_DEBOUNCE_SEC=%g s go to the bot as one turn", last.where,
                  len(group), self.shared.settings.debounce)
         return last
+
+
+class Typing:
+    """While the bot thinks, our chat bot shows "typing..." in the chat (``imbot.v2.Chat.InputAction.notify``):
+    first after TYPING_AFTER_SEC -- a quick bot costs no request -- then every TYPING_EVERY_SEC."""
+
+    def __init__(self, shared: Shared, dialog: str):
+        self.shared, self.dialog = shared, dialog
+        self.done = threading.Event()
+        threading.Thread(target=self._run, name="typing", daemon=True).start()
+
+    def _run(self) -> None:
+        wait = TYPING_AFTER_SEC
+        while not self.done.wait(wait):
+            bot = self.shared.fetch_bot
+            if bot is None:
+                return
+            try:
+                self.shared.client.call("imbot.v2.Chat.InputAction.notify", {
+                    "botId": bot["bot_id"], "botToken": bot["client_id"], "dialogId": self.dialog,
+                    "duration": int(TYPING_EVERY_SEC + 10)}, write=True)
+            except bc.B24Error as exc:          # a nicety: never worth more than a debug line
+                log.debug("%s: typing not shown (%s)", bc.display_dialog_id(self.dialog), exc)
+            except bc.Interrupted:
+                return
+            wait = TYPING_EVERY_SEC
+
+    def stop(self) -> None:
+        self.done.set()

@@ -15,6 +15,7 @@ import b24push as push
 from olbridge import chatbot
 from olbridge.asker import Asker
 from olbridge.bot import BotClient
+from olbridge.botsession import BotSessions
 from olbridge.delivered import REASONS, Deliveries
 from olbridge.health import Liveness, Watchdog, metric, sd_notify
 from olbridge.pauses import Pauses
@@ -75,6 +76,9 @@ class Bridge:
         self.deliveries = Deliveries(self.shared, self.asker.bot_for_line, notify_bot=settings.delivery_events,
                                      hand_to_queue=settings.undelivered_to == "queue")
         self.poster.on_posted = self.deliveries.follow
+        self.bot_sessions = BotSessions(self.shared, self.pauses)
+        self.poster.bot_left = self.bot_sessions.left
+        self.asker.sessions = self.bot_sessions
         self.watchdog = Watchdog(self.live, self.status)
         self.poller: bc.Poller | None = None
         self.inbound: push.Inbound | None = None     # the sources (see choose_sources); None: scans only
@@ -121,7 +125,10 @@ class Bridge:
         self.shared.store, self.shared.dead = store, DeadLetters(paths.dead_letters)
         self.pauses.load(*store.pauses())
         self.shared.chat_bot = chat_bot = chatbot.load_chat_bot(paths.folder, client.host)
-        if chat_bot:
+        if chatbot.is_fetch(chat_bot):
+            log.info("the chat bot %s (id %s) answers in the chats it holds; its events are fetched from the "
+                     "portal", chat_bot.get("name") or "", chat_bot["bot_id"])
+        elif chat_bot:
             log.info("replies go as the chat bot %s (id %s); where it is not in a dialog, as the webhook user",
                      chat_bot.get("name") or "", chat_bot["bot_id"])
         self.wait_out("writing the state", self.commit_or_raise)
@@ -129,8 +136,10 @@ class Bridge:
             self.phase = "choosing the sources of inbound messages"
             sources = self.wait_out("choosing the sources", lambda: push.choose_sources(
                 client, self_id=me, interval=self.interval, spool_path=paths.spool,
-                client_id=(chat_bot or {}).get("client_id", ""), waiting=poller.has_waiting,
-                skip=lambda m: bc.as_int(m.get("authorId")) == me and is_bridge_uuid(client.host, m.get("uuid"))))
+                client_id=(chat_bot or {}).get("client_id", "") if not chatbot.is_fetch(chat_bot) else "",
+                waiting=poller.has_waiting, own=self.shared.is_own,
+                bot=chat_bot if chatbot.is_fetch(chat_bot) else None, observe=self.bot_sessions.observe,
+                skip=lambda m: is_bridge_uuid(client.host, m.get("uuid"))))
             self.inbound = push.Inbound(sources)
             self.inbound.restore(bc.as_map(store.get_meta().get("sources")))
 
@@ -177,10 +186,16 @@ class Bridge:
                 "event_id": reply_template_id(host, msg.dialog_id, msg.id, -1),
                 "message_ids": [msg.id], "crm": {k: msg.crm.get(k) for k in ("lead", "contact", "deal", "company")},
                 "waiting": msg.waiting, "connector": self._connector(msg.dialog_id),
+                **({"bot_chat": True} if self._adopted(msg.dialog_id) else {}),
                 **({"deleted": True} if msg.deleted else {}),
                 "metadata": {"dialog_id": did, "message_id": msg.id, "line_id": msg.line_id,
                              "session_id": msg.session_id or None, "customer_name": msg.customer_name or None,
                              "customer_phone": msg.customer_phone or None, "portal": host}}
+
+    def _adopted(self, dialog_id: str) -> bool:
+        """Is this a chat our chat bot holds (met through its events)?"""
+        info = self.poller.dialogs.get(dialog_id) if self.poller is not None else None
+        return bool(info is not None and info.adopted)
 
     def _connector(self, dialog_id: str) -> str:
         info = self.poller.dialogs.get(dialog_id) if self.poller is not None else None

@@ -118,7 +118,7 @@ class Deliveries:
         if self.notify_bot:
             self._tell_bot(v, payload)
         if self.hand_to_queue:
-            sh.to_queue(dialog, payload.get("line_id"), where, "a reply was not delivered: BRIDGE_UNDELIVERED_TO")
+            sh.to_queue(row, "a reply was not delivered: BRIDGE_UNDELIVERED_TO")
 
     def _tell_bot(self, v: delivery.Verdict, payload: dict) -> None:
         bot: BotClient | None = self.bot_for_line(payload.get("line_id"))

@@ -22,6 +22,7 @@ class Pauses:
         self.handed: dict = {}
         self.changes: dict = {}        # pauses not saved yet
         self.said: dict = {}           # dialog -> the reason last logged
+        self.left: dict = {}           # dialog -> why its session left our chat bot (not saved: "handed" is)
 
     def load(self, pauses: dict, handed: dict) -> None:
         with self.lock:
@@ -49,7 +50,7 @@ class Pauses:
             handed = self.handed.get(row.dialog)
             pause = self.pauses.get(row.dialog)
         if handed and handed == session:
-            return "the bot handed this conversation over to a person"
+            return self.left.get(row.dialog) or "the bot handed this conversation over to a person"
         if pause:
             until, paused_session, _human = pause
             if session and paused_session and session != paused_session:
@@ -84,6 +85,32 @@ class Pauses:
         with self.lock:
             self.handed[row.dialog] = session
         return session
+
+    def handed_over(self, row: Row) -> bool:
+        """Was *row*'s session handed over (by the bot, or taken from our chat bot) -- its answer is late?"""
+        session = row.payload.get("session_id") or 0
+        with self.lock:
+            return bool(session) and self.handed.get(row.dialog) == session
+
+    def left_bot(self, dialog: str, session: int, why: str) -> bool:
+        """The session *session* of *dialog* left our chat bot (time ran out, "0", an operator took it):
+        the bot stays out of it.  True the first time (to be saved and said)."""
+        with self.lock:
+            if not session or self.handed.get(dialog) == session:
+                return False
+            self.handed[dialog] = session
+            self.left[dialog] = "the conversation left the chat bot (%s)" % why
+            return True
+
+    def bot_joined(self, dialog: str, session: int) -> bool:
+        """Our chat bot holds *session* of *dialog* (a new session): a hand-over of an older one is history.
+        True when something was lifted (to be saved)."""
+        with self.lock:
+            if dialog in self.handed and self.handed[dialog] != session:
+                del self.handed[dialog]
+                self.left.pop(dialog, None)
+                return True
+        return False
 
     def take_changes(self) -> dict:
         with self.lock:

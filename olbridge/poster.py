@@ -17,6 +17,8 @@ from olbridge.store import Row
 
 log = logging.getLogger("b24_ol_bridge")
 
+BOT_NOT_IN_CHAT = ("ACCESS_DENIED", "CHAT_NOT_FOUND", "CANCELED", "BOT_NOT_FOUND")
+
 
 class Poster:
     """One thread posts what :meth:`take` hands it; the dialog goes back to the workers when its answer
@@ -29,6 +31,8 @@ class Poster:
         self.outbox: queue.Queue = queue.Queue()
         self.warned_bot_cannot_post: set = set()
         self.on_posted: Callable[[tuple], None] = lambda part: None   # a part to follow (Deliveries.follow)
+        # (dialog, session, why): our chat bot is no longer in the chat (BotSessions.left)
+        self.bot_left: Callable[[str, int, str], None] = lambda dialog, session, why: None
 
     def start(self) -> None:
         threading.Thread(target=self._run, name="bridge-poster", daemon=True).start()
@@ -42,9 +46,13 @@ class Poster:
         return "posting"
 
     def _late(self, row: Row, what: str) -> bool:
-        if not self.pauses.human_after(row):
+        if self.pauses.human_after(row):
+            why = "a person wrote in the dialog meanwhile"
+        elif self.pauses.handed_over(row):
+            why = "the conversation went to people meanwhile"
+        else:
             return False
-        log.info("%s: a person wrote in the dialog meanwhile; %s", row.where, what)
+        log.info("%s: %s; %s", row.where, why, what)
         self.shared.stats["dropped_late"] += 1
         self.shared.store.finish(row)
         return True
@@ -96,22 +104,20 @@ class Poster:
                 live.append(row)
         if not live:
             return
-        if len(live) == 1 or self.shared.chat_bot:   # one reply (or the chat bot's): one request each
+        legacy_bot = self.shared.chat_bot and not self.shared.fetch_bot
+        if len(live) == 1 or legacy_bot:   # one reply (or the legacy chat bot's): one request each
             for row in live:
                 self.shared.live.beat("posting a reply of %s" % row.where)
                 self._after_post(row, *self._post_one(row))
             return
         names = {"r%d" % i: row for i, row in enumerate(live)}
-        commands = {name: ("im.message.add", {
-            "DIALOG_ID": row.dialog, "MESSAGE": row.answer[row.posted],
-            "TEMPLATE_ID": self.shared.template(row, row.posted)})
-            for name, row in names.items()}
+        commands = {name: self._command(row) for name, row in names.items()}
         self.shared.live.beat("posting %d replies" % len(live))
         try:
             result = self.shared.client.batch(commands)
             outcomes = {name: result.errors.get(name) for name in names}
             missing = [n for n in names if n not in result.results and n not in result.errors]
-            ids = {n: bc.as_int(result.results.get(n)) for n in names}     # the posted messages' ids
+            ids = {n: message_id_of(result.results.get(n)) for n in names}     # the posted messages' ids
         except bc.TRANSIENT as exc:
             # the answer to the whole batch was lost or refused: find out, reply by reply
             outcomes, missing, ids = {}, list(names), {}
@@ -124,13 +130,37 @@ class Poster:
         for name, row in names.items():
             self._after_post(row, outcomes.get(name), ids.get(name, 0))
 
+    def _command(self, row: Row) -> tuple:
+        """``(method, params)`` posting *row*'s next part with its uuid: as our fetch-mode chat bot in the chats
+        it holds (``imbot.v2.Chat.Message.send`` with a ``templateId``), else as the webhook user."""
+        sh = self.shared
+        text, uuid = row.answer[row.posted], sh.template(row, row.posted)
+        if sh.as_bot(row):
+            bot = sh.fetch_bot
+            return "imbot.v2.Chat.Message.send", {"botId": bot["bot_id"], "botToken": bot["client_id"],
+                                                  "dialogId": row.dialog,
+                                                  "fields": {"message": text, "templateId": uuid}}
+        return "im.message.add", {"DIALOG_ID": row.dialog, "MESSAGE": text, "TEMPLATE_ID": uuid}
+
     def _post_one(self, row: Row) -> tuple:
-        """Post the next part of *row*'s answer: as the chat bot when one is registered (falling back to
-        the webhook user where the bot is not in the chat), else with ``im.message.add``.
-        ``(None, message id)`` (id 0 when not known), or ``(error, 0)``."""
+        """Post the next part of *row*'s answer: as our fetch-mode bot in its chats; as the legacy chat bot
+        when one is registered (falling back to the webhook user where the bot is not in the chat); else with
+        ``im.message.add``.  ``(None, message id)`` (id 0 when not known), or ``(error, 0)``."""
         sh = self.shared
         text = row.answer[row.posted]
-        if sh.chat_bot:
+        if sh.as_bot(row):
+            method, params = self._command(row)
+            try:
+                return None, message_id_of(sh.client.call(method, params, write=True))
+            except bc.UnknownOutcomeError as exc:        # the templateId tells: is it there?
+                try:
+                    found = self.parts_present(row).get(row.posted, 0)
+                except bc.B24Error:
+                    found = 0
+                return (None, found) if found else (exc, 0)
+            except bc.B24Error as exc:
+                return exc, 0
+        if sh.chat_bot and not sh.fetch_bot:
             try:
                 return None, bc.as_int(sh.client.call("imbot.message.add", {
                     "BOT_ID": sh.chat_bot["bot_id"], "CLIENT_ID": sh.chat_bot["client_id"],
@@ -157,7 +187,7 @@ class Poster:
     # -- is it there already? ------------------------------------------------------------------
     def parts_present(self, row: Row) -> dict:
         """Which parts of this message's answer are already in the dialog, ``{part index: message id}`` (by
-        their TEMPLATE_IDs, or the chat bot's texts: imbot.message.add takes no TEMPLATE_ID).
+        their TEMPLATE_IDs, or the legacy chat bot's texts: imbot.message.add takes no TEMPLATE_ID).
 
         Asked once for a message left over from an earlier run (or put back from the dead letters): a
         crash between posting a part and recording it must not post it twice, even on a portal that has
@@ -165,7 +195,7 @@ class Poster:
         one is there."""
         sh = self.shared
         ours = {sh.template(row, i): i for i in range(MAX_PARTS)}
-        bot_id = bc.as_int((sh.chat_bot or {}).get("bot_id"))
+        bot_id = bc.as_int((sh.chat_bot or {}).get("bot_id")) if not sh.fetch_bot else 0     # legacy bot only
         found: dict = {}
         after = row.message_id
         for _page in range(4):
@@ -200,6 +230,7 @@ class Poster:
         index, total = row.posted, len(row.answer)
         if error is None:
             sh.stats["replies"] += 1
+            sh.posted(row.dialog, message_id)
             if message_id and self.follow(row):
                 self.on_posted(sh.store.part_posted(row, message_id, index, posted=index + 1, attempts=0,
                                                     first_try=None))
@@ -207,13 +238,22 @@ class Poster:
                 sh.store.update(row, posted=index + 1, attempts=0, first_try=None)
             self._next_part(row)
             return
+        if sh.as_bot(row) and isinstance(error, bc.APIError) and error.code.upper() in BOT_NOT_IN_CHAT:
+            # the session left the bot (time ran out, "0", an operator): this answer is late
+            self.bot_left(row.dialog, row.payload.get("session_id") or 0,
+                          "the portal says the bot is no longer in the chat (%s)" % error.code)
+            sh.stats["dropped_late"] += 1
+            sh.store.finish(row)
+            self._release(row)
+            return
         if isinstance(error, bc.NotMemberError):
             sh.cannot_post_in(row, "the portal says it is not a member (CANCELED): the dialog waits in "
                                    "the queue or its session was closed")
             sh.bury(row, "not posted: the webhook user is not a member of the dialog", "post")
             self._release(row)
             return
-        if isinstance(error, bc.TRANSIENT + (bc.DuplicateUuidError,)):
+        if isinstance(error, bc.TRANSIENT + (bc.DuplicateUuidError,)) or (
+                isinstance(error, bc.APIError) and error.code.upper() == "SENDING_FAILED"):   # in flight (§14.5)
             if sh.retry_later(row, "reply %d/%d not posted yet (%s)" % (index + 1, total, error)):
                 self._release(row, again_at=time.monotonic() + max(0.0, row.next_try - time.time()))
             else:
@@ -248,8 +288,15 @@ class Poster:
         sh = self.shared
         sh.store.set_handed_off(row.dialog, self.pauses.hand_over(row))
         log.info("%s: the bot handed the dialog over to a person; it stays out of this conversation", row.where)
-        if sh.settings.handoff_to == "queue":
-            sh.to_queue(row.dialog, row.payload.get("line_id"), row.where, "the bot handed over")
+        if sh.settings.handoff_to or sh.as_bot(row):     # a chat our bot holds must be let go of
+            sh.to_queue(row, "the bot handed over", sh.settings.handoff_to)
+
+
+def message_id_of(result: object) -> int:
+    """The posted message's id: ``im.message.add`` answers the id, ``imbot.v2.Chat.Message.send`` ``{"id": ...}``."""
+    if isinstance(result, dict):
+        return bc.as_int(result.get("id"))
+    return bc.as_int(result)
 
 
 def next_missing(row: Row, start: int) -> int:

@@ -1,6 +1,7 @@
 """The bridge's own settings (BRIDGE_*), read from the environment and checked once."""
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 import b24common as bc
@@ -21,9 +22,11 @@ class Settings:
         self.http_listen = bc.parse_listen(listen, "BRIDGE_HTTP_LISTEN") if listen else None
         self.stuck_sec = bc.env_number(env, "BRIDGE_STUCK_SEC", 0, 0, 86400)   # 0: from the timeouts
         self.human_pause_min = bc.env_number(env, "BRIDGE_HUMAN_PAUSE_MIN", 30, 0, 7 * 24 * 60)
+        # where {"handoff": true} sends the customer: nowhere (""), the line's queue, queueN, or a user id
         self.handoff_to = (env.get("BRIDGE_HANDOFF_TO") or "").strip().lower()
-        if self.handoff_to not in ("", "queue"):
-            raise bc.ConfigError("BRIDGE_HANDOFF_TO=%s: expected queue (or nothing)" % self.handoff_to)
+        if self.handoff_to not in ("", "queue") and not re.fullmatch(r"queue[1-9]\d*|[1-9]\d*", self.handoff_to):
+            raise bc.ConfigError("BRIDGE_HANDOFF_TO=%s: expected queue, queueN (the queue of line N) or a user id"
+                                 % self.handoff_to)
         self.debounce = bc.env_number(env, "BRIDGE_DEBOUNCE_SEC", 0, 0, 600)
         self.concurrency = int(bc.env_number(env, "BRIDGE_MAX_CONCURRENCY", 8, 1, 64, integer=True))
         self.take = (env.get("BRIDGE_TAKE") or "").strip().lower()

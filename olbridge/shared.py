@@ -22,6 +22,7 @@ BACKOFF_CAP_SEC = 300.0     # a message's wait after failures doubles up to this
 UNUSABLE_TRIES = 3          # an unusable bot answer is asked again this often before a dead letter
 MAX_PARTS = 10              # messages one answer may become
 FALLBACK_INDEX = 1000       # TEMPLATE_ID index of the fallback text (replies use 0..MAX_PARTS-1)
+OWN_KEPT = 10000            # posted message ids remembered to recognise their echoes
 
 
 def _bridge_tag(portal: str) -> bytes:
@@ -55,6 +56,7 @@ class Shared:
         self.store: Store = None                  # type: ignore[assignment]  -- opened after sign-in
         self.dead: DeadLetters = None             # type: ignore[assignment]
         self.chat_bot: dict | None = None         # the registered Open Lines chat bot (--register-bot)
+        self.own: collections.OrderedDict = collections.OrderedDict()   # (dialog, id) of messages we posted
         self.stats: collections.Counter = collections.Counter()
         self.latency = Histogram()
         self.cannot_post: dict = {}               # dialog -> session id in which posting was refused
@@ -81,6 +83,30 @@ class Shared:
         """The ``TEMPLATE_ID`` of part *index* of this message's answer (the same on every try)."""
         return reply_template_id(self.client.host, row.dialog, row.message_id, index)
 
+    def posted(self, dialog: str, message_id: int) -> None:
+        """Remember a message we posted (the most recent OWN_KEPT): its echo from a push source needs no read."""
+        if message_id:
+            with self._told_lock:
+                self.own[(dialog, message_id)] = True
+                while len(self.own) > OWN_KEPT:
+                    self.own.popitem(last=False)
+
+    def is_own(self, dialog: str, message_id: int) -> bool:
+        with self._told_lock:
+            return (dialog, message_id) in self.own
+
+    # -- the chat bot (Chatbots 2.0, fetch mode) ------------------------------------------
+    @property
+    def fetch_bot(self) -> dict | None:
+        """The registered chat bot when it fetches its events (imbot.v2), else None."""
+        bot = self.chat_bot
+        return bot if bot and bot.get("mode") == "fetch" else None
+
+    def as_bot(self, row: Row) -> bool:
+        """Does *row*'s dialog belong to our fetch-mode chat bot (answers go as the bot, hand-overs through
+        its session)?"""
+        return self.fetch_bot is not None and bool(row.payload.get("bot_chat"))
+
     def cannot_post_in(self, row: Row, why: str) -> None:
         """Remember (and say once per session) that the webhook user cannot post in this dialog."""
         session = row.payload.get("session_id") or 0
@@ -91,18 +117,33 @@ class Shared:
             log.warning("%s: the bot is not asked while the webhook user cannot post in %s: %s", row.where,
                         bc.display_dialog_id(row.dialog), why)
 
-    def to_queue(self, dialog: str, line: int | None, where: str, why: str) -> bool:
-        """Give *dialog* back to the queue of Open Line *line* (``imopenlines.operator.transfer`` to
-        ``queueN``), so a person can take it; one log line either way.  True when it went."""
-        if not line or not dialog.startswith("chat"):
+    def to_queue(self, row: Row, why: str, target: str = "") -> bool:
+        """Give *row*'s dialog to people: the line's queue, or *target* (``queueN`` or a user id).  A chat
+        our chat bot holds goes through the bot's session (``imopenlines.bot.session.operator`` /
+        ``.transfer``); any other with ``imopenlines.operator.transfer``.  One log line either way; True
+        when it went."""
+        dialog, line = row.dialog, row.payload.get("line_id")
+        target = target if target not in ("", "queue") else ""
+        if not dialog.startswith("chat") or not (target or line or self.as_bot(row)):
             return False
+        chat_id = int(dialog[4:])
+        if self.as_bot(row) and not target:
+            method, params = "imopenlines.bot.session.operator", {"CHAT_ID": chat_id}
+            where_to = "the operators of line %s" % line
+        elif self.as_bot(row):
+            method, params = "imopenlines.bot.session.transfer", {
+                "CHAT_ID": chat_id, "TRANSFER_ID": target, "LEAVE": "Y", "CLIENT_ID": self.fetch_bot["client_id"]}
+            where_to = target
+        else:
+            method, params = "imopenlines.operator.transfer", {"CHAT_ID": chat_id,
+                                                               "TRANSFER_ID": target or "queue%d" % line}
+            where_to = target or "the queue of line %s" % line
         try:
-            self.client.call("imopenlines.operator.transfer", {"CHAT_ID": int(dialog[4:]),
-                                                               "TRANSFER_ID": "queue%d" % line}, write=True)
+            self.client.call(method, params, write=True)
         except bc.B24Error as exc:
-            log.error("%s: could not hand the dialog to the queue of line %s: %s", where, line, bc.format_error(exc))
+            log.error("%s: could not hand the dialog to %s: %s", row.where, where_to, bc.format_error(exc))
             return False
-        log.info("%s: transferred to the queue of line %s (%s)", where, line, why)
+        log.info("%s: transferred to %s (%s)", row.where, where_to, why)
         return True
 
     # -- a message that failed ------------------------------------------------------------

@@ -279,7 +279,7 @@ class Store:
     @staticmethod
     def _in_flight(row: Row, message_id: int, index: int) -> tuple:
         """``(the INSERT that keeps a part in flight, the part as sent_in_flight lists it)``."""
-        follow = {k: row.payload.get(k) for k in ("event_id", "line_id", "session_id", "dialog_id")}
+        follow = {k: row.payload.get(k) for k in ("event_id", "line_id", "session_id", "dialog_id", "bot_chat")}
         follow["text"] = row.answer[index] if index < len(row.answer) else ""
         sent_at = time.time()
         insert = ("INSERT OR IGNORE INTO sent (message_id, dialog, source, part, sent_at, payload) "
