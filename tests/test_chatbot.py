@@ -11,6 +11,8 @@ import os
 import time
 import unittest
 
+import b24common as bc
+from tests.support import PortalCase, free_port
 from tests.test_push import QuietWorld
 
 LINE = 3
@@ -131,6 +133,195 @@ class FetchBot(QuietWorld):
         self.assertEqual(proc.stop(), 0)
         check = self.run_script("b24_ol_bridge.py", "--check", env=self.bridge_env())
         self.assertIn("loses each chat after 2 s", check.stdout)
+
+    def test_a_lost_answer_is_found_by_its_template_id_and_not_posted_twice(self) -> None:
+        saved, proc = self.bot_ready()
+        self.portal.fault("drop_after", count=1, method="imbot.v2.Chat.Message.send")   # sent, answer lost
+        chat = self.portal.new_conversation(LINE, "Lou Lost", None, "did you get it?")["chat_id"]
+        self.wait_for(lambda: self.answered(chat, "did you get it?"), 6, "the answer")
+        time.sleep(1.5)
+        self.assertEqual(self.by_bot(chat, saved["bot_id"]), ["Echo: did you get it?"], "posted once")
+        self.assertEqual(self.asked("did you get it?"), 1, "the bot is not asked again either")
+        self.assertEqual(proc.stop(), 0)
+
+    def test_kill_9_while_the_bot_is_busy_three_rounds_nothing_lost_nothing_twice(self) -> None:
+        saved = self.register()
+        self.attach()
+        env = dict(B24_POLL_SEC="0.2", B24_RECONCILE_SEC="30")
+        chats = [self.portal.new_conversation(LINE, "K%d" % i, None, "start %d" % i)["chat_id"] for i in range(3)]
+        sent = ["start %d" % i for i in range(3)]
+        for round_ in range(3):
+            proc = self.start_bridge(**env)
+            for i in range(4):
+                text = "r%d m%d" % (round_, i)
+                self.portal.customer_message(chats[(round_ + i) % 3], text)
+                sent.append(text)
+                time.sleep(0.07 * i)
+            proc.kill()                            # kill -9 mid-traffic
+            for chat in chats:                     # the customers go on while the bridge is down
+                text = "while down %d/%d" % (round_, chat)
+                self.portal.customer_message(chat, text)
+                sent.append(text)
+        proc = self.start_bridge(**env)
+        self.wait_for(lambda: all(any(self.answered(c, t) for c in chats) for t in sent), 20, "every answer")
+        time.sleep(1.0)
+        posted = [x[len("Echo: "):] for c in chats for x in self.by_bot(c, saved["bot_id"])]
+        self.assertEqual(sorted(posted), sorted(sent), "every message answered as the bot, each once")
+        self.assertEqual(proc.stop(), 0)
+
+    def test_the_legacy_bot_moves_to_fetch_mode_and_its_posts_stop(self) -> None:
+        url = "http://127.0.0.1:%d/bot-events" % free_port()
+        legacy = self.register(url)
+        self.assertEqual((legacy["mode"], self.portal.bots[legacy["bot_id"]]["event_mode"]), ("webhook", "webhook"))
+        moved = self.register()
+        self.assertIn("moved to fetch mode", self.reg_output)
+        self.assertEqual((moved["bot_id"], moved["client_id"], moved["mode"]),
+                         (legacy["bot_id"], legacy["client_id"], "fetch"), "the same bot, its key kept")
+        self.assertEqual(self.portal.bots[legacy["bot_id"]]["event_mode"], "fetch")
+        self.attach()
+        proc = self.start_bridge(B24_POLL_SEC="0.3", B24_RECONCILE_SEC="30")
+        chat = self.portal.new_conversation(LINE, "Vera One", None, "hello moved bot")["chat_id"]
+        self.wait_for(lambda: self.answered(chat, "hello moved bot"), 5, "the answer")
+        self.assertEqual(self.by_bot(chat, legacy["bot_id"]), ["Echo: hello moved bot"])
+        self.assertEqual(self.portal.push_stats()["sent"], 0, "no POSTs once in fetch mode")
+        self.assertEqual(proc.stop(), 0)
+        bad = self.run_script("b24_ol_bridge.py", "--register-bot", url, env=self.bridge_env())
+        self.assertOneLineError(bad, 2, "fetches its events", "--unregister-bot")
+
+    def test_what_goes_wrong_is_said_in_one_line(self) -> None:
+        none_yet = self.run_script("b24_ol_bridge.py", "--attach-bot", "3", env=self.bridge_env())
+        self.assertOneLineError(none_yet, 2, "--register-bot first")
+        saved = self.register()
+        self.portal.permissions(7, lines_modify=False)
+        refused = self.run_script("b24_ol_bridge.py", "--attach-bot", "3", env=self.bridge_env())
+        self.assertOneLineError(refused, 2, "may not change Open Line 3", "permission to modify lines")
+        self.assertIsNone(self.portal.lines[LINE]["bot"])
+        self.portal.permissions(7, lines_modify=True)
+        self.assertOneLineError(self.run_script("b24_ol_bridge.py", "--attach-bot", "99", env=self.bridge_env()),
+                                2, "did not change line 99")
+        self.assertOneLineError(self.run_script("b24_ol_bridge.py", "--attach-bot", "x", env=self.bridge_env()),
+                                2, "--attach-bot")
+        check = self.run_script("b24_ol_bridge.py", "--check", env=self.bridge_env())
+        self.assertIn("is the chat bot of no line", check.stdout)
+        self.assertNotIn(saved["client_id"], check.stdout + check.stderr)
+        # chat-bot.json lost: registering again would get the old bot bound to a key we no longer have
+        os.unlink(os.path.join(self.tmp, "state", "chat-bot.json"))
+        for extra in ((), ("http://127.0.0.1:%d/e" % free_port(),)):
+            again = self.run_script("b24_ol_bridge.py", "--register-bot", *extra, env=self.bridge_env())
+            self.assertOneLineError(again, 2, "already registered", "chat-bot.json", "BRIDGE_BOT_CODE")
+        mine = self.register(BRIDGE_BOT_CODE="second_bridge")
+        self.assertNotEqual(mine["bot_id"], saved["bot_id"])
+        gone = self.run_script("b24_ol_bridge.py", "--unregister-bot", env=self.bridge_env())
+        self.assertEqual(gone.returncode, 0, gone.stderr)
+        self.assertNotIn(mine["bot_id"], self.portal.bots)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "state", "chat-bot.json")))
+
+    def test_a_slow_bot_shows_typing_in_the_chat(self) -> None:
+        self.bot.delay = {"think hard": 2.5}
+        saved, proc = self.bot_ready()
+        chat = self.portal.new_conversation(LINE, "Tara Type", None, "quick")["chat_id"]
+        self.wait_for(lambda: self.answered(chat, "quick"), 5, "the quick answer")
+        self.assertEqual(self.portal.typing_shown(), [], "a quick bot costs no typing request")
+        self.portal.customer_message(chat, "think hard")
+        self.wait_for(lambda: self.answered(chat, "think hard"), 8, "the slow answer")
+        shown = self.portal.typing_shown()
+        self.assertEqual([(t["bot_id"], t["chat_id"]) for t in shown], [(saved["bot_id"], chat)], "shown once")
+        self.assertEqual(proc.stop(), 0)
+
+
+class PortalSide(PortalCase):
+    """The emulator's Chatbots 2.0 and welcome-bot rules, as the fact sheet gives them (§12.1, §14, §15)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.portal.set_webhook(scopes=["im", "imopenlines", "imbot", "user"])
+        self.api = self.client()
+
+    def call(self, method: str, **params):
+        return self.api.call(method, params)
+
+    def refused(self, code: str, method: str, **params) -> None:
+        with self.assertRaises(bc.APIError) as ctx:
+            self.call(method, **params)
+        self.assertEqual(ctx.exception.code, code, method)
+
+    def bot(self, token: str = "tok-1", code: str = "helper", mode: str = "fetch") -> int:
+        return self.call("imbot.v2.Bot.register", botToken=token, fields={
+            "code": code, "type": "openline", "eventMode": mode, "properties": {"name": "Helper"}})["bot"]["id"]
+
+    def test_bots_belong_to_their_token_and_codes_are_idempotent(self) -> None:
+        self.refused("BOT_TOKEN_INVALID_LENGTH", "imbot.v2.Bot.register", botToken="x" * 41,
+                     fields={"code": "c", "properties": {"name": "n"}})
+        self.refused("BOT_TOKEN_NOT_SPECIFIED", "imbot.v2.Bot.register", fields={"code": "c"})
+        self.refused("BOT_PROPERTIES_REQUIRED", "imbot.v2.Bot.register", botToken="t", fields={"code": "c"})
+        bot_id = self.bot()
+        self.assertEqual(self.bot(), bot_id, "the same code and owner: the same bot, unchanged")
+        self.refused("BOT_CODE_ALREADY_TAKEN", "imbot.v2.Bot.register", botToken="tok-2",
+                     fields={"code": "helper", "properties": {"name": "Other"}})
+        self.refused("BOT_OWNERSHIP_ERROR", "imbot.v2.Event.get", botId=bot_id, botToken="tok-2")
+        self.refused("BOT_ID_REQUIRED", "imbot.v2.Event.get", botToken="tok-1")
+        # a v1 bot's CLIENT_ID owns it as a botToken (§14.1, §14.6)
+        v1 = self.call("imbot.register", CODE="old", TYPE="O", CLIENT_ID="legacy-key",
+                       EVENT_HANDLER="http://127.0.0.1:9/x", PROPERTIES={"NAME": "Old"})
+        moved = self.call("imbot.v2.Bot.update", botId=v1, botToken="legacy-key", fields={"eventMode": "fetch"})
+        self.assertEqual(moved["bot"]["eventMode"], "fetch")
+        # a taken v1 code comes back as the old bot, silently, for another CLIENT_ID (§12)
+        self.assertEqual(self.call("imbot.register", CODE="old", CLIENT_ID="new-key", EVENT_HANDLER="http://127.0.0.1:9/x",
+                                   PROPERTIES={"NAME": "Old"}), v1)
+        self.refused("APP_ID_ERROR", "imbot.message.add", BOT_ID=v1, CLIENT_ID="new-key", DIALOG_ID="chat1", MESSAGE="x")
+
+    def test_line_settings_do_not_merge_and_the_bot_holds_new_sessions(self) -> None:
+        bot_id = self.bot()
+        self.assertTrue(self.call("imopenlines.config.update", CONFIG_ID=3, PARAMS={
+            "WELCOME_BOT_ENABLE": "Y", "WELCOME_BOT_ID": bot_id, "WELCOME_BOT_JOIN": "always",
+            "WELCOME_BOT_TIME": 0, "WELCOME_BOT_LEFT": "queue"}))
+        got = self.call("imopenlines.config.get", CONFIG_ID=3)
+        self.assertEqual((got["WELCOME_BOT_ID"], got["WELCOME_BOT_TIME"], got["MODIFY_USER_ID"]), (str(bot_id), "0", "7"))
+        # the pitfall: without ENABLE=Y in the same call, id, time and leave fall back
+        self.assertTrue(self.call("imopenlines.config.update", CONFIG_ID=3, PARAMS={"WELCOME_BOT_TIME": 0}))
+        got = self.call("imopenlines.config.get", CONFIG_ID=3)
+        self.assertEqual((got["WELCOME_BOT_ENABLE"], got["WELCOME_BOT_ID"], got["WELCOME_BOT_TIME"]), ("N", "0", "600"))
+        self.assertIs(self.call("imopenlines.config.update", CONFIG_ID=99, PARAMS={}), False, "unknown line: false")
+        self.refused("CONFIG_ID_EMPTY", "imopenlines.config.update", PARAMS={})
+        self.portal.permissions(7, lines_modify=False)
+        with self.assertRaises(bc.AccessDeniedError):
+            self.call("imopenlines.config.update", CONFIG_ID=3, PARAMS={})
+        self.portal.line_bot(3, bot_id, time=0)
+        new = self.portal.new_conversation(3, "Quinn Queue", None, "hello")
+        chat = self.portal.chats[new["chat_id"]]
+        self.assertEqual((chat["owner"], self.portal.sessions[new["session_id"]]["operator"]), (bot_id, bot_id))
+        self.assertFalse(self.portal.in_queue_for(chat, 7), "held by the bot: in nobody's queue")
+        events = self.call("imbot.v2.Event.get", botId=bot_id, botToken="tok-1")
+        self.assertEqual([e["type"] for e in events["events"]], ["ONIMBOTV2JOINCHAT", "ONIMBOTV2MESSAGEADD"])
+        self.assertEqual(events["events"][1]["data"]["user"]["connector"], True)
+        # the webhook user reads it by the JOIN permission (in the line's queue), without being a member
+        self.assertTrue(self.call("im.dialog.messages.get", DIALOG_ID="chat%d" % chat["id"])["messages"])
+        # the bot session's own methods: to the queue, the bot leaves (LEFT=queue)
+        self.refused("CHAT_ID_EMPTY", "imopenlines.bot.session.operator")
+        self.assertTrue(self.call("imopenlines.bot.session.operator", CHAT_ID=chat["id"]))
+        self.assertNotIn(bot_id, chat["members"])
+        self.assertTrue(self.portal.in_queue_for(chat, 7))
+        self.refused("WRONG_CHAT", "imopenlines.bot.session.operator", CHAT_ID=chat["id"])
+        self.refused("ACCESS_DENIED", "imbot.v2.Chat.Message.send", botId=bot_id, botToken="tok-1",
+                     dialogId="chat%d" % chat["id"], fields={"message": "too late"})
+
+    def test_transfer_from_the_bot_to_a_person_and_event_offsets(self) -> None:
+        bot_id = self.bot()
+        self.portal.line_bot(3, bot_id, time=0)
+        chat = self.portal.new_conversation(3, "Uma User", None, "hi")["chat_id"]
+        with self.assertRaises(bc.AccessDeniedError):
+            self.call("imopenlines.bot.session.transfer", CHAT_ID=chat, TRANSFER_ID=11)
+        self.assertTrue(self.call("imopenlines.bot.session.transfer", CHAT_ID=chat, TRANSFER_ID=11, CLIENT_ID="tok-1",
+                                  LEAVE="N"))
+        c = self.portal.chats[chat]
+        self.assertEqual((c["owner"], 11 in c["members"], bot_id in c["members"]), (11, True, False),
+                         "the person answers at once; the welcome bot leaves (LEFT=queue)")
+        first = self.call("imbot.v2.Event.get", botId=bot_id, botToken="tok-1", limit=2)
+        self.assertTrue(first["hasMore"], "a full page says there may be more")
+        rest = self.call("imbot.v2.Event.get", botId=bot_id, botToken="tok-1", offset=first["nextOffset"])
+        self.assertEqual((rest["events"], rest["nextOffset"], rest["hasMore"]), ([], first["nextOffset"], False),
+                         "nextOffset is never null: the offset sent when nothing came back")
+        self.refused("USER_NOT_SUBSCRIBED", "imbot.v2.Event.get", botId=bot_id, botToken="tok-1", withUserEvents=True)
 
 
 if __name__ == "__main__":

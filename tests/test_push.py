@@ -70,7 +70,7 @@ class Parsing(unittest.TestCase):
         self.assertEqual(push.push_hints(inbound), [push.SCAN], "no IM chat id: look everywhere")
         self.assertEqual(push.push_hints(listed), [push.SCAN])
         self.assertEqual(push.push_hints(outbound), [push.Hint("chat1771", 88100)])
-        self.assertEqual(push.push_hints({"event": "ONSESSIONSTART", "data": {}}), [push.SCAN])
+        self.assertEqual(push.push_hints({"event": "ONSESSIONSTART", "data": {}}), [push.SCAN], "no chat id")
         self.assertEqual(push.push_hints({"event": "ONCRMLEADADD", "data": {}}), [])
 
 
@@ -290,6 +290,30 @@ class Receiver(QuietWorld):
         self.assertEqual(self.portal.push_stats()["failed"], 0, "every POST got its 200")
         self.assertEqual(proc.stop(), 0)
 
+    def test_the_echo_of_our_own_reply_costs_no_read(self) -> None:
+        proc = self.start_with_receiver(BRIDGE_TRACK_DELIVERY="0")
+        chat = self.ids["lines_member"]
+        reads = []
+        for i in range(3):
+            self.portal.reset_stats()
+            self.portal.customer_message(chat, "echo %d" % i)
+            self.wait_for(lambda n=i: self.answered(chat, "echo %d" % n), 4, "the answer")
+            time.sleep(1.0)                         # the reply's own ONOPENLINEMESSAGEADD arrives meanwhile
+            methods = [e["method"] for e in self.portal.stats()["log"]]
+            reads.append(methods.count("im.dialog.messages.get"))
+            self.assertEqual(methods[-1], "im.message.add", "nothing read after the reply was posted")
+        self.assertEqual(reads, [1, 1, 1], "one read per answered message: the customer's, not our reply's")
+        self.assertGreaterEqual(self.portal.push_stats()["sent"], 6, "both events were pushed each time")
+        self.assertEqual(proc.stop(), 0)
+
+    def test_session_events_name_their_chat(self) -> None:
+        body = {"event": "ONSESSIONSTART", "data": {"DATA": {"connector": {"chat_id": "1771", "line_id": "3"},
+                                                             "chat": {"chat_id": "1771"}}}}
+        self.assertEqual(push.push_hints(body), [push.Hint("chat1771")])
+        legacy = {"event": "ONIMBOTMESSAGEADD", "data": {"PARAMS": {"DIALOG_ID": "chat5", "MESSAGE_ID": "9"}},
+                  "auth": {"application_token": "key"}}
+        self.assertEqual(push.push_hints(legacy), [push.Hint("chat5", 9, adopt=True)])
+
     def test_forged_oversized_and_malformed_posts_are_refused_and_nothing_is_processed(self) -> None:
         proc = self.start_with_receiver()
         chat = self.ids["lines_member"]
@@ -366,6 +390,9 @@ class ChatBot(QuietWorld):
         reply = self.portal.chat_messages(chat)[-1]
         self.assertEqual(reply["author_id"], bot_id, "posted by the chat bot")
         self.assertEqual(self.asked("hello bot"), 1)
+        # the portal's own POSTs carry the CLIENT_ID as auth[application_token]; the URL's copy proves nothing
+        forged = {"event": "ONIMBOTMESSAGEADD", "data": {"PARAMS": {"DIALOG_ID": "chat%d" % chat, "MESSAGE_ID": 1}}}
+        self.assertEqual(post(port, form(forged), path="/bot-events?CLIENT_ID=%s" % saved["client_id"])[0], 401)
         self.portal.customer_message(chat, "and again")     # after the bot's answer: still ours
         self.wait_for(lambda: self.answered(chat, "and again"), 5, "the second answer")
         self.portal.behave(drop_push=1)                     # an event lost: the reconciliation re-reads
