@@ -3,11 +3,12 @@
 
 One bridge per source runs as a subprocess against the emulator and an instant bot, side by side
 in one run, with the same poll interval: FIRST_ID polling, the event queue (im.v2.Event), the HTTP
-receiver fed by an outgoing webhook (ONOPENLINEMESSAGEADD), and the receiver fed by the bridge's
-Open Lines chat bot (ONIMBOTMESSAGEADD).  Customers write at random moments; for each message, the
+receiver fed by an outgoing webhook (ONOPENLINEMESSAGEADD), the receiver fed by the bridge's legacy
+Open Lines chat bot (ONIMBOTMESSAGEADD), and the bridge's own Chatbots 2.0 bot in fetch mode
+(imbot.v2.Event.get, no public URL).  Customers write at random moments; for each message, the
 time from its creation on the portal to the bot receiving it, as a multiple of the poll interval
-and of a bare loopback HTTP round trip.  Then each bridge sits idle and the requests it costs the
-portal per minute are counted.  No chat waits in a queue (those produce no events, and a scan at
+and of a bare loopback HTTP round trip, and the portal requests spent per answered message.  Then
+each bridge sits idle and the requests it costs the portal per minute are counted.  No chat waits in a queue (those produce no events, and a scan at
 the poll interval would hide what push does); the emulator's queue server posts without delay.
 For scale: a bare loopback round trip, and the floor of any pushed message -- the portal's POST
 to a receiver, one REST read, one bot exchange, each measured alone and summed.
@@ -35,9 +36,10 @@ import b24push as push  # noqa: E402
 import mock_b24_portal as mp  # noqa: E402
 import mock_bot_server  # noqa: E402
 import olbridge.bot as botlib  # noqa: E402
-from olbridge import chatbot as bridge  # noqa: E402
+from olbridge import chatbot  # noqa: E402
 
-SOURCES = ("poll", "events", "receiver", "chat bot")
+SOURCES = ("poll", "events", "receiver", "chat bot", "fetch bot")
+BOT_CHATS = ("chat bot", "fetch bot")       # their chats are new sessions the bot joins
 
 
 def percentile(values: list, p: float) -> float:
@@ -109,16 +111,21 @@ def preparer(source: str, poll: float):
         env = {"B24_POLL_SEC": str(poll), "B24_RECONCILE_SEC": "60"}
         if source in ("poll", "events"):
             return dict(env, B24_SOURCE=source)
+        portal.set_webhook(scopes=["im", "imopenlines", "imbot"])
+        client = bc.Client(bc.Config.from_env({"B24_WEBHOOK_BASE": server.webhook_base}))
+        if source == "fetch bot":
+            bot_id, _what = chatbot.register_fetch_bot(client, folder, "Bench bot", chatbot.BOT_CODE)
+            for line in list(portal.lines):
+                portal.line_bot(line, bot_id, time=0)
+            return dict(env, B24_SOURCE="auto")
         port = free_port()
         env.update(B24_SOURCE="poll", B24_LISTEN="127.0.0.1:%d" % port)
         if source == "receiver":
             return dict(env, B24_APP_TOKEN=portal.outgoing_webhook("http://127.0.0.1:%d/" % port)["application_token"])
-        portal.set_webhook(scopes=["im", "imopenlines", "imbot"])
-        client = bc.Client(bc.Config.from_env({"B24_WEBHOOK_BASE": server.webhook_base}))
-        bot_id = bridge.register_chat_bot(client, folder, "http://127.0.0.1:%d/" % port, "Bench bot")
+        bot_id = chatbot.register_webhook_bot(client, folder, "http://127.0.0.1:%d/" % port, "Bench bot",
+                                              chatbot.BOT_CODE)
         for line in list(portal.lines):
-            portal.line_bot(line, bot_id)
-        portal.users[7]["admin"] = True       # a chat the bot holds is read by permission
+            portal.line_bot(line, bot_id, time=0)
         return env
     return prepare
 
@@ -126,12 +133,13 @@ def preparer(source: str, poll: float):
 def run(source: str, poll: float, messages: int, seed: int, idle_sec: float) -> tuple:
     with bridge_world(0, poll_sec=poll, prepare=preparer(source, poll)) as (portal, bot, _chats, _proc):
         rng = random.Random(seed)
-        if source == "chat bot":       # the bot joins the new sessions of its lines
+        if source in BOT_CHATS:        # the bot joins the new sessions of its lines
             chats = [portal.new_conversation(3, "Bench Customer%d" % i, None, "hi")["chat_id"] for i in range(5)]
         else:
             chats = [c["id"] for c in portal.chats.values() if c["type"] == "lines" and 7 in c["members"]]
         time.sleep(1.5)
         bot.received.clear()
+        start_requests = sum(portal.counts.values())
         created = {}
         for i in range(messages):
             time.sleep(rng.uniform(0.05, 2.2 * poll))
@@ -145,8 +153,9 @@ def run(source: str, poll: float, messages: int, seed: int, idle_sec: float) -> 
         lat = [r["t"] - created[r["payload"]["text"]] for r in bot.received if r["payload"]["text"] in created]
         time.sleep(1.0)
         before = sum(portal.counts.values())
+        per_message = (before - start_requests) / max(1, len(lat))
         time.sleep(idle_sec)
-        return lat, (sum(portal.counts.values()) - before) * 60.0 / idle_sec
+        return lat, per_message, (sum(portal.counts.values()) - before) * 60.0 / idle_sec
 
 
 def main(argv: list | None = None) -> int:
@@ -168,17 +177,19 @@ def main(argv: list | None = None) -> int:
           % (args.poll, args.messages))
     print("bare loopback HTTP round trip (median): %.2f ms; the floor of a pushed message -- the portal's POST, "
           "one REST read, one bot POST, each alone -- %.2f ms" % (rtt * 1000, floor * 1000))
-    print("%-10s %9s %9s %11s %11s %15s %12s %13s" % ("source", "p50 (ms)", "p99 (ms)", "p50 / poll", "p99 / poll",
-                                                      "p50 / loopback", "p50 / floor", "idle req/min"))
+    print("%-10s %9s %9s %11s %11s %15s %12s %12s %13s" % (
+        "source", "p50 (ms)", "p99 (ms)", "p50 / poll", "p99 / poll", "p50 / loopback", "p50 / floor",
+        "req / answer", "idle req/min"))
     for n, source in enumerate(SOURCES):
-        lat, idle = run(source, args.poll, args.messages, seed=n + 1, idle_sec=args.idle)
+        lat, per_message, idle = run(source, args.poll, args.messages, seed=n + 1, idle_sec=args.idle)
         if len(lat) < args.messages:
             print("%-10s only %d of %d messages reached the bot" % (source, len(lat), args.messages))
             if not lat:
                 continue
         p50, p99 = percentile(lat, 50), percentile(lat, 99)
-        print("%-10s %9.1f %9.1f %10.2fx %10.2fx %14.0fx %11.1fx %13.1f" % (
-            source, p50 * 1000, p99 * 1000, p50 / args.poll, p99 / args.poll, p50 / rtt, p50 / floor, idle))
+        print("%-10s %9.1f %9.1f %10.2fx %10.2fx %14.0fx %11.1fx %12.2f %13.1f" % (
+            source, p50 * 1000, p99 * 1000, p50 / args.poll, p99 / args.poll, p50 / rtt, p50 / floor, per_message,
+            idle))
     return 0
 
 

@@ -13,7 +13,7 @@ import unittest
 
 import b24common as bc
 from tests.support import PortalCase, free_port
-from tests.test_push import QuietWorld
+from tests.test_push import QuietWorld, post
 
 LINE = 3
 
@@ -226,6 +226,44 @@ class FetchBot(QuietWorld):
         self.wait_for(lambda: self.answered(chat, "think hard"), 8, "the slow answer")
         shown = self.portal.typing_shown()
         self.assertEqual([(t["bot_id"], t["chat_id"]) for t in shown], [(saved["bot_id"], chat)], "shown once")
+        self.assertEqual(proc.stop(), 0)
+
+
+class ReadmeChatBot(QuietWorld):
+    """The README's chat bot walkthrough, as a newcomer runs it (a free port instead of 8088)."""
+
+    def test_the_walkthrough_works_as_printed(self) -> None:
+        with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as fh:
+            block = fh.read().split("the emulator plays the portal, its bots and its lines", 1)[1]
+        block = block.split("```sh\n", 1)[1].split("```", 1)[0]
+        for needle in ("python3 mock_b24_portal.py --port 8088 &",
+                       """_control/webhook -d '{"scopes": ["im", "imopenlines", "imbot", "user"]}'""",
+                       "python3 b24_ol_bridge.py --register-bot && python3 b24_ol_bridge.py --attach-bot 3",
+                       """_control/new_conversation -d '{"line_id": 3, "name": "Test Customer", "text": "hi"}'"""):
+            self.assertIn(needle, block)
+        port = free_port()
+        portal = self.start_script("mock_b24_portal.py", "--port", str(port))
+        first = portal.read_lines(1, 10)
+        self.assertTrue(first and first[0].startswith("B24_WEBHOOK_BASE="), first)
+        env = self.bridge_env(B24_WEBHOOK_BASE=first[0].split("=", 1)[1], B24_POLL_SEC="0.5")
+
+        def control(name: str, body: dict) -> dict:
+            status, text = post(port, json.dumps(body).encode(), ctype="application/json", path="/_control/" + name)
+            self.assertEqual(status, 200, text)
+            return json.loads(text)["result"]
+        control("webhook", {"scopes": ["im", "imopenlines", "imbot", "user"]})
+        for argv in (("--register-bot",), ("--attach-bot", "3")):
+            done = self.run_script("b24_ol_bridge.py", *argv, env=env)
+            self.assertEqual(done.returncode, 0, done.stderr)
+        proc = self.start_script("b24_ol_bridge.py", env=env)
+        self.assertTrue(proc.wait_stderr("bridging Open Lines", 20), proc.all_output())
+        new = control("new_conversation", {"line_id": 3, "name": "Test Customer", "text": "hi"})
+        self.wait_for(lambda: any(r["payload"]["text"] == "hi" for r in self.bot.received), 10, "the bot")
+
+        def texts() -> list:
+            status, text = post(port, b"", path="/_control/messages?chat_id=%d" % new["chat_id"], method="GET")
+            return [m["text"] for m in json.loads(text)["result"]]
+        self.wait_for(lambda: "Echo: hi" in texts(), 10, "the answer in the chat")
         self.assertEqual(proc.stop(), 0)
 
 
