@@ -11,6 +11,7 @@ from .batch import Batch
 from .delivery import Delivery
 from .dispatch import Dispatch
 from .event import EventMethods
+from .files import Files
 from .im_dialog import ImDialog
 from .im_message import ImMessage
 from .im_recent import ImRecent
@@ -23,8 +24,8 @@ from .welcome_bot import WelcomeBot
 from .world import World
 
 # the order of their hooks: the welcome bot acts on a message after the others have seen it
-NAMESPACES = (UserMethods, ImRecent, ImDialog, ImMessage, Imopenlines, Imbot, ImbotV2, ImV2Event, EventMethods, Batch,
-              Delivery, WelcomeBot)
+NAMESPACES = (UserMethods, ImRecent, ImDialog, ImMessage, Imopenlines, Imbot, ImbotV2, Files, ImV2Event, EventMethods,
+              Batch, Delivery, WelcomeBot)
 
 
 class Portal(*NAMESPACES, Dispatch, World):  # type: ignore[misc]

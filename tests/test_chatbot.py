@@ -361,6 +361,24 @@ class PortalSide(PortalCase):
                          "nextOffset is never null: the offset sent when nothing came back")
         self.refused("USER_NOT_SUBSCRIBED", "imbot.v2.Event.get", botId=bot_id, botToken="tok-1", withUserEvents=True)
 
+    def test_the_bot_uploads_a_file_into_its_chat(self) -> None:
+        bot_id = self.bot()
+        self.portal.line_bot(3, bot_id, time=0)
+        chat = self.portal.new_conversation(3, "Fay File", None, "send me the invoice")["chat_id"]
+        up = self.call("imbot.v2.File.upload", botId=bot_id, botToken="tok-1", dialogId="chat%d" % chat,
+                       fields={"name": "invoice.pdf", "content": "JVBERi0xLjQK", "message": "your invoice"})
+        self.assertEqual((up["file"]["name"], up["file"]["size"], up["dialogId"]), ("invoice.pdf", 9, "chat%d" % chat))
+        self.assertNotIn("urlDownload", up["file"], "the bot's file object is the short one")
+        msg = self.portal.messages[up["messageId"]]
+        self.assertEqual((msg["author_id"], msg["text"], msg["params"]["FILE_ID"]),
+                         (bot_id, "your invoice", [up["file"]["id"]]))
+        self.refused("FILE_INVALID_CONTENT", "imbot.v2.File.upload", botId=bot_id, botToken="tok-1",
+                     dialogId="chat%d" % chat, fields={"name": "x.pdf", "content": "not base64!"})
+        self.refused("FILE_EMPTY", "imbot.v2.File.upload", botId=bot_id, botToken="tok-1",
+                     dialogId="chat%d" % chat, fields={"name": "x.pdf"})
+        self.refused("ACCESS_DENIED", "im.v2.File.upload", dialogId="chat%d" % chat,
+                     fields={"name": "x.pdf", "content": "JVBERi0xLjQK"})      # the webhook user is no member
+
 
 if __name__ == "__main__":
     unittest.main()
