@@ -20,11 +20,12 @@ from .imbot import Imbot
 from .imbot_v2 import ImbotV2
 from .imopenlines import Imopenlines
 from .ns_user import UserMethods
+from .operator import OperatorActions
 from .welcome_bot import WelcomeBot
 from .world import World
 
 # the order of their hooks: the welcome bot acts on a message after the others have seen it
-NAMESPACES = (UserMethods, ImRecent, ImDialog, ImMessage, Imopenlines, Imbot, ImbotV2, Files, ImV2Event, EventMethods,
+NAMESPACES = (UserMethods, ImRecent, ImDialog, ImMessage, Imopenlines, OperatorActions, Imbot, ImbotV2, Files, ImV2Event, EventMethods,
               Batch, Delivery, WelcomeBot)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .world import SESSION_NEW, RestError, _int_param, _iso, _yes
+from .world import RestError, _int_param, _iso, _yes
 
 
 class Imopenlines:
@@ -14,10 +14,6 @@ class Imopenlines:
         "imopenlines.config.list.get": ("m_imopenlines_config_list_get", "imopenlines", False),
         "imopenlines.session.history.get": ("m_imopenlines_session_history_get", "imopenlines", False),
         "imopenlines.dialog.get": ("m_imopenlines_dialog_get", "imopenlines", False),
-        "imopenlines.operator.answer": ("m_imopenlines_operator_answer", "imopenlines", False),
-        "imopenlines.session.join": ("m_imopenlines_session_join", "imopenlines", False),
-        "imopenlines.operator.finish": ("m_imopenlines_operator_finish", "imopenlines", False),
-        "imopenlines.operator.transfer": ("m_imopenlines_operator_transfer", "imopenlines", False),
     }
 
     def m_imopenlines_config_list_get(self, ctx: dict, p: dict) -> Any:
@@ -115,75 +111,6 @@ class Imopenlines:
             code = str(p.get("USER_CODE"))
             code = code[5:] if code.startswith("imol|") else code
             chat = next((c for c in self.chats.values() if c["entity_id"] == code), None)
-        else:
-            raise RestError(400, "DIALOG_ID_EMPTY", "Dialog ID can't be empty")
         if not chat or chat["type"] != "lines" or not self._can_read(chat, uid):
             raise RestError(400, "ACCESS_ERROR", "You do not have access to the specified dialog")
         return self._dialog_object(chat, uid)
-
-    def _session_chat(self, ctx: dict, p: dict) -> dict:
-        """The Open Lines chat named by ``CHAT_ID`` that the caller may act on (read access)."""
-        chat = self.chats.get(_int_param(p.get("CHAT_ID"), -1) or -1)
-        if not chat:
-            raise RestError(400, "CHAT_ID", "Chat not found")
-        if chat["type"] != "lines":
-            raise RestError(400, "CHAT_TYPE", "Not an Open Lines chat")
-        if not self._can_read(chat, ctx["user"]):
-            raise RestError(400, "ACCESS_DENIED", "You do not have access to this chat")
-        return chat
-
-    def m_imopenlines_operator_answer(self, ctx: dict, p: dict) -> Any:
-        chat = self._session_chat(ctx, p)
-        if not self.sessions.get(chat["session_id"]) or chat["owner"] == ctx["user"]:
-            raise RestError(400, "", "")     # no session to load, or already yours: an empty error (§16)
-        self.take_chat(chat["id"], ctx["user"])
-        self._post(chat, 0, "%s took the conversation" % self._full_name(ctx["user"]))
-        return True
-
-    def m_imopenlines_session_join(self, ctx: dict, p: dict) -> Any:
-        chat = self._session_chat(ctx, p)
-        self.join(chat["id"], ctx["user"])
-        return True
-
-    def m_imopenlines_operator_finish(self, ctx: dict, p: dict) -> Any:
-        chat = self._session_chat(ctx, p)
-        if ctx["user"] not in chat["members"]:
-            raise RestError(400, "ACCESS_DENIED", "You are not an operator of this chat")
-        self.close_session(chat["id"])
-        return True
-
-    def m_imopenlines_operator_transfer(self, ctx: dict, p: dict) -> Any:
-        """``TRANSFER_ID`` = ``queue<lineId>`` (back to that line's queue: the session waits again,
-        operators leave) or a user id (that user takes over)."""
-        if p.get("CHAT_ID") in (None, ""):
-            raise RestError(400, "CHAT_ID_EMPTY", "Chat ID can't be empty")
-        if p.get("TRANSFER_ID") in (None, ""):
-            raise RestError(400, "TRANSFER_ID_EMPTY", "Transfer ID can't be empty")
-        chat = self._session_chat(ctx, p)
-        if ctx["user"] not in chat["members"]:
-            raise RestError(400, "ACCESS_DENIED", "You are not an operator of this chat")
-        target = str(p.get("TRANSFER_ID"))
-        session = self.sessions.get(chat["session_id"])
-        m = re.fullmatch(r"queue(\d+)", target)
-        if m:
-            line = self.lines.get(int(m.group(1)))
-            if not line:
-                raise RestError(400, "OPERATOR_WRONG", "No such line")
-            for uid in [u for u in chat["members"] if u != chat["customer_id"]]:
-                del chat["members"][uid]
-            chat["owner"] = 0
-            chat["line_id"] = line["id"]
-            if session:
-                session.update(status=SESSION_NEW, operator=0, line_id=line["id"])
-                session.pop("bot", None)            # a bot that held it is out with the others
-            chat["offered_to"] = (line["queue"] or [None])[0] if line.get("offer") == "one" else None
-            chat["offered_at"] = self.clock()
-            self._post(chat, 0, "The conversation was transferred to the queue of %s" % line["name"])
-            return True
-        uid = _int_param(target, 0) or 0
-        if uid not in self.users:
-            raise RestError(400, "OPERATOR_WRONG", "Wrong operator")
-        chat["members"].pop(ctx["user"], None)
-        self.take_chat(chat["id"], uid)
-        self._post(chat, 0, "The conversation was transferred to %s" % self._full_name(uid))
-        return True

@@ -330,6 +330,7 @@ class World:
         self.sessions[sid] = {"id": sid, "chat_id": chat["id"], "line_id": chat["line_id"],
                               "status": SESSION_NEW, "operator": 0, "created": ts}
         chat["session_id"] = sid
+        chat["skipped_by"] = set()
         line = self.lines.get(chat["line_id"]) or {}
         chat["offered_to"] = (line.get("queue") or [None])[0] if line.get("offer") == "one" else None
         chat["offered_at"] = ts
@@ -641,6 +642,8 @@ class World:
         line = self.lines.get(chat["line_id"])
         if not line or status is None or status >= SESSION_ANSWERED or uid not in line["queue"]:
             return False
+        if uid in chat.get("skipped_by", ()):
+            return False        # they rejected it (imopenlines.operator.skip)
         if (self.sessions.get(chat["session_id"]) or {}).get("bot"):
             return False        # the line's chat bot holds the session: it is in nobody's queue yet
         return line.get("offer") != "one" or chat["offered_to"] == uid

@@ -262,12 +262,12 @@ class TakeWithTheBotDown(BridgeHarness):
         self.portal.customer_message(chat, "is anybody there?")
         self.assertTrue(proc.wait_stderr("went back to the queue", 20), proc.all_output())
         texts = [m["text"] for m in self.portal.chat_messages(chat)]
-        self.assertEqual(sum(1 for t in texts if t.endswith("took the conversation")), 1, texts)
+        self.assertEqual(sum(1 for t in texts if t.endswith("picked conversation")), 1, texts)
         self.assertEqual(texts.count("A person will answer you soon."), 1, texts)
-        self.assertTrue(any("transferred to the queue" in t for t in texts), texts)
+        self.assertTrue(any("resubmitted to the queue" in t for t in texts), texts)
         self.assertTrue(self.portal.in_queue_for(self.portal.chats[chat], 7), "waits in the queue again")
         self.portal.customer_message(chat, "hello?")           # the bot stays out of this session
         time.sleep(1.5)
         texts = [m["text"] for m in self.portal.chat_messages(chat)]
-        self.assertEqual(sum(1 for t in texts if t.endswith("took the conversation")), 1, texts)
+        self.assertEqual(sum(1 for t in texts if t.endswith("picked conversation")), 1, texts)
         self.assertEqual(proc.stop(), 0)
