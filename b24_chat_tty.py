@@ -8,7 +8,8 @@ Usage examples::
     python3 b24_chat_tty.py user9          # a private dialog
     python3 b24_chat_tty.py chat1778 --history 50 --no-bell
 
-Commands inside the chat: /help /who /history N /more /multi /switch /quit.
+Commands inside the chat: /help /who /status /history N /more /multi /file /save
+/answer /skip /transfer /close /spam /intercept /join /switch /quit.
 New messages appear while you type without disturbing the line you are
 editing. Settings: ``B24_WEBHOOK_BASE`` (required), ``B24_POLL_SEC`` (default 2).
 """
@@ -19,13 +20,17 @@ import datetime as _dt
 import logging
 import os
 import queue
+import shlex
 import signal
 import sys
 import threading
-from typing import Any, TextIO
+import time
+from typing import Any, Callable, Mapping, TextIO
 
 import b24common as bc
 import b24delivery as delivery
+import b24files
+import b24session
 
 try:
     import readline
@@ -43,7 +48,16 @@ COMMANDS = [
     ("/history N", "show the last N messages again (default 20)"),
     ("/more", "older messages, a page at a time"),
     ("/multi", "write several lines; a line with only '.' sends, Ctrl-D cancels"),
-    ("/take", "take this dialog from the queue, so you can write in it"),
+    ("/status", "the session: waiting, whose it is, the WhatsApp window"),
+    ("/file PATH [caption]", "send a file (a photo, a PDF...) with an optional caption"),
+    ("/save N [DIR]", "download file #N shown in the chat (into DIR, default here)"),
+    ("/answer", "take this dialog (from the queue), so you can write in it (/take too)"),
+    ("/skip", "pass it to the next operator in the queue"),
+    ("/transfer X", "hand it to user X (a number) or to queueN (the queue of line N)"),
+    ("/close", "finish the session (someone else's too, where your permissions allow)"),
+    ("/spam", "mark the conversation as spam (it is closed)"),
+    ("/intercept", "take it over from the operator who has it"),
+    ("/join", "join the conversation; its operator stays"),
     ("//text", "send a message that starts with a slash (/text)"),
     ("/switch", "back to the list of dialogs"),
     ("/quit", "leave (Ctrl-D too; Ctrl-C on an empty line)"),
@@ -174,6 +188,7 @@ class Screen:
         self.color = color
         self.lock = threading.Lock()
         self.last_day: _dt.date | None = None
+        self.on_message: Callable[[bc.Message], None] | None = None    # sees each message before it is shown
 
     def paint(self, text: str, role: str) -> str:
         if not self.color or role not in COLORS:
@@ -190,6 +205,8 @@ class Screen:
         self.write(self.paint(bc.visible(text), role) + "\n")
 
     def message_lines(self, msg: bc.Message) -> str:
+        if self.on_message is not None:
+            self.on_message(msg)
         when = _local(msg.timestamp)
         out = []
         if when and when.date() != self.last_day:
@@ -240,6 +257,9 @@ class Chat:
         self.line_names: dict | None = None
         self.input_lines = 0
         self.fetch_lock = threading.Lock()     # one DialogReader.new() at a time
+        self.files: dict = {}                  # #N -> (dialog, attachment) for /save
+        self.file_count = 0
+        screen.on_message = self.number_files
 
     # -- terminal plumbing ------------------------------------------------------------
     def _on_usr1(self, signum: int, frame: Any) -> None:
@@ -527,7 +547,11 @@ class Chat:
         self.follows = delivery.reports_delivery(info.connector)
         if info.is_lines and not self._is_member(dialog_id):
             self.screen.line("(you can read this dialog but not write yet: it waits in the queue or its "
-                             "session is closed -- take it in Bitrix24 or join it)", "note")
+                             "session is closed -- /answer takes it, /join joins it)", "note")
+        if info.is_lines:
+            with self.reader_lock:
+                self.reader = reader
+            self.show_status()
         self.screen.line("(type a message and press Enter; /help for commands)", "note")
         with self.reader_lock:
             self.reader = reader
@@ -642,16 +666,96 @@ class Chat:
             text = self.multi()
             if text and text.strip():
                 self.send(text)
-        elif name == "/take":
-            assert self.reader is not None
-            try:
-                bc.take_dialog(self.client, self.reader.dialog_id)
-                self.screen.line("(you took this dialog: you can write in it now)", "note")
-            except bc.B24Error as exc:
-                self.screen.line("! not taken: %s" % bc.format_error(exc), "error")
+        elif name in ("/take", "/answer"):
+            self.session_action("/answer", "")
+        elif name in ("/skip", "/transfer", "/close", "/spam", "/intercept", "/join"):
+            self.session_action(name, arg)
+        elif name == "/status":
+            self.show_status()
+        elif name == "/file":
+            self.send_file(arg)
+        elif name == "/save":
+            self.save_file(arg)
         else:
             self.screen.line("! unknown command %s -- /help lists them" % name, "error")
         return None
+
+    # -- the operator's console -----------------------------------------------------------
+    def session_action(self, name: str, arg: str) -> None:
+        """/answer, /skip, /transfer X, /close, /spam, /intercept, /join: one call, one line."""
+        assert self.reader is not None
+        action = name[1:] + ("=" + arg.strip() if arg.strip() else "")
+        try:
+            done = b24session.perform(self.client, self.reader.dialog_id,
+                                      *b24session.parse_action(action, "/" + name[1:]))
+        except bc.B24Error as exc:
+            self.screen.line("! %s" % str(exc).replace("--session", "/"), "error")
+            return
+        self.screen.line("(%s)" % done.split(": ", 1)[-1], "note")
+        self.show_status()
+
+    def show_status(self) -> None:
+        """The session's state, its operator and the WhatsApp window, on one line."""
+        assert self.reader is not None
+        dialog_id = self.reader.dialog_id
+        try:
+            chat = bc.as_map(self.client.call("im.dialog.get", {"DIALOG_ID": dialog_id}))
+            users = self.client.call("im.dialog.users.list", {"DIALOG_ID": dialog_id})
+        except bc.B24Error as exc:
+            self.screen.line("! status not read: %s" % bc.format_error(exc), "error")
+            return
+        self.screen.line("[%s]" % status_text(chat, users, self.me["id"]), "note")
+
+    def send_file(self, arg: str) -> None:
+        """/file PATH [caption]"""
+        assert self.reader is not None
+        try:
+            words = shlex.split(arg)
+        except ValueError as exc:
+            self.screen.line("! /file: %s" % exc, "error")
+            return
+        if not words:
+            self.screen.line("! /file PATH [caption] -- which file?", "error")
+            return
+        try:
+            f = b24files.read_local(os.path.expanduser(words[0]), self.client.config.max_file_mb, "/file")
+            mid = b24files.send_file(self.client, self.reader.dialog_id, f, caption=" ".join(words[1:]))
+        except bc.B24Error as exc:
+            reason = str(exc) if isinstance(exc, bc.UsageError) else "%s not sent: %s" % (
+                words[0], bc.format_error(exc))
+            self.screen.line("! %s" % reason, "error")
+            return
+        if self.follows:
+            self.watch.add(self.reader.dialog_id, mid)
+            self.sent_texts[mid] = "[%s]" % f.name
+        else:
+            self.screen.line('  \u2713 sent: %s (%s)' % (f.name, bc.human_size(len(f.data))), "note")
+        self.wake.set()
+
+    def save_file(self, arg: str) -> None:
+        """/save N [DIR]"""
+        words = arg.split(None, 1)
+        if not words or not words[0].lstrip("#").isdigit() or int(words[0].lstrip("#")) not in self.files:
+            self.screen.line("! /save N [DIR] -- N is the number of a file shown in the chat (#N)", "error")
+            return
+        dialog_id, att = self.files[int(words[0].lstrip("#"))]
+        folder = os.path.expanduser(words[1].strip()) if len(words) > 1 else os.getcwd()
+        try:
+            path = b24files.save_chat_file(self.client, dialog_id, {"id": att.get("id"), "name": att.get("name"),
+                                                                     "urlDownload": att.get("url_download")}, folder)
+        except (bc.B24Error, OSError) as exc:
+            self.screen.line("! not saved: %s" % (bc.format_error(exc) if isinstance(exc, bc.B24Error) else exc),
+                             "error")
+            return
+        self.screen.line("(saved %s, %s)" % (path, bc.human_size(os.path.getsize(path))), "note")
+
+    def number_files(self, msg: bc.Message) -> None:
+        """Give each file shown a number (#N) that /save takes."""
+        for att in msg.attachments:
+            if "n" not in att:
+                self.file_count += 1
+                att["n"] = self.file_count
+                self.files[self.file_count] = (msg.dialog_id, att)
 
     def dialog_loop(self) -> str:
         while True:
@@ -721,6 +825,30 @@ class Chat:
             self.stop.set()
             self.wake.set()
             self.save_history()
+
+
+def status_text(chat: Mapping, users: Any, me: int) -> str:
+    """``session 3310: waiting in the queue; WhatsApp window open until 14:35`` -- from ``im.dialog.get``
+    and ``im.dialog.users.list``."""
+    info = bc.DialogInfo.from_chat("chat%s" % chat.get("id"), chat)
+    names = {bc.as_int(u.get("id")): (str(u.get("name") or ""), bool(u.get("bot")))
+             for u in (users if isinstance(users, list) else []) if isinstance(u, Mapping)}
+    owner = bc.as_int(chat.get("owner"))
+    if not info.session_id:
+        state = "no open session (closed: it opens again when the customer writes)"
+    elif not owner:
+        state = "waiting in the queue, nobody has answered"
+    elif owner == me:
+        state = "yours"
+    else:
+        name, bot = names.get(owner, ("user %d" % owner, False))
+        state = "with the chat bot %s" % name if bot else "operator: %s" % name
+    text = "session %s: %s" % (info.session_id, state) if info.session_id else state
+    window = delivery.window_of(chat)
+    if window.closes_at:
+        text += "; WhatsApp window %s %s" % ("closed since" if window.closed() else "open until",
+                                              time.strftime("%Y-%m-%d %H:%M", time.localtime(window.closes_at)))
+    return text
 
 
 def use_color(out: TextIO, environ: Any = os.environ) -> bool:

@@ -7,8 +7,12 @@ Usage examples::
     python3 b24_send_message.py 1771 Hello there          # words are joined by spaces
     echo "multi\\nline" | python3 b24_send_message.py chat1771 -
     python3 b24_send_message.py user9 "private note" --json
+    python3 b24_send_message.py chat1771 --file invoice.pdf "Your invoice"
+    python3 b24_send_message.py chat1771 --session transfer=queue3
 
-Prints the new message id (one per line when a long text was split).  Into a
+Prints the new message id (one per line when a long text was split, or for each
+file: the text is then the first file's caption).  ``--session`` performs one
+operator action instead (take, skip, transfer, close, ...).  Into a
 WhatsApp dialog whose 24-hour window is closed nothing is sent (``--force``
 sends anyway); ``--wait-delivered`` waits for the portal's verdict and prints it.
 Exit codes: 0 sent (or delivered), 1 the portal or network refused, 2 usage or
@@ -26,6 +30,8 @@ from typing import Any, TextIO
 
 import b24common as bc
 import b24delivery as delivery
+import b24files
+import b24session
 
 
 def _parse_args(argv: list | None) -> argparse.Namespace:
@@ -55,14 +61,26 @@ def _parse_args(argv: list | None) -> argparse.Namespace:
     parser.add_argument("--take", action="store_true",
                         help="if the dialog waits in your Open Lines queue, take it first "
                              "(imopenlines.operator.answer), then send")
+    parser.add_argument("--file", action="append", default=[], metavar="PATH",
+                        help="send this file (repeatable; each is one file message, TEXT is the first one's "
+                             "caption; up to B24_MAX_FILE_MB, default 100)")
+    parser.add_argument("--session", metavar="ACTION",
+                        help="perform one operator action instead of sending: " + b24session.USAGE)
     bc.add_common_arguments(parser, quiet_help="print no message id; only errors, on stderr")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)       # DIALOG --file PATH TEXT: options between the words
     if args.dialog is None and not args.check:
         parser.error("the following arguments are required: DIALOG")
     if args.json and args.quiet:
         parser.error("--json and --quiet contradict each other")
     if args.wait_delivered is not None and not 0 <= args.wait_delivered <= 86400:
         parser.error("--wait-delivered: expected seconds from 1 to 86400")
+    if args.session is not None:
+        try:
+            args.action = b24session.parse_action(args.session)
+        except bc.UsageError as exc:
+            parser.error(str(exc))
+        if args.text or args.file or args.wait_delivered is not None:
+            parser.error("--session performs an action: no TEXT, --file or --wait-delivered with it")
     return args
 
 
@@ -110,6 +128,8 @@ def verdict_code(verdicts: list) -> tuple:
 
 
 def read_text(args: argparse.Namespace, stdin: TextIO) -> str:
+    if args.file and not args.text:
+        return ""                  # files without a caption
     if args.text == ["-"] or not args.text:
         if not args.text and (stdin is None or stdin.isatty()):
             raise bc.UsageError("no text given: pass TEXT, or pipe it on stdin with '-'")
@@ -119,6 +139,8 @@ def read_text(args: argparse.Namespace, stdin: TextIO) -> str:
             raise bc.UsageError("stdin is not UTF-8 text") from None
     else:
         data = " ".join(args.text)
+    if args.file and not data.strip():
+        return ""
     return bc.check_text(data)
 
 
@@ -127,7 +149,8 @@ class Interrupted(bc.B24Error):
 
 
 def send_all(client: bc.Client, dialog_id: str, parts: list, take: bool, stop: list | None = None) -> list:
-    """Send *parts* in order; on failure say what failed and which parts went out.
+    """Send *parts* in order (texts, or ``(OutFile, caption)`` pairs); on failure say what failed and which
+    parts went out.
 
     *stop* fills with a signal number when Ctrl-C or SIGTERM arrives: the part in flight is
     finished (and checked), no further part is sent, and :class:`Interrupted` says what was posted.
@@ -139,14 +162,14 @@ def send_all(client: bc.Client, dialog_id: str, parts: list, take: bool, stop: l
             break
         try:
             try:
-                ids.append(bc.send_text(client, dialog_id, part))
-            except bc.NotMemberError:
-                if not take or ids:
+                ids.append(send_part(client, dialog_id, part))
+            except (bc.NotMemberError, FileRefused) as exc:
+                if not take or ids or not isinstance(exc, bc.NotMemberError) and not exc.not_member:
                     raise
                 # CANCELED means nothing was posted: take the dialog, then send once more
                 bc.take_dialog(client, dialog_id)
                 take = False
-                ids.append(bc.send_text(client, dialog_id, part))
+                ids.append(send_part(client, dialog_id, part))
         except bc.B24Error as exc:
             text = describe(exc, dialog_id)
             if ids:
@@ -170,6 +193,30 @@ def send_all(client: bc.Client, dialog_id: str, parts: list, take: bool, stop: l
     return ids
 
 
+class FileRefused(bc.B24Error):
+    """The portal refused a file; ``not_member`` when it is because we are not in the chat."""
+
+    def __init__(self, text: str, not_member: bool):
+        super().__init__(text)
+        self.not_member = not_member
+
+
+def send_part(client: bc.Client, dialog_id: str, part) -> int:
+    """One text message, or one file message ``(OutFile, caption)``; its id."""
+    if isinstance(part, str):
+        return bc.send_text(client, dialog_id, part)
+    f, caption = part
+    try:
+        return b24files.send_file(client, dialog_id, f, caption=caption)
+    except bc.APIError as exc:
+        if isinstance(exc, (bc.AuthError, bc.NotFoundError)) or exc.retryable:
+            raise
+        refused = FileRefused("%s: %s not sent: %s" % (bc.display_dialog_id(dialog_id), f.name, bc.format_error(exc)),
+                              exc.code in ("ACCESS_ERROR", "ACCESS_DENIED", "CANCELED"))
+        refused.exit_code = exc.exit_code
+        raise refused from None
+
+
 def describe(exc: BaseException, dialog_id: str) -> str:
     """One line for each failure a script user can meet."""
     shown = bc.display_dialog_id(dialog_id)
@@ -190,9 +237,29 @@ def describe(exc: BaseException, dialog_id: str) -> str:
                 "queue" % (shown, exc.code))
     if isinstance(exc, bc.UnknownOutcomeError):
         return str(exc)
+    if isinstance(exc, FileRefused):
+        text = str(exc)
+        return text + (" -- you are not a member of this chat (--take, or join the session)" if exc.not_member
+                       else "")
     if isinstance(exc, (bc.ServerError, bc.TransportError, bc.RateLimitError)):
         return "%s: not sent: %s" % (shown, bc.what_came_back(exc))
     return bc.format_error(exc)
+
+
+def check_files(doctor: bc.Doctor, environ: dict, client: bc.Client | None) -> None:
+    """``--check``: which way files go."""
+    if client is None:
+        return
+    try:
+        route = b24files.file_route(client)
+    except bc.B24Error as exc:
+        doctor.warn("files: could not read the webhook's scopes (%s)" % bc.format_error(exc))
+        return
+    if route == "disk":
+        doctor.ok("files: the Disk route (scope disk): im.disk.file.commit with a TEMPLATE_ID, safe to retry")
+    else:
+        doctor.ok("files: one call (im.v2.File.upload; no disk scope): a lost answer is settled by looking for "
+                  "the file -- add the disk scope for the idempotent route")
 
 
 def main(argv: list | None = None, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
@@ -203,14 +270,30 @@ def main(argv: list | None = None, stdin: TextIO | None = None, out: TextIO | No
 
     def body() -> int:
         if args.check:
-            return bc.run_doctor(args)
+            return bc.run_doctor(args, extra=check_files)
         dialog_id = bc.parse_dialog_id(args.dialog)
-        if args.take and not dialog_id.startswith("chat"):
-            raise bc.UsageError("--take works for Open Lines chats (chatN) only, not %s" % args.dialog)
-        text = read_text(args, stdin)
+        if (args.take or args.session) and not dialog_id.startswith("chat"):
+            raise bc.UsageError("--%s works for Open Lines chats (chatN) only, not %s" % (
+                "session" if args.session else "take", args.dialog))
         cfg = bc.load_config_from_args(args)
         client = bc.Client(cfg)
-        parts = bc.split_text(text)
+        if args.session:
+            if args.take and args.action[0] != "answer":
+                b24session.perform(client, dialog_id, "answer")
+            line = b24session.perform(client, dialog_id, *args.action)
+            if args.json:
+                out.write(json.dumps({"dialog_id": bc.display_dialog_id(dialog_id), "session": args.action[0],
+                                      "target": args.action[1] or None, "done": True}) + "\n")
+            elif not args.quiet:
+                out.write(line + "\n")
+            out.flush()
+            return bc.EXIT_OK
+        files = [b24files.read_local(path, cfg.max_file_mb) for path in args.file]   # all, before anything goes
+        text = read_text(args, stdin)
+        if files:
+            parts: list = [(f, text if i == 0 else "") for i, f in enumerate(files)]
+        else:
+            parts = bc.split_text(text)
         stop: list = []
 
         def on_signal(signum: int, frame: Any) -> None:

@@ -59,7 +59,7 @@ __all__ = [
     # the poller
     "Poller", "SYNC_MARGIN_SEC", "DEFAULT_RECONCILE_SEC",
     # sending, bot replies
-    "MESSAGE_MAX_CHARS", "new_template_id", "split_text", "check_text", "send_text", "posted_uuids",
+    "human_size", "MESSAGE_MAX_CHARS", "new_template_id", "split_text", "check_text", "send_text", "post_with_uuid", "posted_uuids",
     "find_by_uuid", "take_dialog", "normalize_reply", "parse_bot_answer", "BotAnswer", "ReplyShapeError",
     # durable state
     "StateFile", "write_private", "open_private", "private_folder", "default_state_dir",
@@ -708,6 +708,7 @@ class Config:
     max_retries: int = MAX_RETRIES
     send_patience: float = SEND_PATIENCE_SEC
     backoff_max: float = POLL_BACKOFF_MAX_SEC   # the longest pause between tries in an outage
+    max_file_mb: float = 100.0                   # B24_MAX_FILE_MB: the largest file sent (the portal's own limit)
     delivery_wait: float = DELIVERY_WAIT_SEC     # B24_DELIVERY_WAIT_SEC
     bot_url: str = ""
     bot_auth: str = field(default="", repr=False)
@@ -759,6 +760,7 @@ class Config:
             send_patience=env_number(env, "B24_SEND_PATIENCE_SEC", SEND_PATIENCE_SEC, 0, 3600),
             backoff_max=env_number(env, "B24_BACKOFF_MAX_SEC", POLL_BACKOFF_MAX_SEC, 1, 3600),
             delivery_wait=env_number(env, "B24_DELIVERY_WAIT_SEC", DELIVERY_WAIT_SEC, 1, 86400),
+            max_file_mb=env_number(env, "B24_MAX_FILE_MB", 100.0, 0.001, 100.0),
             bot_url=bot_url, bot_auth=bot_auth, bot_secret=bot_secret, bot_routes=routes,
             bot_timeout=env_number(env, "BOT_HTTP_TIMEOUT_SEC", DEFAULT_BOT_TIMEOUT_SEC, 1, 3600),
             bot_max_bytes=int(env_number(env, "BOT_MAX_REPLY_BYTES", DEFAULT_BOT_MAX_BYTES, 1024, 64 * 1048576,
@@ -1425,7 +1427,7 @@ def _attachment_of(raw: Mapping) -> dict:
             "mime": mimetypes.guess_type(name)[0] or "", "url_download": str(raw.get("urlDownload") or "")}
 
 
-def _human_size(size: int) -> str:
+def human_size(size: int) -> str:
     if size >= 1024 * 1024:
         return "%.1f MB" % (size / 1048576.0)
     if size >= 1024:
@@ -1434,10 +1436,13 @@ def _human_size(size: int) -> str:
 
 
 def _describe_attachment(att: Mapping) -> str:
-    """``[photo: a.jpg, 230 KB]`` -- what a text-only reader (or bot) sees of a file."""
-    bits = [x for x in (str(att.get("name") or ""), _human_size(as_int(att.get("size"))) if att.get("size") else "")
-            if x]
-    return "[%s%s]" % (att.get("type") or "file", ": " + ", ".join(bits) if bits else "")
+    """``[photo: a.jpg, 230 KB]`` -- what a text-only reader (or bot) sees of a file; with its number and
+    type where one was given (the terminal chat's ``[photo #2: a.jpg, image/jpeg, 230 KB]``)."""
+    numbered = "n" in att
+    bits = [x for x in (str(att.get("name") or ""), str(att.get("mime") or "") if numbered else "",
+                        human_size(as_int(att.get("size"))) if att.get("size") else "") if x]
+    kind = "%s #%d" % (att.get("type") or "file", att["n"]) if numbered else str(att.get("type") or "file")
+    return "[%s%s]" % (kind, ": " + ", ".join(bits) if bits else "")
 
 
 def classify(raw: Mapping, users: Mapping[int, Mapping], *, self_id: int,
@@ -2247,7 +2252,17 @@ def find_by_uuid(client: Client, dialog_id: str, template_id: str) -> int:
 
 def send_text(client: Client, dialog_id: str, text: str, *, template_id: str | None = None,
               patience: float | None = None, sleep: Callable[[float], None] | None = None) -> int:
-    """Post one message (``im.message.add``); return its id.
+    """Post one message (``im.message.add``); return its id (see :func:`post_with_uuid`)."""
+    template_id = template_id or new_template_id()
+    return post_with_uuid(client, dialog_id, template_id, "im.message.add",
+                          {"DIALOG_ID": dialog_id, "MESSAGE": text, "TEMPLATE_ID": template_id}, as_int,
+                          patience=patience, sleep=sleep)
+
+
+def post_with_uuid(client: Client, dialog_id: str, template_id: str, method: str, params: Mapping,
+                   id_of: Callable[[Any], int], *, patience: float | None = None,
+                   sleep: Callable[[float], None] | None = None) -> int:
+    """Post one message carrying *template_id* (``im.message.add``, ``im.disk.file.commit``); its id.
 
     The ``TEMPLATE_ID`` makes a resend safe: the portal answers a repeat with
     the id of the message it already has.  So when the outcome is unknown --
@@ -2258,8 +2273,6 @@ def send_text(client: Client, dialog_id: str, text: str, *, template_id: str | N
     ``TEMPLATE_ID`` after a pause, for up to *patience* seconds.  Past that,
     :class:`UnknownOutcomeError`: never a blind resend, never a silent loss.
     """
-    template_id = template_id or new_template_id()
-    params = {"DIALOG_ID": dialog_id, "MESSAGE": text, "TEMPLATE_ID": template_id}
     pause = sleep or client.limiter.pause
     patience = client.config.send_patience if patience is None else patience
     deadline = time.monotonic() + patience
@@ -2267,7 +2280,7 @@ def send_text(client: Client, dialog_id: str, text: str, *, template_id: str | N
     what = ""
     while True:
         try:
-            return as_int(client.call("im.message.add", params, write=True))
+            return id_of(client.call(method, params, write=True))
         except UnknownOutcomeError as exc:
             what = exc.cause or "no usable answer came back"
         except DuplicateUuidError:
@@ -2281,8 +2294,8 @@ def send_text(client: Client, dialog_id: str, text: str, *, template_id: str | N
             return found
         if time.monotonic() + delay > deadline:
             raise UnknownOutcomeError(
-                "im.message.add to %s: %s, and after %.0f s the message is still not in the chat; it may "
-                "yet appear -- check the chat before sending again" % (display_dialog_id(dialog_id), what,
+                "%s to %s: %s, and after %.0f s the message is still not in the chat; it may "
+                "yet appear -- check the chat before sending again" % (method, display_dialog_id(dialog_id), what,
                                                                          patience))
         log.debug("%s: %s; sending again with the same TEMPLATE_ID in %.1f s",
                   display_dialog_id(dialog_id), what, delay)

@@ -142,6 +142,13 @@ class _Handler(BaseHTTPRequestHandler):
         if parts.path.startswith("/_control/"):
             self._control(portal, parts, body)
             return
+        if parts.path == "/rest/download.json":          # im.v2.File.download's link
+            data = portal.download(dict(urllib.parse.parse_qsl(parts.query)).get("token", ""))
+            if data is None:
+                self._send(404, b'{"error": "FILE_NOT_FOUND"}')
+            else:
+                self._send(200, data, "application/octet-stream")
+            return
         m = re.fullmatch(r"/rest/(?:(\d+)/([^/]+)/)?([^/]+?)/?", parts.path)
         if not m:
             self._send(404, b"<html><body><h1>404 Not Found</h1></body></html>", "text/html")

@@ -237,7 +237,7 @@ class ChatEdges(ChatTTY):
         p.send("chat%d\r" % queued)
         p.expect("/help for commands")
         p.send("/take\r")
-        p.expect("you took this dialog")
+        p.expect("you took the conversation")
         p.send("//etc is a path\r")
         self.wait_for_text(queued, "/etc is a path")
         self.assertIn(7, self.portal.chats[queued]["members"])
