@@ -716,6 +716,7 @@ class Config:
     bot_routes: dict = field(default_factory=dict)   # Open Line id -> bot URL (BOT_ROUTES)
     bot_timeout: float = DEFAULT_BOT_TIMEOUT_SEC
     bot_max_bytes: int = DEFAULT_BOT_MAX_BYTES
+    bot_max_file_bytes: int = 20 << 20          # BOT_MAX_FILE_BYTES: a file the bridge fetches for the bot
     business_phone: str = ""
     state_dir: str = ""
     source: str = "auto"                  # B24_SOURCE: auto | poll | events | bot
@@ -765,6 +766,7 @@ class Config:
             bot_timeout=env_number(env, "BOT_HTTP_TIMEOUT_SEC", DEFAULT_BOT_TIMEOUT_SEC, 1, 3600),
             bot_max_bytes=int(env_number(env, "BOT_MAX_REPLY_BYTES", DEFAULT_BOT_MAX_BYTES, 1024, 64 * 1048576,
                                       integer=True)),
+            bot_max_file_bytes=int(env_number(env, "BOT_MAX_FILE_BYTES", 20 << 20, 1, 100 << 20, integer=True)),
             business_phone=phone,
             state_dir=(env.get("B24_STATE_DIR") or "").strip(),
             source=source,
@@ -2408,22 +2410,75 @@ def normalize_reply(body: Any) -> list:
 
 @dataclass
 class BotAnswer:
-    """What the bot said: texts to post (maybe none), and whether it hands the dialog to a person."""
+    """What the bot said: texts to post (maybe none), files to post after them (see :func:`reply_files`),
+    and whether it hands the dialog to a person."""
 
     texts: list = field(default_factory=list)
     handoff: bool = False
+    files: list = field(default_factory=list)
 
 
 def parse_bot_answer(body: Any) -> BotAnswer:
-    """A decoded bot answer -> :class:`BotAnswer`; ``{"handoff": true, "text": "..."}`` hands over."""
+    """A decoded bot answer -> :class:`BotAnswer`; ``{"handoff": true, "text": "..."}`` hands over;
+    ``"files"`` (objects) or Rasa's ``{"image": url}`` / ``{"attachment": ...}`` items (lists) carry files."""
     try:
-        if isinstance(body, Mapping) and body.get("handoff") is True:
-            rest = {k: v for k, v in body.items() if k != "handoff"}
-            texts = normalize_reply(rest) if any(k in rest for k in _REPLY_KEYS + _REPLY_LIST_KEYS) else []
-            return BotAnswer(texts, True)
-        return BotAnswer(normalize_reply(body))
+        files = reply_files(body)
+        rest = body
+        if isinstance(body, Mapping):
+            rest = {k: v for k, v in body.items() if k not in ("handoff", "files")}
+        speaks = not isinstance(rest, Mapping) or any(k in rest for k in _REPLY_KEYS + _REPLY_LIST_KEYS)
+        handoff = isinstance(body, Mapping) and body.get("handoff") is True
+        texts = normalize_reply(rest) if speaks or not (handoff or files) else []
+        return BotAnswer(texts, handoff, files)
     except RecursionError:
         raise ReplyShapeError("bot reply: nested too deeply to be a reply") from None
+
+
+def reply_files(body: Any) -> list:
+    """The files of a bot answer, each ``{"url" | "base64", "name", "mime", "caption"}`` -- or ``{"error"}``
+    for an entry that names no file (posted as nothing, reported as a dead letter)."""
+    out: list = []
+    if isinstance(body, Mapping) and isinstance(body.get("files"), list):
+        for item in body["files"]:
+            out.append(_file_spec(item))
+    elif isinstance(body, Mapping) and isinstance(body.get(_first_list_key(body)), list):
+        out = reply_files(body[_first_list_key(body)])
+    elif isinstance(body, list):
+        for item in body:
+            if isinstance(item, Mapping) and item.get("image"):
+                out.append(_file_spec({"url": item["image"]}))
+            if isinstance(item, Mapping) and item.get("attachment"):
+                att = item["attachment"]
+                payload = as_map(as_map(att).get("payload"))
+                url = att if isinstance(att, str) else (as_map(att).get("url") or as_map(att).get("src")
+                                                        or payload.get("url") or payload.get("src"))
+                out.append(_file_spec(dict(as_map(att), url=url) if isinstance(att, Mapping) else {"url": url}))
+    return out
+
+
+def _first_list_key(body: Mapping) -> str:
+    return next((k for k in _REPLY_LIST_KEYS if k in body), "")
+
+
+def _file_spec(item: Any) -> dict:
+    if not isinstance(item, Mapping):
+        return {"error": "a files entry is %s, expected an object with url or base64" % _describe(item)}
+    url = item.get("url")
+    b64 = item.get("base64")
+    name = str(item.get("name") or item.get("filename") or "").strip()
+    spec = {"name": name, "mime": str(item.get("mime") or ""), "caption": str(item.get("caption") or "")}
+    if isinstance(b64, str) and b64.strip():
+        if not name:
+            return dict(spec, error="a base64 file has no name")
+        return dict(spec, base64=b64.strip())
+    if isinstance(url, str) and url.strip():
+        url = url.strip()
+        if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
+            return dict(spec, error="%s: only http:// and https:// files are fetched" % url.split(":", 1)[0])
+        if not name:
+            name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]) or "file"
+        return dict(spec, url=url, name=name)
+    return dict(spec, error="a files entry has neither url nor base64")
 
 
 # ===========================================================================
@@ -2511,8 +2566,8 @@ def private_folder(folder: str, what: str = "state folder") -> str:
     return folder
 
 
-def write_private(path: str, text: str) -> None:
-    """Replace *path* with *text*, atomically, readable by its owner only (0600 whatever the umask).
+def write_private(path: str, text: str | bytes) -> None:
+    """Replace *path* with *text* (or bytes), atomically, readable by its owner only (0600 whatever the umask).
 
     The new content is written to a fresh temp file beside it (created exclusively, so a planted
     link is never followed), fsynced and renamed over the old one -- which replaces a link rather
@@ -2522,7 +2577,7 @@ def write_private(path: str, text: str) -> None:
     os.makedirs(folder, mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=folder)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with (os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", encoding="utf-8")) as fh:
             os.fchmod(fh.fileno(), 0o600)
             fh.write(text)
             fh.flush()

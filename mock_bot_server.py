@@ -8,6 +8,7 @@ with a valid ``BOT_HTTP_SECRET`` signature::
 
     python3 mock_bot_server.py [--port 0] [--shape reply_text] [--delay 0] [--token T]
                                [--fail-rate 0.2] [--multi 3] [--handoff human] [--secret S] [--log-json]
+                               [--file-word catalog]
 
 The first line on stdout is ``BOT_HTTP_URL=<url>``.  Importable too:
 :class:`BotServer` keeps every request it got in ``.received``.
@@ -62,6 +63,9 @@ class BotServer(ThreadingHTTPServer):
         self.fail_rate = 0.0     # share of requests answered with HTTP 500 at random
         self.multi = 1           # replies per message
         self.handoff_word = ""   # a message containing it is handed over to a person
+        self.file_word = ""      # a message containing it is answered with a file (served at /files/...)
+        self.files = {"catalog.pdf": b"%PDF-1.4\n% a sample catalog\n"}   # GET /files/NAME serves these
+        self.file_gets: list = []    # (path, Authorization header) of each file fetched
         self.secret = ""         # verify X-B24-Signature / X-B24-Timestamp (401 otherwise)
         self.log_json = False    # print one JSON line per payload on stdout
         self.rng = random.Random(1)
@@ -153,6 +157,11 @@ class _Handler(BaseHTTPRequestHandler):
         if bot.shape == "none":
             self._answer(204, None)
             return
+        if bot.file_word and bot.file_word.lower() in text.lower():
+            base = "http://127.0.0.1:%d" % bot.server_address[1]
+            self._answer(200, {"reply_text": "Here is our catalog.", "files": [
+                {"url": base + "/files/catalog.pdf", "name": "catalog.pdf", "caption": "The catalog"}]})
+            return
         if bot.handoff_word and bot.handoff_word.lower() in text.lower():
             self._answer(200, {"handoff": True, "text": "A person will take over from here."})
             return
@@ -162,6 +171,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(200, shaped(texts, bot.shape if bot.multi == 1 else "replies"))
 
     def do_GET(self) -> None:
+        if self.path.startswith("/files/"):
+            name = self.path[len("/files/"):]
+            with self.server.lock:
+                self.server.file_gets.append((self.path, self.headers.get("Authorization")))
+            data = self.server.files.get(name)
+            self.send_response(200 if data is not None else 404)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(data or b"")))
+            self.end_headers()
+            self.wfile.write(data or b"")
+            return
         if self.server.token and self.headers.get("Authorization") != self.server.token:
             self._answer(401, {"error": "unauthorized"})
             return
@@ -181,6 +201,8 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--handoff", default="", metavar="WORD",
                         help="hand the dialog over to a person when a message contains WORD")
     parser.add_argument("--secret", default="", help="check each request's signature (BOT_HTTP_SECRET)")
+    parser.add_argument("--file-word", default="", metavar="WORD",
+                        help="answer a message containing WORD with a file (a sample PDF this bot serves)")
     parser.add_argument("--log-json", action="store_true", help="print each payload as one JSON line")
     args = parser.parse_args(argv)
     if not 0 <= args.fail_rate <= 1:
@@ -194,7 +216,7 @@ def main(argv: list | None = None) -> int:
     try:
         bot = BotServer(args.port, args.shape, args.delay, args.token).start()
         bot.fail_rate, bot.multi, bot.handoff_word = args.fail_rate, args.multi, args.handoff
-        bot.secret, bot.log_json = args.secret, args.log_json
+        bot.secret, bot.log_json, bot.file_word = args.secret, args.log_json, args.file_word
     except OSError as exc:
         sys.stderr.write("mock_bot_server.py: error: cannot listen on 127.0.0.1:%d (%s)\n"
                          % (args.port, exc.strerror or exc))

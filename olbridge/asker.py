@@ -11,6 +11,7 @@ import b24common as bc
 from b24delivery import WINDOW_SEC
 from olbridge.bot import BotClient, BotError
 from olbridge.botsession import BotSessions
+from olbridge.files import MAX_FILES, FileError
 from olbridge.pauses import Pauses
 from olbridge.poster import Poster, next_missing
 from olbridge.scheduler import Scheduler
@@ -213,12 +214,16 @@ class Asker:
             sh.bury(row, "window closed: %s -- the answer was not posted" % closed, "post")
             return None
         parts = self._parts(row, answer.texts)
-        log.info("%s: bot answered in %.1f s with %d message%s%s", row.where, took,
-                 len(parts), "" if len(parts) == 1 else "s", " and hands over to a person" if answer.handoff else "")
+        files = self._files(row, answer.files, bot.url, first=len(parts))
+        log.info("%s: bot answered in %.1f s with %d message%s%s%s", row.where, took,
+                 len(parts), "" if len(parts) == 1 else "s",
+                 " and %d file%s" % (len(files), "" if len(files) == 1 else "s") if files else "",
+                 " and hands over to a person" if answer.handoff else "")
+        parts += files
         if sh.demo:      # a demo shows the conversation; a real journal keeps texts out
             log.info("  customer %s: %s", row.payload.get("customer_name"), row.payload.get("text"))
-            for text in parts:
-                log.info("  bot: %s", text)
+            for part in parts:
+                log.info("  bot: %s", part if isinstance(part, str) else "[file %s]" % part["name"])
         # the answer is kept before any of it is posted: a restart posts the rest of the same answer
         sh.store.update(row, state="answered", answer=parts, posted=0, handoff=int(answer.handoff),
                         attempts=0, first_try=None, next_try=0, error=None)
@@ -314,6 +319,24 @@ class Asker:
             log.warning("%s: the answer makes %d messages; posting the first %d, the rest is cut", row.where,
                         len(parts), MAX_PARTS)
             parts = parts[:MAX_PARTS]
+        return parts
+
+    def _files(self, row: Row, specs: list, bot_url: str, *, first: int) -> list:
+        """The answer's files fetched (or decoded) and kept, as the parts that stand for them; one that
+        cannot be had is said and dead-lettered with the reason, and the rest goes on."""
+        sh = self.shared
+        if len(specs) > MAX_FILES:
+            log.warning("%s: the answer carries %d files; posting the first %d", row.where, len(specs), MAX_FILES)
+        parts = []
+        for n, spec in enumerate(specs[:MAX_FILES]):
+            try:
+                parts.append(sh.files.keep(sh.template(row, first + len(parts)), spec, bot_url))
+            except FileError as exc:
+                log.error("%s: file %d of the answer is not posted: %s", row.where, n + 1, exc)
+                sh.dead_letter(row, "file %d of the answer not posted: %s" % (n + 1, exc), "file")
+            except OSError as exc:
+                log.error("%s: file %d of the answer could not be kept: %s", row.where, n + 1, exc)
+                sh.dead_letter(row, "file %d of the answer not kept: %s" % (n + 1, exc), "file")
         return parts
 
     def _fold(self, group: list) -> Row:

@@ -11,12 +11,14 @@ import time
 from typing import Any, Callable, Mapping
 
 import b24common as bc
+import b24files
 import b24push as push
 from olbridge import chatbot
 from olbridge.asker import Asker
 from olbridge.bot import BotClient
 from olbridge.botsession import BotSessions
 from olbridge.delivered import REASONS, Deliveries
+from olbridge.files import AnswerFiles
 from olbridge.health import Liveness, Watchdog, metric, sd_notify
 from olbridge.pauses import Pauses
 from olbridge.poster import Poster
@@ -51,6 +53,10 @@ class StatePaths:
     @property
     def spool(self) -> str:
         return self.base + ".receiver.sqlite"
+
+    @property
+    def files(self) -> str:
+        return self.base + ".files"
 
 
 class Bridge:
@@ -123,6 +129,8 @@ class Bridge:
             self.wait_out("reading the dialogs", poller.start)
             log.info("starting from now: messages already in the dialogs are not forwarded")
         self.shared.store, self.shared.dead = store, DeadLetters(paths.dead_letters)
+        self.shared.files = AnswerFiles(paths.files, client.config)
+        self.shared.file_route = self.wait_out("reading the webhook's scopes", lambda: b24files.file_route(client))
         self.pauses.load(*store.pauses())
         self.shared.chat_bot = chat_bot = chatbot.load_chat_bot(paths.folder, client.host)
         if chatbot.is_fetch(chat_bot):
@@ -192,6 +200,13 @@ class Bridge:
                              "session_id": msg.session_id or None, "customer_name": msg.customer_name or None,
                              "customer_phone": msg.customer_phone or None, "portal": host}}
 
+    def _ours(self, msg: bc.Message) -> bool:
+        """A message as the webhook user that the bridge posted: a reply's uuid, or a file it posted (the
+        one-call upload has no uuid: known by its id, or by a file post of that dialog still in flight)."""
+        sh = self.shared
+        return is_bridge_uuid(self.client.host, msg.uuid) or sh.is_own(msg.dialog_id, msg.id) or bool(
+            msg.attachments and msg.dialog_id in sh.uploading)
+
     def _adopted(self, dialog_id: str) -> bool:
         """Is this a chat our chat bot holds (met through its events)?"""
         info = self.poller.dialogs.get(dialog_id) if self.poller is not None else None
@@ -207,8 +222,7 @@ class Bridge:
         rows = []
         sessions: dict = {}
         for msg in msgs:
-            if msg.author_kind == "operator" or (
-                    msg.author_kind == "self" and not is_bridge_uuid(self.client.host, msg.uuid)):
+            if msg.author_kind == "operator" or (msg.author_kind == "self" and not self._ours(msg)):
                 self.pauses.human_wrote(msg, self.settings.human_pause_min)
                 continue
             if msg.author_kind != "customer":

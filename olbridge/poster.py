@@ -9,6 +9,7 @@ import time
 from typing import Callable
 
 import b24common as bc
+import b24files
 from b24delivery import reports_delivery
 from olbridge.pauses import Pauses
 from olbridge.scheduler import Scheduler
@@ -105,10 +106,12 @@ class Poster:
         if not live:
             return
         legacy_bot = self.shared.chat_bot and not self.shared.fetch_bot
-        if len(live) == 1 or legacy_bot:   # one reply (or the legacy chat bot's): one request each
-            for row in live:
-                self.shared.live.beat("posting a reply of %s" % row.where)
-                self._after_post(row, *self._post_one(row))
+        alone = [row for row in live if len(live) == 1 or legacy_bot or not isinstance(row.answer[row.posted], str)]
+        for row in alone:        # one reply, the legacy chat bot's, a file: one request (or three) each
+            self.shared.live.beat("posting a reply of %s" % row.where)
+            self._after_post(row, *self._post_one(row))
+        live = [row for row in live if row not in alone]
+        if not live:
             return
         names = {"r%d" % i: row for i, row in enumerate(live)}
         commands = {name: self._command(row) for name, row in names.items()}
@@ -148,6 +151,8 @@ class Poster:
         ``im.message.add``.  ``(None, message id)`` (id 0 when not known), or ``(error, 0)``."""
         sh = self.shared
         text = row.answer[row.posted]
+        if not isinstance(text, str):
+            return self._post_file(row, text)
         if sh.as_bot(row):
             method, params = self._command(row)
             try:
@@ -184,6 +189,24 @@ class Poster:
         except bc.B24Error as exc:
             return exc, 0
 
+    def _post_file(self, row: Row, part: dict) -> tuple:
+        """A file of the answer, kept since it was fetched: as our chat bot in its chats, else by the webhook's
+        route (the Disk steps with this part's TEMPLATE_ID, or the one-call upload)."""
+        sh = self.shared
+        sh.uploading.add(row.dialog)
+        try:
+            f = sh.files.load(part)
+            mid = b24files.send_file(sh.client, row.dialog, f, caption=part.get("caption") or "",
+                                     template_id=sh.template(row, row.posted), route=sh.file_route,
+                                     bot=sh.fetch_bot if sh.as_bot(row) else None, patience=0)
+            sh.posted(row.dialog, mid)
+        except bc.B24Error as exc:
+            return exc, 0
+        finally:
+            sh.uploading.discard(row.dialog)
+        sh.files.drop(part)
+        return None, mid
+
     # -- is it there already? ------------------------------------------------------------------
     def parts_present(self, row: Row) -> dict:
         """Which parts of this message's answer are already in the dialog, ``{part index: message id}`` (by
@@ -196,13 +219,21 @@ class Poster:
         sh = self.shared
         ours = {sh.template(row, i): i for i in range(MAX_PARTS)}
         bot_id = bc.as_int((sh.chat_bot or {}).get("bot_id")) if not sh.fetch_bot else 0     # legacy bot only
+        authors = {sh.client.whoami()["id"], bc.as_int((sh.chat_bot or {}).get("bot_id"))}
         found: dict = {}
         after = row.message_id
         for _page in range(4):
             res = sh.client.call("im.dialog.messages.get", {"DIALOG_ID": row.dialog, "FIRST_ID": after,
                                                             "LIMIT": bc.MESSAGES_PAGE})
             found.update({ours[uuid]: mid for uuid, mid in bc.posted_uuids(res).items() if uuid in ours})
-            msgs = bc.messages_of(res)[0]
+            msgs, _users, files = bc.messages_of(res)
+            for m in msgs if any(not isinstance(p, str) for p in row.answer) else ():
+                if bc.as_int(m.get("author_id")) in authors:      # a file posted without a uuid: by its name
+                    names = {str(files.get(bc.as_int(i), {}).get("name") or "")
+                             for i in bc.as_map(m).get("params", {}).get("FILE_ID", []) or []} \
+                        if isinstance(bc.as_map(m).get("params"), dict) else set()
+                    found.update({i: bc.as_int(m.get("id")) for i, part in enumerate(row.answer)
+                                  if not isinstance(part, str) and part.get("name") in names and i not in found})
             for m in msgs if bot_id and row.answer else ():
                 if bc.as_int(m.get("author_id")) == bot_id:        # the bot's parts carry no uuid
                     found.update({i: bc.as_int(m.get("id")) for i, text in enumerate(row.answer)
@@ -262,6 +293,8 @@ class Poster:
                 self._release(row)
             return
         # this part is refused for good: a dead letter for it, the rest goes on
+        if not isinstance(row.answer[index], str):
+            sh.files.drop(row.answer[index])
         sh.stats["send_failures"] += 1
         sh.dead_letter(row, "reply %d/%d refused: %s" % (index + 1, total, bc.format_error(error)), "post")
         log.error("%s: reply %d/%d refused (%s); it is in the dead letters, the rest goes on",

@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 import b24common as bc
+from olbridge.files import AnswerFiles
 from olbridge.health import Histogram, Liveness
 from olbridge.settings import Settings
 from olbridge.store import DeadLetters, Row, Store
@@ -57,6 +58,9 @@ class Shared:
         self.dead: DeadLetters = None             # type: ignore[assignment]
         self.chat_bot: dict | None = None         # the registered Open Lines chat bot (--register-bot)
         self.own: collections.OrderedDict = collections.OrderedDict()   # (dialog, id) of messages we posted
+        self.files: AnswerFiles = None            # type: ignore[assignment]  -- the answers' files, kept
+        self.file_route = ""                      # how files go as the webhook user ("disk" / "upload")
+        self.uploading: set = set()               # dialogs with a file post in flight (its id not known yet)
         self.stats: collections.Counter = collections.Counter()
         self.latency = Histogram()
         self.cannot_post: dict = {}               # dialog -> session id in which posting was refused
