@@ -41,6 +41,7 @@ class Files:
         self.disk: dict = {}              # Disk object id -> {"name", "folder", "content", "by"}
         self.next_disk_id = 7700
         self.downloads: dict = {}         # download token -> chat file id
+        self.max_file_bytes = MAX_FILE_BYTES     # the portal's limit (a test may lower it)
 
     def file_content(self, fid: int) -> bytes:
         """The bytes of a chat file (a customer's media has made-up bytes of its size)."""
@@ -74,7 +75,7 @@ class Files:
         name, content = str(fields.get("name") or ""), str(fields.get("content") or "")
         if not name or not content:
             raise RestError(400, "FILE_EMPTY", "File name or content is empty")
-        if len(content) > MAX_FILE_BYTES * 4 // 3 + 4:
+        if len(content) > self.max_file_bytes * 4 // 3 + 4:
             raise RestError(400, "FILE_TOO_LARGE", "File is too large")
         try:
             data = base64.b64decode(content, validate=True)
@@ -153,7 +154,7 @@ class Files:
             raw = base64.b64decode(str(content[1]), validate=True)
         except (binascii.Error, ValueError):
             raise RestError(400, "ERROR_COULD_NOT_SAVE_FILE", "Could not save file") from None
-        if len(raw) > MAX_FILE_BYTES:
+        if len(raw) > self.max_file_bytes:
             raise RestError(400, "ERROR_COULD_NOT_SAVE_FILE", "Could not save file: too large")
         taken = {d["name"] for d in self.disk.values() if d["folder"] == folder}
         if name in taken and p.get("generateUniqueName") not in (None, "", False, "0", "N", "false"):

@@ -216,6 +216,18 @@ class FetchBot(QuietWorld):
         self.assertNotIn(mine["bot_id"], self.portal.bots)
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "state", "chat-bot.json")))
 
+    def test_a_file_in_the_answer_goes_as_the_bot(self) -> None:
+        self.bot.file_word = "catalog"
+        saved, proc = self.bot_ready()
+        chat = self.portal.new_conversation(LINE, "Cat Alog", None, "the catalog please")["chat_id"]
+        self.wait_for(lambda: any(m["params"].get("FILE_ID") for m in self.portal.chat_messages(chat)
+                                  if isinstance(m["params"], dict)), 6, "the file")
+        msg = [m for m in self.portal.chat_messages(chat) if isinstance(m["params"], dict) and m["params"].get("FILE_ID")]
+        self.assertEqual([(m["author_id"], m["text"]) for m in msg], [(saved["bot_id"], "The catalog")])
+        self.assertEqual(self.by_bot(chat, saved["bot_id"]), ["Here is our catalog.", "The catalog"])
+        self.assertIn("imbot.v2.file.upload", self.portal.stats()["counts"])
+        self.assertEqual(proc.stop(), 0)
+
     def test_a_slow_bot_shows_typing_in_the_chat(self) -> None:
         self.bot.delay = {"think hard": 2.5}
         saved, proc = self.bot_ready()

@@ -8,6 +8,8 @@ import os
 import time
 import unittest
 
+import b24common as bc
+from tests.support import PortalCase
 from tests.test_bridge import BridgeHarness
 
 SEND = "b24_send_message.py"
@@ -59,6 +61,29 @@ class BridgeFiles(BridgeHarness):
         time.sleep(1.0)
         self.assertEqual(len(self.file_messages(chat)), 3, "each file once")
         self.assertEqual(os.listdir(os.path.join(self.tmp, "state", "bridge.files")), [], "posted files are let go")
+        self.assertEqual(proc.stop(), 0)
+
+    def test_kill_9_between_two_file_parts_posts_each_once(self) -> None:
+        self.portal.set_webhook(scopes=["im", "imopenlines", "user", "disk"])
+        self.bot.files.update({"a.pdf": b"%PDF a", "b.pdf": b"%PDF b"})
+        base = "http://127.0.0.1:%d" % self.bot.server_address[1]
+        self.bot.raw = lambda text: (200, "application/json", json.dumps({"reply_text": "two files", "files": [
+            {"url": base + "/files/a.pdf"}, {"url": base + "/files/b.pdf"}]}).encode())
+        chat = self.ids["lines_member"]
+        for round_ in range(2):
+            proc = self.start_bridge(BRIDGE_RETRY_FIRST_SEC="0.2")
+            self.portal.behave(message_add_delay=0.4)       # each commit takes a while: room for a kill
+            before = len(self.file_messages(chat))
+            self.portal.customer_message(chat, "files please %d" % round_)
+            self.wait_for(lambda b=before: len(self.file_messages(chat)) > b, 10, "the first file")
+            proc.kill()                                      # between the first file and the second
+            self.portal.behave(message_add_delay=0.0)
+        proc = self.start_bridge()
+        self.wait_for(lambda: len(self.file_messages(chat)) >= 4, 15, "every file")
+        time.sleep(1.0)
+        contents = [c for _n, c, _t, _a in self.file_messages(chat)]    # the chat's folder renames repeats
+        self.assertEqual(contents, [b"%PDF a", b"%PDF b"] * 2, "each file once, in order")
+        self.assertEqual(self.texts(chat).count("two files"), 2)
         self.assertEqual(proc.stop(), 0)
 
 
@@ -129,6 +154,56 @@ class SenderFiles(BridgeHarness):
         self.assertEqual(proc.returncode, 4, proc.stderr)
         doc = json.loads(proc.stdout)
         self.assertEqual((doc["delivery"], len(doc["message_ids"])), ("failed", 1))
+
+
+class PortalFiles(PortalCase):
+    """The emulator's file routes as the fact sheet gives them (§18)."""
+
+    def call(self, method: str, **params):
+        return self.client().call(method, params)
+
+    def refused(self, code: str, method: str, **params) -> None:
+        with self.assertRaises(bc.APIError) as ctx:
+            self.call(method, **params)
+        self.assertEqual(ctx.exception.code, code)
+
+    def test_the_three_steps_upload_in_place_or_copy_and_silent_mode(self) -> None:
+        chat = self.ids["lines_member"]
+        content = base64.b64encode(b"%PDF-1.4 x").decode()
+        with self.assertRaises(bc.ScopeError):             # disk.folder.uploadfile needs the disk scope
+            self.call("disk.folder.uploadfile", id=1, data={"NAME": "a.pdf"}, fileContent=["a.pdf", content])
+        self.portal.set_webhook(scopes=["im", "imopenlines", "user", "disk"])
+        folder = self.call("im.disk.folder.get", DIALOG_ID="chat%d" % chat)["ID"]
+        disk = self.call("disk.folder.uploadfile", id=folder, data={"NAME": "a.pdf"}, fileContent=["a.pdf", content])
+        self.refused("FILES_ERROR", "im.disk.file.commit", DIALOG_ID="chat%d" % chat)
+        self.refused("SAVE_ERROR", "im.disk.file.commit", DIALOG_ID="chat%d" % chat, UPLOAD_ID=999999)
+        uuid = bc.new_template_id()
+        done = self.call("im.disk.file.commit", DIALOG_ID="chat%d" % chat, UPLOAD_ID=disk["ID"], MESSAGE="here",
+                         TEMPLATE_ID=uuid)
+        self.assertEqual(self.call("im.disk.file.commit", DIALOG_ID="chat%d" % chat, UPLOAD_ID=disk["ID"],
+                                   TEMPLATE_ID=uuid)["MESSAGE_ID"], done["MESSAGE_ID"], "the uuid: the same message")
+        msg = self.portal.messages[done["MESSAGE_ID"]]
+        self.assertEqual((msg["text"], msg["uuid"], "upload%d" % disk["ID"] in done["FILES"]), ("here", uuid, True))
+        # FILE_ID copies any readable Disk file; SILENT_MODE=Y keeps it from the customer
+        quiet = self.call("im.disk.file.commit", DIALOG_ID="chat%d" % chat, FILE_ID=disk["ID"], SILENT_MODE="Y")
+        self.assertIn("disk%d" % disk["ID"], quiet["FILES"])
+        self.assertEqual(self.portal.messages[quiet["MESSAGE_ID"]]["params"].get("SILENT_CONNECTOR"), "Y")
+        self.assertNotIn("SENDING", self.portal.messages[quiet["MESSAGE_ID"]]["params"], "never handed to WhatsApp")
+        queued = self.ids["queued"]                        # readable (our queue), not a member
+        self.call("im.disk.folder.get", DIALOG_ID="chat%d" % queued)
+        self.refused("ACCESS_ERROR", "im.disk.file.commit", DIALOG_ID="chat%d" % queued, FILE_ID=disk["ID"])
+
+    def test_one_call_uploads_limits_and_downloads(self) -> None:
+        chat = self.ids["lines_member"]
+        up = self.call("im.v2.File.upload", dialogId="chat%d" % chat,
+                       fields={"name": "n.txt", "content": base64.b64encode(b"note").decode()})
+        self.assertEqual(self.portal.messages[up["messageId"]]["params"]["FILE_ID"], [up["file"]["id"]])
+        self.portal.max_file_bytes = 3000          # 100 MB on a real portal
+        self.refused("FILE_TOO_LARGE", "im.v2.File.upload", dialogId="chat%d" % chat,
+                     fields={"name": "big.bin", "content": base64.b64encode(b"x" * 3100).decode()})
+        link = self.call("im.v2.File.download", dialogId="chat%d" % chat, fileId=up["file"]["id"])["downloadUrl"]
+        token = link.split("token=", 1)[1]
+        self.assertEqual(self.portal.download(token), b"note")
 
 
 if __name__ == "__main__":
