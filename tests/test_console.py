@@ -68,6 +68,10 @@ class SessionActions(ChatHarness):
         self.assertOneLineError(self.act(foreign, "join"), 1, "join refused", "ACCESS_DENIED")
         self.assertOneLineError(self.act(foreign, "intercept"), 1, "intercept refused", "OPERATOR_WRONG")
         self.assertOneLineError(self.act(foreign, "close"), 1, "close refused", "ACCESS_DENIED")
+        self.assertOneLineError(self.act(foreign, "spam"), 1, "spam refused", "ACCESS_DENIED")
+        self.assertOneLineError(self.act(foreign, "answer"), 1, "answer refused", "ACCESS_DENIED")
+        self.assertOneLineError(self.act(foreign, "transfer=queue3"), 1, "transfer refused", "OPERATOR_WRONG")
+        self.assertOneLineError(self.act(self.ids["closed"], "skip"), 1, "skip refused", "without a reason")
 
     def test_bad_actions_are_usage_errors(self) -> None:
         chat = self.ids["lines_member"]
