@@ -121,7 +121,9 @@ MESSAGES_PAGE = 50                   # im.dialog.messages.get caps LIMIT at 50
 RECENT_PAGE_MIN = 8                  # recent items read on an idle cycle
 RECENT_PAGE_MAX = 200
 SYNC_MAX_AGE_SEC = 6 * 86400         # im.recent.get LAST_SYNC_DATE looks back 7 days at most
-SYNC_MARGIN_SEC = 60.0               # recent rows are written after their message: ask back this far
+SYNC_MARGIN_SEC = 60.0               # recent rows are written after their message: ask back this far,
+SYNC_SWEEP_SEC = 60.0                #   once this often (the sweep: a row written late is caught then)
+SYNC_NEAR_SEC = 2.0                  # and only this far the rest of the time (a late row is rare and brief)
 SESSION_ANSWERED = 10                # Open Lines session status from which an operator has it
 MESSAGE_MAX_CHARS = 20000            # longer texts are cut by im.message.add
 DELIVERY_WAIT_SEC = 300.0            # a send unconfirmed this long is "unconfirmed" (the portal's own rule)
@@ -1691,6 +1693,8 @@ class Poller:
         self._unreadable: dict = {}  # dialog -> target we could not read
         self._rewound: set = set()   # dialogs replaying history on purpose (no cut)
         self.uses_sync = True        # until the portal shows it ignores LAST_SYNC_DATE
+        self.sweep_every = SYNC_SWEEP_SEC   # how often the scan asks back SYNC_MARGIN_SEC (else SYNC_NEAR_SEC)
+        self._swept = -SYNC_SWEEP_SEC       # monotonic time of the last wide scan (none yet)
         self._newest: float | None = None
         self._read_time: float | None = None
         self._tz: _dt.tzinfo = _dt.timezone.utc   # the portal's UTC offset, once seen
@@ -1885,8 +1889,15 @@ class Poller:
         return self._newest
 
     def _scan_sync(self, changed: dict) -> bool:
-        """The one-request scan; False if the portal did not honour ``LAST_SYNC_DATE``."""
-        since = self.watermark - SYNC_MARGIN_SEC
+        """The one-request scan; False if the portal did not honour ``LAST_SYNC_DATE``.
+
+        It asks for the rows changed since the last scan less a few seconds (:data:`SYNC_NEAR_SEC`), and
+        once every :attr:`sweep_every` seconds less :data:`SYNC_MARGIN_SEC`: a row the portal wrote late
+        comes with that sweep, so its message is late, never lost -- and a busy minute does not cost
+        every cycle the rows of the whole minute."""
+        now = time.monotonic()
+        wide = now - self._swept >= self.sweep_every
+        since = self.watermark - (SYNC_MARGIN_SEC if wide else SYNC_NEAR_SEC)
         # in the portal's own UTC offset, so even a portal comparing strings gets it right
         text = _dt.datetime.fromtimestamp(since, self._tz).isoformat(timespec="seconds")
         br = self.client.batch({
@@ -1914,6 +1925,8 @@ class Poller:
         if not self.uses_sync:
             log.info("this portal ignores im.recent.get LAST_SYNC_DATE: scanning im.recent.list instead")
             return False
+        if wide:
+            self._swept = now
         items = as_map(head).get("items")
         items = list(items.values()) if isinstance(items, Mapping) else items or []
         seen: set = set()

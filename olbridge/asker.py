@@ -89,7 +89,7 @@ class Asker:
             return self.ask_bot(row)
         if row.state == "answered":
             return self.poster.take(row)
-        self.shared.store.finish(row)
+        self.shared.finish(row)
         return None
 
     def reconcile(self, row: Row) -> bool:
@@ -107,7 +107,7 @@ class Asker:
         sh.checked.add(key)
         if row.state == "new" and row.present:
             log.info("%s: its replies are already in the dialog; not asking the bot again", row.where)
-            sh.store.finish(row)
+            sh.finish(row)
             return False
         if row.state == "answered":
             if self.poster.follow(row):        # posted before the crash, never recorded: their verdicts too
@@ -124,7 +124,7 @@ class Asker:
     # -- may the bot answer? ------------------------------------------------------------------
     def _skip(self, row: Row, counter: str) -> None:
         self.shared.stats[counter] += 1
-        self.shared.store.finish(row)
+        self.shared.finish(row)
 
     def _can_answer(self, row: Row) -> bool:
         """The bot is not asked for a dialog we cannot post to (logged once per dialog)."""
@@ -348,6 +348,7 @@ class Asker:
                             attachments=[a for r in group for a in r.payload.get("attachments") or []],
                             new_dialog=any(r.payload.get("new_dialog") for r in group))
         self.shared.store.fold(group, last)
+        self.shared.checked.difference_update((r.dialog, r.message_id) for r in group[:-1])
         log.info("%s: %d messages within BRIDGE_DEBOUNCE_SEC=%g s go to the bot as one turn", last.where,
                  len(group), self.shared.settings.debounce)
         return last

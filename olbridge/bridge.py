@@ -31,6 +31,7 @@ log = logging.getLogger("b24_ol_bridge")
 
 STOP_GRACE_SEC = 1.5        # on SIGTERM, how long replies in progress may still finish (the rest is redone)
 PRUNE_EVERY_SEC = 3600.0    # how often dialogs idle for BRIDGE_FORGET_DAYS are forgotten
+BEHIND_AFTER_SEC = 60.0     # a message unanswered this long past the bot's timeout: the status line says "behind"
 
 
 class StatePaths:
@@ -328,6 +329,14 @@ class Bridge:
             return self.phase
         return ""
 
+    def oldest_unanswered(self) -> float:
+        """Seconds the oldest message in flight has waited (0 when none does)."""
+        try:
+            oldest = self.shared.store.oldest_arrival() if self.shared.store is not None else None
+        except sqlite3.Error:
+            return 0.0
+        return max(0.0, time.time() - oldest) if oldest else 0.0
+
     def status(self) -> str:
         """systemd's status line: what it is doing, the counts, and what is wrong since when."""
         problem = self.problem()
@@ -337,6 +346,9 @@ class Bridge:
         text = "polling %s; %d forwarded, %d replies, %d bot failures, %d dead letters, %d dialogs waiting to retry" % (
             self.client.host, stats["forwarded"], stats["replies"], stats["bot_failures"],
             stats["dead_letters"], self.scheduler.waiting_to_retry())
+        waited = self.oldest_unanswered()
+        if waited > BEHIND_AFTER_SEC + self.client.config.bot_timeout:
+            text += "; behind: the oldest message has waited %.0f s" % waited
         return text + ("; " + problem if problem else "")
 
     def metrics(self) -> str:
@@ -376,6 +388,13 @@ class Bridge:
                [('{reason="%s"}' % r, self.deliveries.counts[r]) for r in REASONS])
         metric(out, "b24_bridge_portal_requests_total", "counter", "HTTP requests made to the portal.",
                [("", self.client.requests)])
+        metric(out, "b24_bridge_messages_answered_total", "counter", "Customer messages whose answer is posted.",
+               [("", stats["answered"])])
+        metric(out, "b24_bridge_requests_per_answered_message", "gauge", "Portal requests (all of them: "
+               "scans, reads, posts, delivery checks) per answered message, since the start.",
+               [("", round(self.client.requests / stats["answered"], 3) if stats["answered"] else 0)])
+        metric(out, "b24_bridge_oldest_unanswered_seconds", "gauge", "Age of the oldest customer message not "
+               "answered yet (0: none waits).", [("", round(self.oldest_unanswered(), 1))])
         metric(out, "b24_bridge_portal_limit_hits_total", "counter", "Portal answers refused by a rate limit.",
                [("", self.client.limit_hits)])
         metric(out, "b24_bridge_last_poll_success_timestamp_seconds", "gauge",

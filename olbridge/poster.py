@@ -55,7 +55,7 @@ class Poster:
             return False
         log.info("%s: %s; %s", row.where, why, what)
         self.shared.stats["dropped_late"] += 1
-        self.shared.store.finish(row)
+        self.shared.finish(row)
         return True
 
     def follow(self, row: Row) -> bool:
@@ -274,7 +274,7 @@ class Poster:
             self.bot_left(row.dialog, row.payload.get("session_id") or 0,
                           "the portal says the bot is no longer in the chat (%s)" % error.code)
             sh.stats["dropped_late"] += 1
-            sh.store.finish(row)
+            sh.finish(row)
             self._release(row)
             return
         if isinstance(error, bc.NotMemberError):
@@ -312,9 +312,11 @@ class Poster:
             self._done(row)
 
     def _done(self, row: Row) -> None:
+        if row.answer:
+            self.shared.stats["answered"] += 1
         if row.handoff:
             self._hand_over(row)
-        self.shared.store.finish(row)
+        self.shared.finish(row)
         self._release(row)
 
     def _hand_over(self, row: Row) -> None:

@@ -82,6 +82,11 @@ class Shared:
             log.info("the state database is writable again")
             self.save_error = ""
 
+    def finish(self, row: Row) -> None:
+        """*row* needs nothing more: out of the inbox, and out of memory."""
+        self.store.finish(row)
+        self.checked.discard((row.dialog, row.message_id))
+
     # -- our own messages ---------------------------------------------------------------
     def template(self, row: Row, index: int) -> str:
         """The ``TEMPLATE_ID`` of part *index* of this message's answer (the same on every try)."""
@@ -182,4 +187,4 @@ class Shared:
                 log.info("%s: posted BRIDGE_FALLBACK_TEXT instead", row.where)
             except bc.B24Error as exc:
                 log.error("%s: BRIDGE_FALLBACK_TEXT not posted: %s", row.where, bc.format_error(exc))
-        self.store.finish(row)
+        self.finish(row)

@@ -309,6 +309,10 @@ class Store:
     def backlog(self) -> dict:
         return dict(self.db.execute("SELECT dialog, COUNT(*) FROM inbox GROUP BY dialog"))
 
+    def oldest_arrival(self) -> float | None:
+        """When the oldest message still in flight was written to the inbox (None: none is)."""
+        return self.db.execute("SELECT MIN(arrived) FROM inbox").fetchone()[0]
+
 
 def migrate_json_state(store: Store, json_path: str) -> None:
     """A state file of an earlier version (bridge.json): its cursors move into the database, once."""

@@ -189,6 +189,10 @@ class Operations(BridgeHarness):
         self.assertEqual(values['b24_bridge_bot_latency_seconds_bucket{le="+Inf"}'], 3)
         self.assertEqual(values["b24_bridge_backlog_messages"], 0)
         self.assertGreater(values["b24_bridge_portal_requests_total"], 3)
+        self.assertEqual(values["b24_bridge_messages_answered_total"], 3)
+        self.assertAlmostEqual(values["b24_bridge_requests_per_answered_message"],
+                               values["b24_bridge_portal_requests_total"] / 3, delta=1.0)
+        self.assertEqual(values["b24_bridge_oldest_unanswered_seconds"], 0, "nothing waits")
         self.assertGreater(values["b24_bridge_last_poll_success_timestamp_seconds"], time.time() - 30)
         for path, code in (("/", 404), ("/anything", 404)):
             with self.assertRaises(urllib.error.HTTPError) as ctx:

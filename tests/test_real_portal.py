@@ -194,6 +194,39 @@ class RealPortalPoller(PortalCase):
         self.assertTrue(p.uses_sync)
         self.assertEqual(sorted(got), sent)
 
+    def test_a_row_written_very_late_comes_with_the_sweep(self) -> None:
+        chat = self.portal.add_dialogs(1)[0]
+        self.portal.take_chat(self.ids["queued"], 9)     # nothing waits: the one-batch path throughout
+        p = self.poller()
+        p.sweep_every = 4.0                              # a minute on a real portal
+        p.poll()
+        self.portal.behave(row_lag=6.0)                  # later than the near margin (SYNC_NEAR_SEC)
+        sent = self.portal.customer_message(chat, "very late row")["message_id"]
+        got, deadline = [], time.monotonic() + 14
+        while not got and time.monotonic() < deadline:
+            got = [m.id for m in p.poll() if m.author_kind == "customer"]
+            time.sleep(0.5)
+        self.assertEqual(got, [sent], "late, not lost")
+
+    def test_a_busy_minute_is_not_paid_for_every_cycle(self) -> None:
+        chats = self.portal.add_dialogs(40)
+        self.portal.take_chat(self.ids["queued"], 9)
+        p = self.poller()
+        p.poll()                                         # the first scan sweeps wide
+        self.portal.reset_stats()
+        p.poll()
+        quiet = self.portal.stats()["bytes_total"]
+        for c in chats:
+            self.portal.customer_message(c, "busy")
+        self.assertEqual(len([m for m in p.poll() if m.author_kind == "customer"]), 40)
+        time.sleep(bc.SYNC_NEAR_SEC + 1.5)               # the burst is older than the near margin now (whole seconds)
+        self.assertEqual(p.poll(), [])                   # this scan still asks back to the one before the burst
+        time.sleep(0.5)
+        self.portal.reset_stats()
+        self.assertEqual(p.poll(), [])
+        after = self.portal.stats()["bytes_total"]
+        self.assertLess(after, 2 * quiet, "idle cost after a burst: %d bytes against %d when quiet" % (after, quiet))
+
     def test_media_reaches_reader_json_and_text(self) -> None:
         p = self.poller()
         chat = self.ids["lines_member"]
