@@ -1694,7 +1694,8 @@ class Poller:
         self._rewound: set = set()   # dialogs replaying history on purpose (no cut)
         self.uses_sync = True        # until the portal shows it ignores LAST_SYNC_DATE
         self.sweep_every = SYNC_SWEEP_SEC   # how often the scan asks back SYNC_MARGIN_SEC (else SYNC_NEAR_SEC)
-        self._swept = -SYNC_SWEEP_SEC       # monotonic time of the last wide scan (none yet)
+        self.monotonic = time.monotonic     # the sweep's clock (a benchmark may run a minute faster)
+        self._swept: float | None = None    # when the last wide scan ran (none yet)
         self._newest: float | None = None
         self._read_time: float | None = None
         self._tz: _dt.tzinfo = _dt.timezone.utc   # the portal's UTC offset, once seen
@@ -1895,8 +1896,8 @@ class Poller:
         once every :attr:`sweep_every` seconds less :data:`SYNC_MARGIN_SEC`: a row the portal wrote late
         comes with that sweep, so its message is late, never lost -- and a busy minute does not cost
         every cycle the rows of the whole minute."""
-        now = time.monotonic()
-        wide = now - self._swept >= self.sweep_every
+        now = self.monotonic()
+        wide = self._swept is None or now - self._swept >= self.sweep_every
         since = self.watermark - (SYNC_MARGIN_SEC if wide else SYNC_NEAR_SEC)
         # in the portal's own UTC offset, so even a portal comparing strings gets it right
         text = _dt.datetime.fromtimestamp(since, self._tz).isoformat(timespec="seconds")

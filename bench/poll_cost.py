@@ -9,6 +9,12 @@ dialogs changing per cycle (1,000 dialogs).  In every scenario some
 dialogs wait in the webhook user's queue (``--waiting``, default 4): a
 real portal appends them to every recent-list answer, whatever is asked.
 
+Then a busy minute: of 300 dialogs, 10, 100 or 300 each get one message a
+minute at an even pace; a cycle every 2 s on the portal's clock (run faster
+than real time).  Rows and bytes the scans cost per cycle, with the scan as
+it is (2 s back, a 60 s sweep once a minute) and as it was (60 s back every
+cycle), against a quiet minute.
+
     python3 bench/poll_cost.py [--cycles N] [--waiting N]
 """
 from __future__ import annotations
@@ -94,6 +100,47 @@ def measure(dialogs: int, changing: int, cycles: int, kind: str, waiting: int) -
         server.stop()
 
 
+def busy_minute(active: int, *, always_wide: bool, dialogs: int = 300, cycle: float = 2.0) -> tuple:
+    """``(scan rows, scan bytes)`` per cycle over a simulated minute in which *active* dialogs each get one
+    message; the portal's clock and the sweep's run at the simulation's pace."""
+    import time
+    now = [time.time()]
+    server = mp.serve()
+    try:
+        portal = server.portal
+        portal.clock = lambda: now[0]
+        portal.set_limits(rate=1000, burst=100000)
+        chats = portal.add_dialogs(dialogs - 3)
+        portal.take_chat(portal.world_ids["queued"], 9)           # nothing waits: only the scan is measured
+        client = bc.Client(bc.Config.from_env({"B24_WEBHOOK_BASE": server.webhook_base,
+                                               "B24_RATE_PER_SEC": "100", "B24_RATE_BURST": "10000"}))
+        poller = bc.Poller(client, self_id=7)
+        poller.monotonic = lambda: now[0]
+        if always_wide:
+            poller.sweep_every = 0.0                             # the 60 s margin every cycle: as it was
+        poller.start()
+        poller.poll()
+        cycles = int(60 / cycle)
+        schedule = {}
+        for i, c in enumerate(chats[:active]):                   # one message each, evenly over the minute
+            schedule.setdefault(int(i * cycles / max(1, active)), []).append(c)
+        rows = nbytes = 0
+        for n in range(cycles * 2):                              # a minute to warm up, a minute measured
+            now[0] += cycle
+            for c in schedule.get(n % cycles, []):
+                portal.customer_message(c, "busy %d" % n)
+            portal.reset_stats()
+            portal.log.clear()
+            got = poller.poll()
+            if n >= cycles:
+                scan = next(e for e in portal.stats()["log"] if e["method"] == "batch")   # the first: the scan
+                nbytes += scan["bytes"]
+                rows += len({m.dialog_id for m in got})
+        return rows / cycles, nbytes / cycles
+    finally:
+        server.stop()
+
+
 def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=5, help="cycles measured per scenario (default 5)")
@@ -119,6 +166,17 @@ def main(argv: list | None = None) -> int:
     if 10 in ours_idle and 1000 in ours_idle:
         print("ours, idle 1000 vs 10 dialogs: requests %.2fx, bytes %.2fx" % (
             ours_idle[1000][0] / ours_idle[10][0], ours_idle[1000][1] / ours_idle[10][1]))
+    print()
+    print("a busy minute: 300 dialogs, N of them get one message each a minute; per 2 s cycle, the scan request's "
+          "bytes (the reads of the changed dialogs are not in it)")
+    print("%-24s %12s %16s %10s %12s %16s" % ("dialogs active a minute", "scan bytes", "as it was (60 s)", "x quiet",
+                                             "was x quiet", "changed/cycle"))
+    quiet = busy_minute(0, always_wide=False)[1]
+    for active in (0, 10, 100, 300):
+        changed, now_bytes = busy_minute(active, always_wide=False)
+        _c, was_bytes = busy_minute(active, always_wide=True)
+        print("%-24s %12.0f %16.0f %9.2fx %11.2fx %16.1f" % (active, now_bytes, was_bytes, now_bytes / quiet,
+                                                          was_bytes / quiet, changed))
     return 0
 
 
