@@ -838,6 +838,7 @@ class RateLimiter:
         self._clock, self._wall, self._sleep = clock, wallclock, sleep
         self._level = 0.0
         self._last = clock()
+        self.last_wait = float("-inf")   # when a request last had to wait for the bucket (see strained())
         self._blocked_until: dict = {}   # method -> unix time
         self._reset_at: dict = {}        # method -> last operating_reset_at seen
         self._lock = threading.Lock()
@@ -873,9 +874,14 @@ class RateLimiter:
                         self._level += 1
                         return
                     wait = (self._level + 1 - self.capacity) / self.rate
+                    self.last_wait = self._clock()
             if self.progress is not None:
                 self.progress()
             self.pause(min(wait, 5.0))
+
+    def strained(self, within: float) -> bool:
+        """Did a request wait for the bucket in the last *within* seconds (the budget is what limits us)?"""
+        return self._clock() - self.last_wait < within
 
     def pause(self, seconds: float) -> None:
         """Sleep, unless (or until) :attr:`stop` is set: then :class:`Interrupted`."""

@@ -52,6 +52,7 @@ from b24common import (
 from b24http import GuardedHTTPServer, content_length
 
 EVENTS_PAGE = 100                    # im.v2.Event.get limit (1-1000)
+SCAN_STRETCH_SEC = 5.0               # under load the scan waits for the replies, up to this long a cycle
 RECEIVER_MAX_BODY = 1 << 20          # a POSTed event larger than this is refused (413)
 RECEIVER_READ_TIMEOUT_SEC = 10.0    # the whole request: request line, headers and body
 FORM_MAX_FIELDS = 1000               # fields of a form body (PHP's max_input_vars)
@@ -125,8 +126,9 @@ class ScanSource(Source):
     name = "poll"
 
     def __init__(self, every: float, *, fast_every: float | None = None,
-                 fast: Callable[[], bool] | None = None):
+                 fast: Callable[[], bool] | None = None, busy: Callable[[], bool] | None = None):
         self.every, self.fast_every, self.fast = every, fast_every, fast
+        self.busy = busy          # replies wait for the portal's budget: the scan gives way (up to SCAN_STRETCH_SEC)
         self.first = True
 
     def retune(self, poll_sec: float, reconcile_sec: float) -> None:
@@ -143,6 +145,11 @@ class ScanSource(Source):
     def next_batch(self, stop: threading.Event) -> Delivery | None:
         if not self.first and stop.wait(self.interval()):
             return None
+        if not self.first and self.busy is not None and self.busy():
+            # a busy portal is served at its ceiling: the budget goes to the replies waiting for it, and the
+            # scan reads less often, in bigger bites (the messages of SCAN_STRETCH_SEC for the price of one read)
+            if stop.wait(max(0.0, SCAN_STRETCH_SEC - self.interval())):
+                return None
         self.first = False
         return Delivery(self, [SCAN])
 
@@ -389,6 +396,7 @@ class Inbound:
 
 def choose_sources(client: Client, *, self_id: int, interval: float, spool_path: str = ":memory:",
                    client_id: str = "", waiting: Callable[[], bool] | None = None,
+                   busy: Callable[[], bool] | None = None,
                    skip: Callable[[Mapping], bool] | None = None, own: Callable[[str, int], bool] | None = None,
                    bot: Mapping | None = None, observe: Callable[[Mapping], None] | None = None) -> list:
     """The sources ``B24_SOURCE`` and ``B24_LISTEN`` ask for, started, and always a scan: the whole
@@ -447,7 +455,7 @@ def choose_sources(client: Client, *, self_id: int, interval: float, spool_path:
     for src in push:
         src.start()
     if not push:
-        return [ScanSource(interval)]
+        return [ScanSource(interval, busy=busy)]
     log.info("source: %s, and a reconciliation scan every %g s (B24_RECONCILE_SEC)",
              " + ".join(s.name for s in push), cfg.reconcile_sec)
     return push + [ScanSource(cfg.reconcile_sec, fast_every=interval, fast=waiting)]

@@ -146,7 +146,7 @@ class Bridge:
             sources = self.wait_out("choosing the sources", lambda: push.choose_sources(
                 client, self_id=me, interval=self.interval, spool_path=paths.spool,
                 client_id=(chat_bot or {}).get("client_id", "") if not chatbot.is_fetch(chat_bot) else "",
-                waiting=poller.has_waiting, own=self.shared.is_own,
+                waiting=poller.has_waiting, own=self.shared.is_own, busy=self.poster.busy,
                 bot=chat_bot if chatbot.is_fetch(chat_bot) else None, observe=self.bot_sessions.observe,
                 skip=lambda m: is_bridge_uuid(client.host, m.get("uuid"))))
             self.inbound = push.Inbound(sources)
@@ -479,7 +479,7 @@ class Bridge:
         log.info("bridging Open Lines on %s to the bot on %s (%d dialogs side by side)",
                  self.client.host, ", ".join(self.asker.bot_hosts() or ["(routes)"]), self.scheduler.workers)
         if self.inbound is None:
-            self.inbound = push.Inbound([push.ScanSource(self.interval)])
+            self.inbound = push.Inbound([push.ScanSource(self.interval, busy=self.poster.busy)])
         if not self.inbound.started:
             self.inbound.start()
         backoff = bc.Backoff(self.interval, self.client.config.backoff_max)

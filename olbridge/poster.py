@@ -19,6 +19,7 @@ from olbridge.store import Row
 log = logging.getLogger("b24_ol_bridge")
 
 BOT_NOT_IN_CHAT = ("ACCESS_DENIED", "CHAT_NOT_FOUND", "CANCELED", "BOT_NOT_FOUND")
+STRAINED_SEC = 3.0          # a request that waited for the portal's budget this recently: the bridge is rate-bound
 
 
 class Poster:
@@ -30,6 +31,7 @@ class Poster:
         self.pauses = pauses
         self.scheduler = scheduler
         self.outbox: queue.Queue = queue.Queue()
+        self.posting = False          # a batch is on its way (waiting for the portal's budget, maybe)
         self.warned_bot_cannot_post: set = set()
         self.on_posted: Callable[[tuple], None] = lambda part: None   # a part to follow (Deliveries.follow)
         # (dialog, session, why): our chat bot is no longer in the chat (BotSessions.left)
@@ -58,6 +60,11 @@ class Poster:
         self.shared.finish(row)
         return True
 
+    def busy(self) -> bool:
+        """Is the portal's budget what holds the replies back (requests had to wait for it just now)?  Then
+        reading less often, in bigger bites, leaves more of it to the replies."""
+        return self.shared.client.limiter.strained(STRAINED_SEC)
+
     def follow(self, row: Row) -> bool:
         """Is there a delivery verdict to wait for (an Open Lines chat whose connector reports one)?"""
         return self.shared.settings.track_delivery and reports_delivery(row.payload.get("connector") or "")
@@ -85,6 +92,7 @@ class Poster:
                     self.outbox.put(row)
                     break
                 jobs[row.dialog] = row
+            self.posting = True
             try:
                 self._post_batch(list(jobs.values()))
             except bc.Interrupted:
@@ -93,6 +101,8 @@ class Poster:
                 log.exception("posting replies failed unexpectedly (%s); they are retried in 30 s", exc)
                 for row in jobs.values():
                     self._release(row, again_at=time.monotonic() + 30)
+            finally:
+                self.posting = False
 
     def _post_batch(self, rows: list) -> None:
         live = []
