@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import time
 import urllib.parse
 from typing import Any
 
@@ -38,6 +39,13 @@ class Batch:
                 sub_method = sub_method[:-5]
             sub_params = php_parse(urllib.parse.parse_qsl(qs, keep_blank_values=True))
             sub_params = self._resolve_refs(sub_params, results, errors, totals, nexts, times)
+            slow = self.take_fault(sub_method, kinds=("latency",))
+            if slow:             # this sub-call takes its time; other requests go on meanwhile
+                self.lock.release()
+                try:
+                    time.sleep(slow["seconds"])
+                finally:
+                    self.lock.acquire()
             try:
                 refused = self.take_fault(sub_method, kinds=("http400", "http500"))
                 if refused:      # a fault aimed at this method refuses the sub-call alone
@@ -48,6 +56,7 @@ class Batch:
                 if sub_method not in self.METHODS:
                     raise RestError(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
                 result, extra, tblock = self._run_method(ctx, sub_method, sub_params)
+                self.sub_counts[sub_method] += 1
                 results[name] = result
                 if "total" in extra:
                     totals[name] = extra["total"]

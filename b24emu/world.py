@@ -147,6 +147,7 @@ class World:
         # faults and statistics
         self.faults: list = []
         self.counts: Counter = Counter()
+        self.sub_counts: Counter = Counter()    # calls made inside batches, per method
         self.bytes_out: Counter = Counter()
         self.log: deque = deque(maxlen=20000)
         # what other parts of the portal watch: hook(kind, chat, info) on "message", "join",
@@ -574,13 +575,14 @@ class World:
 
     def stats(self) -> dict:
         with self.lock:
-            return {"counts": dict(self.counts), "bytes": dict(self.bytes_out),
+            return {"counts": dict(self.counts), "sub_counts": dict(self.sub_counts), "bytes": dict(self.bytes_out),
                     "requests": sum(self.counts.values()), "bytes_total": sum(self.bytes_out.values()),
                     "log": list(self.log)}
 
     def reset_stats(self) -> dict:
         with self.lock:
             self.counts.clear()
+            self.sub_counts.clear()
             self.bytes_out.clear()
             self.log.clear()
             return {}

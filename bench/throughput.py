@@ -91,13 +91,13 @@ def run(dialogs: int, rate: float, poll: float, seconds: float) -> dict:
             replies = {m["text"][len("Echo: "):]: m["date"] for m in portal.messages.values()
                        if m["text"].startswith("Echo: tp ")}
         requests = sum(portal.counts.values())
-        if os.environ.get("BENCH_DEBUG"):
-            print(dict(portal.counts), file=sys.stderr)
+        fetches = portal.counts.get("im.dialog.messages.get", 0) + portal.sub_counts.get("im.dialog.messages.get", 0)
         steady = [t for text, t in replies.items() if t0 + WARMUP_SEC <= t <= end]
         latency = [replies[text] - created[text] for text in replies if text in created
                    and created[text] >= t0 + WARMUP_SEC]
         return {"answered_per_sec": len(steady) / max(1.0, end - t0 - WARMUP_SEC),
                 "requests_per_answer": requests / max(1, len(replies)),
+                "fetches_per_answer": fetches / max(1, len(replies)),
                 "backlog_slope": slope([s for s in samples if s[0] >= WARMUP_SEC]),
                 "p99": percentile(latency, 99), "offered": len(created), "answered": len(replies)}
 
@@ -111,15 +111,16 @@ def main(argv: list | None = None) -> int:
     args = parser.parse_args(argv)
     print("offered %.0f messages/s for %.0f s (the first %.0f s not measured), instant bot, the portal's default "
           "limits (2 req/s, burst 50)" % (args.rate, args.seconds, WARMUP_SEC))
-    print("%-8s %6s %11s %12s %12s %14s %9s %11s" % ("dialogs", "poll", "ceiling/s", "answered/s", "of ceiling",
-                                                     "req / answer", "backlog", "p99 (s)"))
+    print("%-8s %6s %11s %12s %12s %14s %16s %9s %11s" % (
+        "dialogs", "poll", "ceiling/s", "answered/s", "of ceiling", "req / answer", "fetches / answer", "backlog",
+        "p99 (s)"))
     for dialogs in [int(x) for x in args.dialogs.split(",")]:
         for poll in [float(x) for x in args.polls.split(",")]:
             r = run(dialogs, args.rate, poll, args.seconds)
             top = ceiling(dialogs, args.rate, poll)
-            print("%-8d %6g %11.1f %12.1f %11.0f%% %14.2f %+8.1f/s %11.1f" % (
+            print("%-8d %6g %11.1f %12.1f %11.0f%% %14.3f %16.2f %+8.1f/s %11.1f" % (
                 dialogs, poll, top, r["answered_per_sec"], 100 * r["answered_per_sec"] / top,
-                r["requests_per_answer"], r["backlog_slope"], r["p99"]))
+                r["requests_per_answer"], r["fetches_per_answer"], r["backlog_slope"], r["p99"]))
             sys.stdout.flush()
     return 0
 

@@ -301,7 +301,8 @@ class Receiver(QuietWorld):
             time.sleep(1.0)                         # the reply's own ONOPENLINEMESSAGEADD arrives meanwhile
             methods = [e["method"] for e in self.portal.stats()["log"]]
             reads.append(methods.count("im.dialog.messages.get"))
-            self.assertEqual(methods[-1], "im.message.add", "nothing read after the reply was posted")
+            posted_at = max(i for i, m in enumerate(methods) if m in ("im.message.add", "batch"))
+            self.assertEqual(posted_at, len(methods) - 1, "nothing read after the reply was posted: %s" % methods)
         self.assertEqual(reads, [1, 1, 1], "one read per answered message: the customer's, not our reply's")
         self.assertGreaterEqual(self.portal.push_stats()["sent"], 6, "both events were pushed each time")
         self.assertEqual(proc.stop(), 0)
