@@ -1813,8 +1813,8 @@ class Poller:
             self._behind(did, mid, cursor)
         info = self._learn_dialog(did, item)
         relevant = info.is_lines or not self.lines_only
-        if full:
-            changed[did] = item
+        if full:        # start(): where each dialog stands is all it needs -- not every item of every page
+            changed[did] = {"message": {"id": mid}}
             return False, date, queued
         was = self.last_seen.get(did)
         if not mid or (was is not None and mid <= was):

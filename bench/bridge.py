@@ -6,14 +6,15 @@
    done) -- with 100, 10,000 and 50,000 dialogs known, side by side with what
    the previous bridge did (the whole state rewritten and fsynced per message).
 2. RSS of a running bridge (a subprocess against the emulator and an
-   instant bot) after 1,000 and after 10,000 messages.
+   instant bot) after 1,000, 20,000 and ``--messages`` messages; and with
+   100 and 10,000 known dialogs (started, and after 500 answers).
 3. 20 dialogs x 1 message with a bot that thinks 1 s: wall time, dialogs side
    by side (8) against one at a time.
 4. A 200-message burst over 50 dialogs, instant bot, the portal's default
    limits (2 requests/s, burst 50): time to the last reply, replies in
    batches against one request per reply.
 
-    python3 bench/bridge.py [--messages 10000] [--skip-rss] [--skip-burst]
+    python3 bench/bridge.py [--messages 100000] [--skip-rss] [--skip-burst]
 """
 from __future__ import annotations
 
@@ -87,12 +88,12 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def rss_run(total: int, dialogs: int = 200) -> list:
-    """Run a bridge; feed *total* messages; RSS (KiB) after 1,000 and after *total* answers."""
+def rss_run(checkpoints: tuple, dialogs: int = 200) -> list:
+    """Run a bridge; feed messages; RSS (KiB) after each checkpoint's number of answers."""
     with bridge_world(dialogs, args=["--workers", "8"], poll_sec=0.2) as (portal, bot, chats, proc):
         figures = []
         sent = 0
-        for checkpoint in (1000, total):
+        for checkpoint in checkpoints:
             while sent < checkpoint:
                 portal.customer_message(chats[sent % dialogs], "message %d" % sent)
                 sent += 1
@@ -105,6 +106,24 @@ def rss_run(total: int, dialogs: int = 200) -> list:
             time.sleep(1)
             figures.append((checkpoint, len(bot.received), rss_kib(proc.pid)))
         return figures
+
+
+def rss_dialogs(dialogs: int, messages: int = 500) -> tuple:
+    """RSS (KiB) of a bridge that knows *dialogs* dialogs: once started, and after *messages* answers."""
+    with bridge_world(dialogs, args=["--workers", "8"], poll_sec=0.5) as (portal, bot, chats, proc):
+        deadline = time.monotonic() + 120
+        while portal.counts.get("batch", 0) + portal.counts.get("im.recent.list", 0) < 3 \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)                    # started: every dialog read once
+        time.sleep(2)
+        started = rss_kib(proc.pid)
+        for n in range(messages):
+            portal.customer_message(chats[n * 7919 % len(chats)], "m %d" % n)
+        deadline = time.monotonic() + 300
+        while len(bot.received) < messages and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)
+        return started, rss_kib(proc.pid)
 
 
 def timed_run(env: dict, args: list, dialogs: int, per_dialog: int, bot_delay: float,
@@ -129,7 +148,7 @@ def timed_run(env: dict, args: list, dialogs: int, per_dialog: int, bot_delay: f
 
 def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=10000, help="messages for the RSS run (default 10000)")
+    parser.add_argument("--messages", type=int, default=100000, help="messages for the RSS run (default 100000)")
     parser.add_argument("--skip-rss", action="store_true", help="no RSS run")
     parser.add_argument("--skip-burst", action="store_true", help="no side-by-side and burst runs")
     args = parser.parse_args(argv)
@@ -143,11 +162,16 @@ def main(argv: list | None = None) -> int:
         print("%-16d %12.2f %12.2f %9.1fx" % (dialogs, o * 1000, p * 1000, p / o))
     print("ours, 50k vs 100 dialogs: %.2fx" % (ours[50000] / ours[100]))
     if not args.skip_rss:
-        figures = rss_run(max(args.messages, 1001))
+        figures = rss_run(tuple(sorted({1000, 20000, max(args.messages, 1001)})))
         print("bridge RSS (KiB) while answering messages over 200 dialogs")
         for checkpoint, answered, kib in figures:
             print("  after %6d messages (%d answered): %d KiB" % (checkpoint, answered, kib))
-        print("RSS after %d vs after 1000 messages: %.2fx" % (figures[-1][0], figures[-1][2] / figures[0][2]))
+        for checkpoint, _answered, kib in figures[1:]:
+            print("RSS after %d vs after 1000 messages: %.2fx" % (checkpoint, kib / figures[0][2]))
+        small, large = rss_dialogs(100), rss_dialogs(10000)
+        print("bridge RSS (KiB) by known dialogs: 100 -> %d started, %d after 500 answers; 10,000 -> %d started, "
+              "%d after 500 answers (%.2fx / %.2fx)" % (small[0], small[1], large[0], large[1],
+                                                          large[0] / small[0], large[1] / small[1]))
     if not args.skip_burst:
         side = timed_run({}, [], 20, 1, 1.0, False)
         single = timed_run({}, ["--workers", "1"], 20, 1, 1.0, False)
