@@ -16,7 +16,6 @@ import binascii
 import secrets
 from typing import Any
 
-from .im_message import is_uuid
 from .world import RestError, _int_param, _iso, _yes
 
 MAX_FILE_BYTES = 100 * 1024 * 1024
@@ -190,14 +189,9 @@ class Files:
         for d in uploads + copies:
             if d not in self.disk or (d in uploads and self.disk[d]["folder"] != folder):
                 raise RestError(400, "SAVE_ERROR", "Files could not be saved")
-        template = p.get("TEMPLATE_ID")
-        if is_uuid(template):
-            known = self._uuid_claim(template, RestError(400, "MESSAGE_DUPLICATED_BY_UUID",
-                                                         "Message with this uuid already exists"))
-            if known:
-                return {"FILES": {}, "DISK_ID": [], "FILE_MODELS": {}, "MESSAGE_ID": known}
-        else:
-            template = None
+        template, known = self._template_of(p.get("TEMPLATE_ID"))
+        if known:
+            return {"FILES": {}, "DISK_ID": [], "FILE_MODELS": {}, "MESSAGE_ID": known}
         fids = [self._chat_file(chat, uid, self.disk[d]["name"], self.disk[d]["content"]) for d in uploads + copies]
         silent = _yes(p.get("SILENT_MODE"))
         params = {"FILE_ID": fids}

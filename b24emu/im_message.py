@@ -45,14 +45,9 @@ class ImMessage:
             raise RestError(400, "MESSAGE_EMPTY", "Message can't be empty")
         if uid not in chat["members"]:
             raise RestError(400, "CANCELED", "Action was canceled: you are not a member of this chat")
-        template = p.get("TEMPLATE_ID")
-        if is_uuid(template):
-            known = self._uuid_claim(template, RestError(400, "MESSAGE_DUPLICATED_BY_UUID",
-                                                         "Message with this uuid already exists"))
-            if known:
-                return known
-        else:
-            template = None
+        template, known = self._template_of(p.get("TEMPLATE_ID"))
+        if known:
+            return known
         if len(text) > 20000:
             text = text[:20000] + " (...)"
         author = 0 if _yes(p.get("SYSTEM")) else uid
@@ -63,6 +58,13 @@ class ImMessage:
         if author:
             self._touch_session(chat, author)
         return msg["id"]
+
+    def _template_of(self, value: Any, busy: RestError | None = None) -> tuple:
+        """``(the uuid, or None when *value* is none, the id of the message it already names, or None)``."""
+        if not is_uuid(value):
+            return None, None
+        return value, self._uuid_claim(value, busy or RestError(400, "MESSAGE_DUPLICATED_BY_UUID",
+                                                                "Message with this uuid already exists"))
 
     def _uuid_claim(self, template: str, busy: RestError) -> int | None:
         """The uuid record is written before the message (fact sheet §9): the id of the message a repeat

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from .im_message import is_uuid
 from .world import RestError, _int_param
 
 BOT_TYPES = ("bot", "openline", "supervisor", "personal", "network")
@@ -207,12 +206,10 @@ class ImbotV2:
         text = str(fields.get("message") or "").strip()
         if not text and not fields.get("attach"):
             raise RestError(400, "EMPTY_MESSAGE", "Message is empty")
-        template = fields.get("templateId")
-        template = template if is_uuid(template) else None
-        if template:
-            known = self._uuid_claim(template, RestError(400, "SENDING_FAILED", "Message was not sent"))
-            if known:
-                return {"id": known, "uuidMap": []}
+        template, known = self._template_of(fields.get("templateId"),
+                                            RestError(400, "SENDING_FAILED", "Message was not sent"))
+        if known:
+            return {"id": known, "uuidMap": []}
         system = _flag(fields.get("system"))
         msg = self._post(chat, 0 if system else bot["id"], text[:20000], uuid=template,
                          skip_connector=_flag(fields.get("skipConnector")))
