@@ -91,7 +91,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-VERSION = "0.4.0"
+VERSION = "0.5.0"
 
 # Exit codes shared by every script.
 EXIT_OK = 0
