@@ -205,8 +205,20 @@ class Bridge:
         """A message as the webhook user that the bridge posted: a reply's uuid, or a file it posted (the
         one-call upload has no uuid: known by its id, or by a file post of that dialog still in flight)."""
         sh = self.shared
-        return is_bridge_uuid(self.client.host, msg.uuid) or sh.is_own(msg.dialog_id, msg.id) or bool(
-            msg.attachments and msg.dialog_id in sh.uploading)
+        if is_bridge_uuid(self.client.host, msg.uuid) or sh.is_own(msg.dialog_id, msg.id):
+            return True
+        if not msg.attachments:
+            return False
+        if msg.dialog_id in sh.uploading:
+            return True
+        # posted by a run that was stopped before it could remember: a file of the answer being posted
+        try:
+            row = sh.store.head(msg.dialog_id)
+        except sqlite3.Error:
+            return False
+        names = {str(a.get("name") or "") for a in msg.attachments}
+        return bool(row is not None and row.state == "answered" and any(
+            not isinstance(part, str) and part.get("name") in names for part in row.answer))
 
     def _adopted(self, dialog_id: str) -> bool:
         """Is this a chat our chat bot holds (met through its events)?"""

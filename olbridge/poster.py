@@ -237,13 +237,17 @@ class Poster:
                                                             "LIMIT": bc.MESSAGES_PAGE})
             found.update({ours[uuid]: mid for uuid, mid in bc.posted_uuids(res).items() if uuid in ours})
             msgs, _users, files = bc.messages_of(res)
-            for m in msgs if any(not isinstance(p, str) for p in row.answer) else ():
-                if bc.as_int(m.get("author_id")) in authors:      # a file posted without a uuid: by its name
+            by_name = any(not isinstance(p, str) for p in row.answer) and (sh.file_route != "disk" or sh.as_bot(row))
+            for m in msgs if by_name else ():       # the one-call uploads carry no uuid: a file is known by its name
+                if bc.as_int(m.get("author_id")) in authors:
                     names = {str(files.get(bc.as_int(i), {}).get("name") or "")
                              for i in bc.as_map(m).get("params", {}).get("FILE_ID", []) or []} \
                         if isinstance(bc.as_map(m).get("params"), dict) else set()
-                    found.update({i: bc.as_int(m.get("id")) for i, part in enumerate(row.answer)
-                                  if not isinstance(part, str) and part.get("name") in names and i not in found})
+                    mid = bc.as_int(m.get("id"))
+                    # after the parts before it (its texts, found by uuid): not an earlier answer's file of that name
+                    found.update({i: mid for i, part in enumerate(row.answer)
+                                  if not isinstance(part, str) and part.get("name") in names and i not in found
+                                  and mid > max([found[j] for j in found if j < i] or [row.message_id])})
             for m in msgs if bot_id and row.answer else ():
                 if bc.as_int(m.get("author_id")) == bot_id:        # the bot's parts carry no uuid
                     found.update({i: bc.as_int(m.get("id")) for i, text in enumerate(row.answer)
