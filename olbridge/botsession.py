@@ -44,18 +44,13 @@ class BotSessions:
             return
         session = session_of(chat)
         if etype == "ONIMBOTV2JOINCHAT":
-            if self.pauses.bot_joined(dialog, session):
-                self._save(dialog, 0)
+            self._joined(dialog, session)
             return
         if etype != "ONIMBOTV2MESSAGEADD":
             return
         msg, user = bc.as_map(data.get("message")), bc.as_map(data.get("user"))
         owner = bc.as_int(chat.get("owner"))
-        if str(msg.get("text") or "").strip() == HAND_OVER_TEXT and not user.get("bot"):
-            self.left(dialog, session, "the customer typed %s: it goes to the operators" % HAND_OVER_TEXT)
-        elif owner and owner != bc.as_int(bot["bot_id"]) and not user.get("bot"):
-            self.left(dialog, session, "operator %d has it now" % owner)
-        else:
+        if user.get("bot") or self._holds(dialog, session, str(msg.get("text") or ""), owner):
             with self.lock:
                 self.heard[(dialog, bc.as_int(msg.get("id")))] = (session, owner)
                 while len(self.heard) > HEARD_KEPT:
@@ -77,13 +72,20 @@ class BotSessions:
             row.payload["waiting"] = row.payload.get("waiting") and not holds    # the bot has it, no queue
             self.shared.store.update(row, payload=row.payload)
         session = row.payload.get("session_id") or 0
-        if str(row.payload.get("text") or "").strip() == HAND_OVER_TEXT:
-            self.left(row.dialog, session, "the customer typed %s: it goes to the operators" % HAND_OVER_TEXT)
+        if not self._holds(row.dialog, session, str(row.payload.get("text") or ""), owner):
+            return False
+        self._joined(row.dialog, session)
+        return True
+
+    def _holds(self, dialog: str, session: int, text: str, owner: int) -> bool:
+        """Does the bot still hold this session, after a message *text* in a chat owned by *owner*?  Not when
+        the customer asked for a person ("0"), or another owner has the chat: then it left (said once)."""
+        bot = self.shared.fetch_bot
+        if text.strip() == HAND_OVER_TEXT:
+            self.left(dialog, session, "the customer typed %s: it goes to the operators" % HAND_OVER_TEXT)
         elif bot is not None and owner and owner != bc.as_int(bot["bot_id"]):
-            self.left(row.dialog, session, "operator %d has it now" % owner)
+            self.left(dialog, session, "operator %d has it now" % owner)
         else:
-            if self.pauses.bot_joined(row.dialog, session):
-                self._save(row.dialog, 0)
             return True
         return False
 
@@ -95,6 +97,11 @@ class BotSessions:
             log.debug("%s: could not ask who holds the chat (%s)", bc.display_dialog_id(dialog), exc)
             return 0, 0                # the post will tell
         return session_of(chat), bc.as_int(chat.get("owner"))
+
+    def _joined(self, dialog: str, session: int) -> None:
+        """The bot holds *session*: a hand-over of an older session of the dialog is history (saved)."""
+        if self.pauses.bot_joined(dialog, session):
+            self._save(dialog, 0)
 
     def left(self, dialog: str, session: int, why: str) -> None:
         """The session left the bot: say it once, keep it (the bot stays out of it until a new session)."""
