@@ -10,7 +10,7 @@ sender, the terminal chat and the bridge.
 """
 from __future__ import annotations
 
-__all__ = ["OutFile", "read_local", "from_bytes", "file_route", "send_file", "find_file_message",
+__all__ = ["OutFile", "read_local", "from_bytes", "file_route", "send_file", "find_file_message", "file_names",
            "save_chat_file"]
 
 import base64
@@ -137,12 +137,17 @@ def find_file_message(client: bc.Client, dialog_id: str, name: str, *, after: in
                                                  "LIMIT": bc.MESSAGES_PAGE})
     msgs, _users, files = bc.messages_of(res)
     for m in msgs:
-        ids = bc.as_map(m.get("params")).get("FILE_ID") or []
-        ids = list(ids.values()) if isinstance(ids, Mapping) else ids if isinstance(ids, list) else [ids]
-        if bc.as_int(m.get("author_id")) == author and any(
-                str(files.get(bc.as_int(i), {}).get("name") or "") == name for i in ids):
+        if bc.as_int(m.get("author_id")) == author and name in file_names(m, files):
             return bc.as_int(m.get("id"))
     return 0
+
+
+def file_names(msg: Mapping, files: Mapping) -> set:
+    """The names of the files a raw message carries (its ``params.FILE_ID``, looked up in *files*: the
+    ``{id: file}`` of :func:`b24common.messages_of`)."""
+    ids = bc.as_map(msg.get("params")).get("FILE_ID") or []
+    ids = list(ids.values()) if isinstance(ids, Mapping) else ids if isinstance(ids, list) else [ids]
+    return {str(files.get(bc.as_int(i), {}).get("name") or "") for i in ids}
 
 
 def save_chat_file(client: bc.Client, dialog_id: str, file: Mapping, folder: str, *,

@@ -240,9 +240,7 @@ class Poster:
             by_name = any(not isinstance(p, str) for p in row.answer) and (sh.file_route != "disk" or sh.as_bot(row))
             for m in msgs if by_name else ():       # the one-call uploads carry no uuid: a file is known by its name
                 if bc.as_int(m.get("author_id")) in authors:
-                    names = {str(files.get(bc.as_int(i), {}).get("name") or "")
-                             for i in bc.as_map(m).get("params", {}).get("FILE_ID", []) or []} \
-                        if isinstance(bc.as_map(m).get("params"), dict) else set()
+                    names = b24files.file_names(m, files)
                     mid = bc.as_int(m.get("id"))
                     # after the parts before it (its texts, found by uuid): not an earlier answer's file of that name
                     found.update({i: mid for i, part in enumerate(row.answer)
