@@ -162,16 +162,12 @@ def attach_to_line(client: bc.Client, reg: Mapping, line: int, bot_time: int) ->
         done = client.call("imopenlines.config.update", {"CONFIG_ID": line, "PARAMS": {
             "WELCOME_BOT_ENABLE": "Y", "WELCOME_BOT_ID": reg["bot_id"], "WELCOME_BOT_JOIN": "always",
             "WELCOME_BOT_TIME": bot_time, "WELCOME_BOT_LEFT": "queue"}}, write=True)
-    except bc.AccessDeniedError as exc:
+    except bc.APIError as exc:
+        if not isinstance(exc, bc.AccessDeniedError) and "PERMISSION" not in exc.code.upper():
+            raise
         raise bc.ConfigError("--attach-bot %d: the webhook user may not change Open Line %d -- it needs the Open "
                              "Lines permission to modify lines (Contact Center > Access permissions), or an "
                              "administrator sets the chat bot in the line's settings (%s)" % (line, line, exc)) from None
-    except bc.APIError as exc:
-        if "PERMISSION" in exc.code.upper():
-            raise bc.ConfigError("--attach-bot %d: the webhook user may not change Open Line %d -- it needs the "
-                                 "Open Lines permission to modify lines (Contact Center > Access permissions)"
-                                 % (line, line)) from None
-        raise
     if done is False or str(done).lower() in ("false", "0", ""):
         raise bc.ConfigError("--attach-bot %d: the portal did not change line %d (is there such a line? "
                              "b24_ol_bridge.py --check lists them)" % (line, line))

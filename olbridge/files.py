@@ -59,9 +59,11 @@ class AnswerFiles:
         if spec.get("error"):
             raise FileError(str(spec["error"]))
         if "base64" in spec:
+            text = str(spec["base64"])
+            if text.startswith("data:"):              # a data: URL: the content after the comma
+                text = text.split(",", 1)[-1]
             try:
-                data = base64.b64decode(str(spec["base64"]).split(",", 1)[-1] if str(spec["base64"]).startswith(
-                    "data:") else str(spec["base64"]), validate=True)
+                data = base64.b64decode(text, validate=True)
             except (binascii.Error, ValueError):
                 raise FileError("%s: the base64 content is not valid" % spec.get("name")) from None
             if len(data) > self.config.bot_max_file_bytes:
@@ -70,8 +72,7 @@ class AnswerFiles:
         else:
             data = self._fetch(str(spec["url"]), bot_url)
         f = b24files.from_bytes(str(spec.get("name") or "file"), data, str(spec.get("mime") or ""))
-        os.makedirs(self.folder, mode=0o700, exist_ok=True)
-        bc.write_private(self.path(key), data)
+        bc.write_private(self.path(key), data)           # makes the folder 0700 if need be
         return {"file": key, "name": f.name, "mime": f.mime, "caption": str(spec.get("caption") or "")}
 
     def _fetch(self, url: str, bot_url: str) -> bytes:
