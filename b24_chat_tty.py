@@ -427,10 +427,9 @@ class Chat:
         except bc.B24Error:
             return                     # asked again next round
         for v in verdicts:
-            text = self.sent_texts.pop(v.message_id, "")
-            short = text if len(text) <= 40 else text[:37] + "..."
             sign = "\u2713" if v.status in (delivery.DELIVERED, delivery.SENT) else "!"
-            self.inbox.put('  %s %s: "%s"' % (sign, v.describe(), short.replace("\n", " ")))
+            self.inbox.put('  %s %s: "%s"' % (sign, v.describe(),
+                                              _short(self.sent_texts.pop(v.message_id, "")).replace("\n", " ")))
 
     # -- picker ----------------------------------------------------------------------------
     def _lines(self) -> dict:
@@ -594,11 +593,7 @@ class Chat:
             bc.check_text(text)
             for part in bc.split_text(text):
                 mid = bc.send_text(self.client, self.reader.dialog_id, part)
-                if self.follows:
-                    self.watch.add(self.reader.dialog_id, mid)
-                    self.sent_texts[mid] = part
-                else:
-                    self.screen.line('  \u2713 sent: "%s"' % (part if len(part) <= 40 else part[:37] + "..."), "note")
+                self._follow(mid, part, '"%s"' % _short(part))
             if self.window.closed():
                 self.screen.line("(%s: it will not be delivered)" % self.window.describe(), "note")
         except bc.B24Error as exc:
@@ -725,12 +720,18 @@ class Chat:
                 words[0], bc.format_error(exc))
             self.screen.line("! %s" % reason, "error")
             return
+        self._follow(mid, "[%s]" % f.name, "%s (%s)" % (f.name, bc.human_size(len(f.data))))
+        self.wake.set()
+
+    def _follow(self, mid: int, label: str, shown: str) -> None:
+        """A message we sent: followed until the portal's verdict (its mark shows *label*), or -- where the
+        channel reports nothing -- said sent at once."""
+        assert self.reader is not None
         if self.follows:
             self.watch.add(self.reader.dialog_id, mid)
-            self.sent_texts[mid] = "[%s]" % f.name
+            self.sent_texts[mid] = label
         else:
-            self.screen.line('  \u2713 sent: %s (%s)' % (f.name, bc.human_size(len(f.data))), "note")
-        self.wake.set()
+            self.screen.line("  \u2713 sent: %s" % shown, "note")
 
     def save_file(self, arg: str) -> None:
         """/save N [DIR]"""
@@ -825,6 +826,10 @@ class Chat:
             self.stop.set()
             self.wake.set()
             self.save_history()
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def status_text(chat: Mapping, users: Any, me: int) -> str:

@@ -222,12 +222,15 @@ class Bridge:
 
     def _adopted(self, dialog_id: str) -> bool:
         """Is this a chat our chat bot holds (met through its events)?"""
-        info = self.poller.dialogs.get(dialog_id) if self.poller is not None else None
+        info = self._info(dialog_id)
         return bool(info is not None and info.adopted)
 
     def _connector(self, dialog_id: str) -> str:
-        info = self.poller.dialogs.get(dialog_id) if self.poller is not None else None
+        info = self._info(dialog_id)
         return info.connector if info is not None else ""
+
+    def _info(self, dialog_id: str) -> bc.DialogInfo | None:
+        return self.poller.dialogs.get(dialog_id) if self.poller is not None else None
 
     def inbox_rows(self, msgs: list) -> list:
         """Customer messages -> inbox rows (a new session means new_dialog); a person who wrote pauses the
