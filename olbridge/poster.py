@@ -168,11 +168,7 @@ class Poster:
             try:
                 return None, message_id_of(sh.client.call(method, params, write=True))
             except bc.UnknownOutcomeError as exc:        # the templateId tells: is it there?
-                try:
-                    found = self.parts_present(row).get(row.posted, 0)
-                except bc.B24Error:
-                    found = 0
-                return (None, found) if found else (exc, 0)
+                return self._settle(row, exc)
             except bc.B24Error as exc:
                 return exc, 0
         if sh.chat_bot and not sh.fetch_bot:
@@ -182,10 +178,7 @@ class Poster:
                     "DIALOG_ID": row.dialog, "MESSAGE": text}, write=True))
             except bc.UnknownOutcomeError as exc:
                 # imbot.message.add has no TEMPLATE_ID: parts_present() looks for the bot's texts instead
-                try:
-                    return (None, 0) if row.posted in self.parts_present(row) else (exc, 0)
-                except bc.B24Error:
-                    return exc, 0
+                return self._settle(row, exc)
             except bc.TRANSIENT + (bc.AuthError,) as exc:
                 return exc, 0
             except bc.APIError as exc:
@@ -198,6 +191,15 @@ class Poster:
                                       patience=0)
         except bc.B24Error as exc:
             return exc, 0
+
+    def _settle(self, row: Row, exc: bc.UnknownOutcomeError) -> tuple:
+        """A post whose answer was lost: ``(None, its message id)`` when the part is in the dialog after all,
+        else ``(exc, 0)`` (retried later)."""
+        try:
+            found = self.parts_present(row)
+        except bc.B24Error:
+            return exc, 0
+        return (None, found[row.posted]) if row.posted in found else (exc, 0)
 
     def _post_file(self, row: Row, part: dict) -> tuple:
         """A file of the answer, kept since it was fetched: as our chat bot in its chats, else by the webhook's
