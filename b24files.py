@@ -10,7 +10,7 @@ sender, the terminal chat and the bridge.
 """
 from __future__ import annotations
 
-__all__ = ["OutFile", "read_local", "from_bytes", "file_route", "send_file", "find_file_message", "file_names",
+__all__ = ["OutFile", "read_local", "from_bytes", "file_route", "route_for", "send_file", "find_file_message", "file_names",
            "save_chat_file"]
 
 import base64
@@ -68,7 +68,12 @@ def read_local(path: str, max_mb: float, what: str = "--file") -> OutFile:
 
 def file_route(client: bc.Client) -> str:
     """``"disk"`` (three steps, idempotent: the webhook has the ``disk`` scope) or ``"upload"`` (one call)."""
-    return "disk" if "disk" in client.scopes() else "upload"
+    return route_for(client.scopes())
+
+
+def route_for(scopes: list) -> str:
+    """:func:`file_route` for scopes already read."""
+    return "disk" if "disk" in scopes else "upload"
 
 
 def send_file(client: bc.Client, dialog_id: str, f: OutFile, *, caption: str = "", template_id: str = "",

@@ -110,7 +110,7 @@ class Bridge:
         """Sign in, open the state and the sources; outages on the way are waited out."""
         client = self.client
         self.phase = "signing in to %s" % client.host
-        me = self.wait_out("signing in", lambda: sign_in(client, bot))
+        me, scopes = self.wait_out("signing in", lambda: sign_in(client, bot))
         self.phase = "opening the state database"
 
         def open_store() -> Store:
@@ -131,7 +131,7 @@ class Bridge:
             log.info("starting from now: messages already in the dialogs are not forwarded")
         self.shared.store, self.shared.dead = store, DeadLetters(paths.dead_letters)
         self.shared.files = AnswerFiles(paths.files, client.config)
-        self.shared.file_route = self.wait_out("reading the webhook's scopes", lambda: b24files.file_route(client))
+        self.shared.file_route = b24files.route_for(scopes)
         self.pauses.load(*store.pauses())
         self.shared.chat_bot = chat_bot = chatbot.load_chat_bot(paths.folder, client.host)
         if chatbot.is_fetch(chat_bot):
@@ -570,16 +570,17 @@ class Bridge:
         return bc.EXIT_OK
 
 
-def sign_in(client: bc.Client, bot: BotClient | None) -> int:
-    """Who the webhook user is (and that the scopes are there); warn about plain-http bots."""
+def sign_in(client: bc.Client, bot: BotClient | None) -> tuple:
+    """``(the webhook user's id, the webhook's scopes)``, once the scopes it needs are there; warn about
+    plain-http bots."""
     me = client.whoami()
-    bc.check_scopes(client)
+    scopes = bc.check_scopes(client)
     log.info("signed in as %s (id %s) on %s", me["name"], me["id"], client.host)
     for what, each in all_bots(client.config):
         if each.insecure_remote:
             log.warning("%s is plain http:// to %s: the bot's token and your customers' messages "
                         "cross the network unencrypted -- use https://", what, each.host)
-    return me["id"]
+    return me["id"], scopes
 
 
 def all_bots(cfg: bc.Config) -> list:
