@@ -121,8 +121,8 @@ MESSAGES_PAGE = 50                   # im.dialog.messages.get caps LIMIT at 50
 RECENT_PAGE_MIN = 8                  # recent items read on an idle cycle
 RECENT_PAGE_MAX = 200
 SYNC_MAX_AGE_SEC = 6 * 86400         # im.recent.get LAST_SYNC_DATE looks back 7 days at most
-SYNC_MARGIN_SEC = 60.0               # recent rows are written after their message: ask back this far,
-SYNC_SWEEP_SEC = 60.0                #   once this often (the sweep: a row written late is caught then)
+SYNC_MARGIN_SEC = 60.0               # recent rows are written after their message, up to this late: the sweep
+SYNC_SWEEP_SEC = 60.0                #   (this often) asks back to the previous sweep less this margin
 SYNC_NEAR_SEC = 2.0                  # and only this far the rest of the time (a late row is rare and brief)
 SESSION_ANSWERED = 10                # Open Lines session status from which an operator has it
 MESSAGE_MAX_CHARS = 20000            # longer texts are cut by im.message.add
@@ -1602,9 +1602,10 @@ class _Want:
     *forward*: ``FIRST_ID`` pages after the cursor, ascending.  *tail*:
     ``LAST_ID`` pages back from the newest message, descending, until the
     cursor or the cut -- for a dialog that comes into sight with history we
-    must not replay.  Messages dated before *cut* (the previous scan minus
-    :data:`SYNC_MARGIN_SEC`) are passed over: they were written while the
-    dialog was out of our sight, not since we last looked.
+    must not replay.  Messages dated before *cut* (as far back as the scan
+    reached: the previous scan less :data:`SYNC_MARGIN_SEC`, or the sweep's
+    start) are passed over: they were written while the dialog was out of
+    our sight, not since we last looked.
     """
 
     def __init__(self, first: int, target: int, *, cut: float | None = None, tail: bool = False):
@@ -1699,9 +1700,12 @@ class Poller:
         self._unreadable: dict = {}  # dialog -> target we could not read
         self._rewound: set = set()   # dialogs replaying history on purpose (no cut)
         self.uses_sync = True        # until the portal shows it ignores LAST_SYNC_DATE
-        self.sweep_every = SYNC_SWEEP_SEC   # how often the scan asks back SYNC_MARGIN_SEC (else SYNC_NEAR_SEC)
+        self.sweep_every = SYNC_SWEEP_SEC   # how often the scan sweeps wide (else it asks back SYNC_NEAR_SEC)
+        self.sweep_margin = SYNC_MARGIN_SEC # how late a recent row may be written, at most
         self.monotonic = time.monotonic     # the sweep's clock (a benchmark may run a minute faster)
         self._swept: float | None = None    # when the last wide scan ran (none yet)
+        self._swept_from: float | None = None   # the watermark that sweep started from
+        self._cut: float | None = None      # this scan's reach: rows older are not news (see _consider)
         self._newest: float | None = None
         self._read_time: float | None = None
         self._tz: _dt.tzinfo = _dt.timezone.utc   # the portal's UTC offset, once seen
@@ -1819,8 +1823,7 @@ class Poller:
         was = self.last_seen.get(did)
         if not mid or (was is not None and mid <= was):
             return True, date, queued
-        if was is None and not queued and date is not None and self.watermark is not None \
-                and date < self.watermark - SYNC_MARGIN_SEC:
+        if was is None and not queued and date is not None and self._cut is not None and date < self._cut:
             # a dialog we had not met, quiet since well before our last scan: nothing new in it
             self.last_seen[did] = mid
             if relevant:
@@ -1880,8 +1883,7 @@ class Poller:
             for item in items:
                 unchanged, date, queued = self._consider(item, changed, seen, full=full)
                 if unchanged and not full and not queued and not item.get("pinned") \
-                        and date is not None and self.watermark is not None \
-                        and date < self.watermark - SYNC_MARGIN_SEC:
+                        and date is not None and self._cut is not None and date < self._cut:
                     boundary = True     # read the rest of this page: in-queue chats come last
             if boundary or not more or not items:
                 break
@@ -1899,12 +1901,17 @@ class Poller:
         """The one-request scan; False if the portal did not honour ``LAST_SYNC_DATE``.
 
         It asks for the rows changed since the last scan less a few seconds (:data:`SYNC_NEAR_SEC`), and
-        once every :attr:`sweep_every` seconds less :data:`SYNC_MARGIN_SEC`: a row the portal wrote late
-        comes with that sweep, so its message is late, never lost -- and a busy minute does not cost
-        every cycle the rows of the whole minute."""
+        once every :attr:`sweep_every` seconds since the previous sweep less :attr:`sweep_margin` (the
+        sweep): a row the portal wrote up to that late was either there at the previous sweep or is dated
+        after the previous sweep less that margin, so one of the two sweeps has it -- its message is late,
+        never lost -- and a busy minute does not cost every cycle the rows of the whole minute."""
         now = self.monotonic()
         wide = self._swept is None or now - self._swept >= self.sweep_every
-        since = self.watermark - (SYNC_MARGIN_SEC if wide else SYNC_NEAR_SEC)
+        if wide:
+            since = min(self.watermark, self._swept_from or self.watermark) - self.sweep_margin
+            self._cut = min(self._cut if self._cut is not None else since, since)
+        else:
+            since = self.watermark - SYNC_NEAR_SEC
         # in the portal's own UTC offset, so even a portal comparing strings gets it right
         text = _dt.datetime.fromtimestamp(since, self._tz).isoformat(timespec="seconds")
         br = self.client.batch({
@@ -1933,7 +1940,7 @@ class Poller:
             log.info("this portal ignores im.recent.get LAST_SYNC_DATE: scanning im.recent.list instead")
             return False
         if wide:
-            self._swept = now
+            self._swept, self._swept_from = now, self.watermark
         items = as_map(head).get("items")
         items = list(items.values()) if isinstance(items, Mapping) else items or []
         seen: set = set()
@@ -2024,7 +2031,7 @@ class Poller:
     def _want(self, did: str, item: Mapping) -> _Want:
         """How to read a changed dialog: after its cursor, or -- first seen -- from where it came into sight."""
         target = as_int(as_map(item.get("message")).get("id"))
-        cut = None if self.watermark is None or did in self._rewound else self.watermark - SYNC_MARGIN_SEC
+        cut = None if self.watermark is None or did in self._rewound else self._cut
         if did in self.cursors:
             return _Want(max(self.cursors[did], self.fetched.get(did, 0)), target, cut=cut)
         lines = as_map(item.get("lines"))
@@ -2125,6 +2132,8 @@ class Poller:
         hints = None if hints is None else list(hints)
         scan = hints is None or any(not h.dialog_id or (h.dialog_id not in self.cursors and not h.adopt)
                                     for h in hints)
+        # how far back this cycle reaches: a wide scan reaches further (see _scan_sync)
+        self._cut = None if self.watermark is None else self.watermark - self.sweep_margin
         changed, newest = self._scan(full=False) if scan else ({}, None)
         for h in hints or ():
             # met through our chat bot: learnt when new, and again when the bot joins (a new session)
@@ -2155,14 +2164,14 @@ class Poller:
                 continue
             # read forward from the cursor for what is there: never count the hinted id as read
             wants[did] = _Want(done, done, cut=None if did in self._rewound or self.watermark is None
-                               else self.watermark - SYNC_MARGIN_SEC)
+                               else self._cut)
         # dialogs rewound, or not caught up last time, are read even if the list is quiet
         for did, cur in self.cursors.items():
             done = max(cur, self.fetched.get(did, cur))
             target = self.last_seen.get(did, done)
             if did not in wants and done < target and self._unreadable.get(did) != target:
                 wants[did] = _Want(done, target, cut=None if did in self._rewound or self.watermark is None
-                                   else self.watermark - SYNC_MARGIN_SEC)
+                                   else self._cut)
         failed = self._fetch(wants) if wants else set()
         out: list = []
         for did, want in wants.items():

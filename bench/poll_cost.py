@@ -12,8 +12,8 @@ real portal appends them to every recent-list answer, whatever is asked.
 Then a busy minute: of 300 dialogs, 10, 100 or 300 each get one message a
 minute at an even pace; a cycle every 2 s on the portal's clock (run faster
 than real time).  Rows and bytes the scans cost per cycle, with the scan as
-it is (2 s back, a 60 s sweep once a minute) and as it was (60 s back every
-cycle), against a quiet minute.
+it is (2 s back; once a minute, a sweep back to the previous one less 60 s)
+and as it was (60 s back every cycle), against a quiet minute.
 
     python3 bench/poll_cost.py [--cycles N] [--waiting N]
 """

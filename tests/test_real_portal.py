@@ -9,6 +9,7 @@ import json
 import threading
 import time
 import urllib.request
+from unittest import mock
 
 from tests import test_emulator
 from tests.support import PortalCase, bc, mp
@@ -206,6 +207,24 @@ class RealPortalPoller(PortalCase):
         while not got and time.monotonic() < deadline:
             got = [m.id for m in p.poll() if m.author_kind == "customer"]
             time.sleep(0.5)
+        self.assertEqual(got, [sent], "late, not lost")
+
+    def test_a_row_later_than_one_sweep_period_comes_with_the_next_sweep(self) -> None:
+        # written after the first sweep that could have had it, dated before the reach of the one after
+        # that asks back only its margin from itself: the next sweep asks back from the one before it
+        chat = self.portal.add_dialogs(1)[0]
+        self.portal.take_chat(self.ids["queued"], 9)
+        with mock.patch.object(bc, "SYNC_MARGIN_SEC", 3.0):     # a minute on a real portal
+            p = self.poller()
+            p.sweep_every = 3.0                          # likewise
+            p.poll()                                     # a sweep
+            time.sleep(0.5)
+            self.portal.behave(row_lag=3.5)              # visible after the next sweep, missed by the near scans
+            sent = self.portal.customer_message(chat, "later than a sweep")["message_id"]
+            got, deadline = [], time.monotonic() + 11
+            while not got and time.monotonic() < deadline:
+                got = [m.id for m in p.poll() if m.author_kind == "customer"]
+                time.sleep(0.25)
         self.assertEqual(got, [sent], "late, not lost")
 
     def test_a_busy_minute_is_not_paid_for_every_cycle(self) -> None:
