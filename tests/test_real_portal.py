@@ -212,18 +212,22 @@ class RealPortalPoller(PortalCase):
     def test_a_row_later_than_one_sweep_period_comes_with_the_next_sweep(self) -> None:
         # written after the first sweep that could have had it, dated before the reach of the one after
         # that asks back only its margin from itself: the next sweep asks back from the one before it
-        chat = self.portal.add_dialogs(1)[0]
+        chat, other = self.portal.add_dialogs(2)
         self.portal.take_chat(self.ids["queued"], 9)
-        with mock.patch.object(bc, "SYNC_MARGIN_SEC", 3.0):     # a minute on a real portal
+        with mock.patch.object(bc, "SYNC_MARGIN_SEC", 5.0):     # a minute on a real portal
             p = self.poller()
-            p.sweep_every = 3.0                          # likewise
+            p.sweep_every = 4.0                          # likewise
             p.poll()                                     # a sweep
-            time.sleep(0.5)
-            self.portal.behave(row_lag=3.5)              # visible after the next sweep, missed by the near scans
+            time.sleep(0.3)
+            # within the margin, but visible only after the next sweep, and missed by the near scans
+            # (with a second to spare: the portal's dates are whole seconds)
+            self.portal.behave(row_lag=4.5)
             sent = self.portal.customer_message(chat, "later than a sweep")["message_id"]
-            got, deadline = [], time.monotonic() + 11
+            self.portal.behave(row_lag=0)
+            self.portal.customer_message(other, "on top of the list")   # im.recent.list LIMIT=1 shows this one
+            got, deadline = [], time.monotonic() + 13
             while not got and time.monotonic() < deadline:
-                got = [m.id for m in p.poll() if m.author_kind == "customer"]
+                got = [m.id for m in p.poll() if m.author_kind == "customer" and m.dialog_id == "chat%d" % chat]
                 time.sleep(0.25)
         self.assertEqual(got, [sent], "late, not lost")
 
