@@ -879,6 +879,12 @@ class RateLimiter:
                 self.progress()
             self.pause(min(wait, 5.0))
 
+    def ready_in(self) -> float:
+        """Seconds until one more request fits in the bucket (0: now); nothing is counted."""
+        with self._lock:
+            self._drain()
+            return max(0.0, (self._level + 1 - self.capacity) / self.rate)
+
     def strained(self, within: float) -> bool:
         """Did a request wait for the bucket in the last *within* seconds (the budget is what limits us)?"""
         return self._clock() - self.last_wait < within

@@ -81,7 +81,10 @@ class Poster:
                 first = self.outbox.get(timeout=1.0)
             except queue.Empty:
                 continue
-            time.sleep(0.02)             # let a burst gather
+            # let a burst gather -- and while the portal's budget makes the batch wait anyway, gather what comes
+            # meanwhile too: a fuller batch, and no answer left for the round after.  A plain sleep: a stop
+            # does not cut it short (the reply in progress is still posted)
+            time.sleep(min(1.0, max(0.02, self.shared.client.limiter.ready_in())))
             jobs = {first.dialog: first}
             while len(jobs) < self.shared.settings.reply_batch:
                 try:
