@@ -69,6 +69,7 @@ __all__ = [
 ]
 
 import argparse
+import collections
 import datetime as _dt
 import http.client
 import json
@@ -124,6 +125,7 @@ SYNC_MAX_AGE_SEC = 6 * 86400         # im.recent.get LAST_SYNC_DATE looks back 7
 SYNC_MARGIN_SEC = 60.0               # recent rows are written after their message, up to this late: the sweep
 SYNC_SWEEP_SEC = 60.0                #   (this often) asks back to the previous sweep less this margin
 SYNC_NEAR_SEC = 2.0                  # and only this far the rest of the time (a late row is rare and brief)
+OWN_READ_DELAY_SEC = 5.0             # a dialog whose news is only our own post is read this much later
 SESSION_ANSWERED = 10                # Open Lines session status from which an operator has it
 MESSAGE_MAX_CHARS = 20000            # longer texts are cut by im.message.add
 DELIVERY_WAIT_SEC = 300.0            # a send unconfirmed this long is "unconfirmed" (the portal's own rule)
@@ -1715,6 +1717,10 @@ class Poller:
         self._newest: float | None = None
         self._read_time: float | None = None
         self._tz: _dt.tzinfo = _dt.timezone.utc   # the portal's UTC offset, once seen
+        self.own_read_delay = OWN_READ_DELAY_SEC
+        self._told: collections.deque = collections.deque()   # (dialog, id) the caller posted: see posted()
+        self._own: dict = {}          # dialog -> ids we posted in it, above what was read of it
+        self._owed: dict = {}         # dialog -> when its read, put off, is due (monotonic)
         self.started = False
         self.lock = threading.RLock()   # poll() in one thread, ack() and to_state() in others
 
@@ -1776,9 +1782,52 @@ class Poller:
     @_locked
     def forget(self, dialog_id: str) -> None:
         """Drop what is known of a dialog (it comes back as a dialog first seen, from then on)."""
-        for table in (self.cursors, self.fetched, self.last_seen, self.dialogs, self._unreadable, self._acked):
+        for table in (self.cursors, self.fetched, self.last_seen, self.dialogs, self._unreadable, self._acked,
+                      self._own, self._owed):
             table.pop(dialog_id, None)
         self._rewound.discard(dialog_id)
+
+    # -- our own messages ---------------------------------------------------------
+    def posted(self, dialog_id: str, message_id: int) -> None:
+        """The caller posted *message_id* into *dialog_id*.  Safe from any thread; never waits for a poll.
+
+        Our post moves the dialog in the recent list, but reading the dialog at once would mostly fetch
+        just our own message.  It cannot be skipped: a customer message written in the instant before
+        ours is behind it, and ids are one sequence for the whole portal, with gaps, so nothing tells it
+        is there but a read.  So that read is put off by :attr:`own_read_delay` seconds: a new message
+        in the dialog meanwhile (the usual case in a conversation) is read together with ours at once,
+        and otherwise the late read brings our message's delivery params too (what a delivery verdict
+        would read anyway)."""
+        if message_id:
+            self._told.append((str(dialog_id), int(message_id)))
+
+    def _take_told(self) -> None:
+        while self._told:
+            did, mid = self._told.popleft()
+            if mid > max(self.cursors.get(did, 0), self.fetched.get(did, 0)) and len(self._own) < 100000:
+                self._own.setdefault(did, set()).add(mid)
+
+    def _put_off_own(self, wants: dict, hinted: dict) -> None:
+        """Take out of *wants* the dialogs whose only news is our own post, until their read is due.  A
+        dialog a push source named is read now unless the named message is ours."""
+        now = self.monotonic()
+        for did, want in list(wants.items()):
+            own = self._own.get(did)
+            target = max(want.target, self.last_seen.get(did, 0))
+            if want.tail or not own or target not in own or hinted.get(did, target) not in own:
+                continue
+            if now < self._owed.setdefault(did, now + self.own_read_delay):
+                del wants[did]
+                self.last_seen[did] = target        # read when due, even if the list stays quiet
+
+    def _read_own(self, did: str) -> None:
+        """*did* was read: our posts up to there need nothing more."""
+        self._owed.pop(did, None)
+        own = self._own.get(did)
+        if own is not None:
+            own.difference_update([i for i in own if i <= self.fetched.get(did, 0)])
+            if not own:
+                del self._own[did]
 
     # -- recent list ------------------------------------------------------------
     def _note_read_time(self, block: Any) -> None:
@@ -2178,6 +2227,12 @@ class Poller:
             if did not in wants and done < target and self._unreadable.get(did) != target:
                 wants[did] = _Want(done, target, cut=None if did in self._rewound or self.watermark is None
                                    else self._cut)
+        self._take_told()
+        hinted: dict = {}
+        for h in hints or ():
+            if h.dialog_id:
+                hinted[h.dialog_id] = max(hinted.get(h.dialog_id, 0), h.message_id) if h.message_id else -1
+        self._put_off_own(wants, hinted)
         failed = self._fetch(wants) if wants else set()
         out: list = []
         for did, want in wants.items():
@@ -2197,6 +2252,7 @@ class Poller:
             self.last_seen[did] = max(self.last_seen.get(did, 0), self.fetched[did])
             if self.fetched[did] >= self.last_seen[did]:
                 self._rewound.discard(did)
+            self._read_own(did)
             # the cursor moves past what was passed over (history), never past what is out
             start = (min(want.keep) - 1) if want.keep else max(want.passed, self.fetched[did])
             if did not in self.cursors:

@@ -125,6 +125,7 @@ class Bridge:
                                  % (store.path, saved["user_id"], saved["portal"], me, client.host))
         self.poller = poller = bc.Poller(client, self_id=me)
         poller.load_state(saved)
+        self.shared.tell_poller = poller.posted
         if not poller.started:
             self.phase = "reading where every dialog stands"
             self.wait_out("reading the dialogs", poller.start)

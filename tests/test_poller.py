@@ -218,3 +218,57 @@ class Cost(PollerCase):
             self.assertEqual(len(got), n)
         self.portal.customer_message(self.portal.world_ids["queued"], "queue still seen")
         self.assertEqual([m.text for m in p.poll()], ["queue still seen"])
+
+
+class OwnPosts(PollerCase):
+    """A dialog whose only news is our own post is read later (Poller.posted), never lost."""
+
+    def reads(self) -> int:
+        st = self.portal.stats()
+        return st["counts"].get("im.dialog.messages.get", 0) + st["sub_counts"].get("im.dialog.messages.get", 0)
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.chat = self.portal.add_dialogs(1)[0]
+        self.did = "chat%d" % self.chat
+        self.portal.take_chat(self.chat, 7)
+        self.portal.take_chat(self.ids["queued"], 9)
+        self.p = self.poller()
+        self.p.own_read_delay = 1.5
+        self.posting = self.client()
+        self.portal.customer_message(self.chat, "question")
+        self.assertEqual([m.text for m in self.p.poll()], ["question"])
+
+    def post(self, text: str) -> int:
+        mid = bc.send_text(self.posting, self.did, text)
+        self.p.posted(self.did, mid)
+        return mid
+
+    def test_our_post_alone_is_read_once_when_due(self) -> None:
+        self.portal.reset_stats()
+        mine = self.post("answer")
+        self.p.poll()
+        self.assertEqual(self.reads(), 0, "read at once")
+        time.sleep(1.6)
+        self.p.poll()
+        self.assertEqual(self.reads(), 1)
+        self.assertEqual(self.p.fetched[self.did], mine)
+        self.p.poll()
+        self.assertEqual(self.reads(), 1, "read again")
+
+    def test_a_customer_message_hidden_behind_our_post_comes_when_due(self) -> None:
+        hidden = self.portal.customer_message(self.chat, "written as we answered")["message_id"]
+        self.post("answer")
+        self.assertEqual([m.id for m in self.p.poll() if m.author_kind == "customer"], [])
+        time.sleep(1.6)
+        self.assertEqual([m.id for m in self.p.poll() if m.author_kind == "customer"], [hidden], "late, not lost")
+
+    def test_the_next_message_reads_ours_with_it_at_once(self) -> None:
+        hidden = self.portal.customer_message(self.chat, "written as we answered")["message_id"]
+        self.post("answer")
+        self.p.poll()
+        nxt = self.portal.customer_message(self.chat, "thanks")["message_id"]
+        self.portal.reset_stats()
+        got = [m.id for m in self.p.poll() if m.author_kind == "customer"]
+        self.assertEqual(got, [hidden, nxt])
+        self.assertEqual(self.reads(), 1)
