@@ -133,13 +133,19 @@ class DeliveryWatch:
     def busy(self) -> bool:
         return bool(self.pending)
 
-    def check(self) -> list:
-        """The verdicts that came in since the last call (each message's once)."""
+    def check(self, younger: float = 0.0) -> list:
+        """The verdicts that came in since the last call (each message's once).  Dialogs whose messages
+        were all sent less than *younger* seconds ago are left for now (a read due anyway judges them)."""
         if not self.pending:
             return []
         first: dict = {}
-        for mid, (dialog, _at) in self.pending.items():
+        oldest: dict = {}
+        for mid, (dialog, at) in self.pending.items():
             first[dialog] = min(first.get(dialog, mid), mid)
+            oldest[dialog] = min(oldest.get(dialog, at), at)
+        if younger > 0:
+            now = self.clock()
+            first = {d: mid for d, mid in first.items() if now - oldest[d] >= younger}
         dialogs = sorted(first, key=first.get)                   # the longest waiting first
         results: dict = {}
         for start in range(0, len(dialogs), bc.BATCH_MAX):      # one batch per 50 dialogs in flight

@@ -89,7 +89,8 @@ class Deliveries:
         if not self.watch.busy() or time.monotonic() - self.last < every:
             return
         self.last = time.monotonic()
-        self._settle_all(self.watch.check())
+        # a part posted just now is read by the poller soon anyway (Poller.posted): judged from that read
+        self._settle_all(self.watch.check(younger=bc.OWN_READ_DELAY_SEC + interval))
 
     def _settle_all(self, verdicts: list) -> None:
         for v in verdicts:
