@@ -54,6 +54,9 @@ class Row:
         return "%s #%d" % (bc.display_dialog_id(self.dialog), self.message_id)
 
 
+CACHE_KIB = 256          # SQLite page cache per connection (one per thread; the default is 2 MB each)
+
+
 class Store:
     """The bridge's state database.  Every thread has its own connection; every change is one
     short transaction, so one message's bookkeeping costs the same at 50k dialogs as at 100."""
@@ -130,6 +133,7 @@ class Store:
             conn = sqlite3.connect(self.path, timeout=5, isolation_level=None, check_same_thread=True)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA cache_size=-%d" % CACHE_KIB)
             self._local.conn = conn
         return conn
 
