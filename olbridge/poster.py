@@ -19,7 +19,7 @@ from olbridge.store import Row
 log = logging.getLogger("b24_ol_bridge")
 
 BOT_NOT_IN_CHAT = ("ACCESS_DENIED", "CHAT_NOT_FOUND", "CANCELED", "BOT_NOT_FOUND")
-STRAINED_SEC = 3.0          # a request that waited for the portal's budget this recently: the bridge is rate-bound
+STRAINED_SEC = 10.0         # a request that waited for the portal's budget this recently: the bridge is rate-bound
 
 
 class Poster:
