@@ -92,7 +92,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-VERSION = "0.5.0"
+VERSION = "0.5.1"
 
 # Exit codes shared by every script.
 EXIT_OK = 0
@@ -888,8 +888,12 @@ class RateLimiter:
             return max(0.0, (self._level + 1 - self.capacity) / self.rate)
 
     def strained(self, within: float) -> bool:
-        """Did a request wait for the bucket in the last *within* seconds (the budget is what limits us)?"""
-        return self._clock() - self.last_wait < within
+        """Did a request wait for the bucket in the last *within* seconds, or is more than half the burst
+        allowance spent (the budget is what limits us, or soon will)?"""
+        with self._lock:
+            self._drain()
+            spent = self._level > self.capacity / 2
+        return spent or self._clock() - self.last_wait < within
 
     def pause(self, seconds: float) -> None:
         """Sleep, unless (or until) :attr:`stop` is set: then :class:`Interrupted`."""

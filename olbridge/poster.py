@@ -61,8 +61,9 @@ class Poster:
         return True
 
     def busy(self) -> bool:
-        """Is the portal's budget what holds the replies back (requests had to wait for it just now)?  Then
-        reading less often, in bigger bites, leaves more of it to the replies."""
+        """Is the portal's budget what holds the replies back (requests had to wait for it lately, or half
+        the burst allowance is spent)?  Then reading less often, in bigger bites, leaves more of it to the
+        replies -- and keeps the other half for whatever else uses the webhook."""
         return self.shared.client.limiter.strained(STRAINED_SEC)
 
     def follow(self, row: Row) -> bool:

@@ -143,6 +143,38 @@ class Limits(PortalCase):
         self.assertEqual(statuses.count(200), 8)
 
 
+class Strain(unittest.TestCase):
+    """RateLimiter.strained(): what makes the bridge read less often so the replies get the requests."""
+
+    def test_half_the_burst_spent_counts_as_strained_before_anything_waits(self) -> None:
+        clock = [1000.0]
+        limiter = bc.RateLimiter(rate=2, burst=50, clock=lambda: clock[0])
+        for _ in range(int(limiter.capacity / 2)):
+            limiter.acquire()
+        self.assertFalse(limiter.strained(10))
+        limiter.acquire()
+        self.assertTrue(limiter.strained(10), "more than half the allowance spent")
+        self.assertEqual(limiter.ready_in(), 0.0)
+        clock[0] += 1.0                                  # two requests drained
+        self.assertFalse(limiter.strained(10))
+
+    def test_a_request_that_waited_counts_for_a_while(self) -> None:
+        clock = [1000.0]
+
+        def sleep(seconds: float) -> None:
+            clock[0] += seconds
+        limiter = bc.RateLimiter(rate=2, burst=10, clock=lambda: clock[0], sleep=sleep)
+        for _ in range(int(limiter.capacity)):
+            limiter.acquire()
+        self.assertAlmostEqual(limiter.ready_in(), 0.5)
+        limiter.acquire()                                # waits 0.5 s
+        clock[0] += 5                                    # the bucket is empty again...
+        self.assertEqual(limiter.ready_in(), 0.0)
+        self.assertTrue(limiter.strained(10))            # ...but a request waited 5 s ago
+        clock[0] += 6
+        self.assertFalse(limiter.strained(10))
+
+
 class Faults(PortalCase):
     KINDS = ("http500", "http502", "http503", "html", "malformed", "truncated", "drop", "drop_after")
 
