@@ -76,6 +76,23 @@ class Bridge(BridgeHarness):
         self.assertEqual(len(self.bot.received), 2, "our own replies are not forwarded")
         self.assertEqual(proc.stop(), 0)
 
+    def test_in_a_conversation_our_reply_is_read_with_the_next_message(self) -> None:
+        # the bridge tells the poller what it posted (Poller.posted): no read for our reply alone
+        chat = self.ids["lines_member"]
+        self.start_bridge()
+        self.portal.customer_message(chat, "one")
+        self.wait_for(lambda: "Echo: one" in self.texts(chat), what="the first reply")
+        time.sleep(1.0)                                  # a few poll cycles (0.3 s): our reply is not read
+        self.portal.reset_stats()
+        for text in ("two", "three", "four"):
+            self.portal.customer_message(chat, text)
+            self.wait_for(lambda: "Echo: %s" % text in self.texts(chat), what="the reply to " + text)
+            time.sleep(1.0)
+        st = self.portal.stats()
+        reads = st["counts"].get("im.dialog.messages.get", 0) + st["sub_counts"].get("im.dialog.messages.get", 0)
+        self.assertLessEqual(reads, 4, "a read for each customer message, our replies riding along: %d" % reads)
+        self.assertEqual(self.texts(chat)[-6:], ["two", "Echo: two", "three", "Echo: three", "four", "Echo: four"])
+
     def test_reply_shapes_and_several_replies_in_order(self) -> None:
         chat = self.ids["lines_member2"]
         self.bot.replies = lambda text: ["one for %s" % text, "two for %s" % text]
