@@ -86,7 +86,7 @@ class Bridge(BridgeHarness):
         self.portal.reset_stats()
         for text in ("two", "three", "four"):
             self.portal.customer_message(chat, text)
-            self.wait_for(lambda: "Echo: %s" % text in self.texts(chat), what="the reply to " + text)
+            self.wait_for(lambda t=text: "Echo: %s" % t in self.texts(chat), what="the reply to " + text)
             time.sleep(1.0)
         st = self.portal.stats()
         reads = st["counts"].get("im.dialog.messages.get", 0) + st["sub_counts"].get("im.dialog.messages.get", 0)
