@@ -106,7 +106,8 @@ def _by_disk(client: bc.Client, dialog_id: str, f: OutFile, caption: str, templa
 
 
 def _last_id(client: bc.Client, dialog_id: str) -> int:
-    res = client.call("im.dialog.messages.get", {"DIALOG_ID": dialog_id, "LIMIT": 1})
+    """The dialog's newest message id (``LAST_ID=0``: without it the portal answers the first unread)."""
+    res = client.call("im.dialog.messages.get", {"DIALOG_ID": dialog_id, "LAST_ID": 0, "LIMIT": 1})
     msgs = bc.messages_of(res)[0]
     return max((bc.as_int(m.get("id")) for m in msgs), default=0)
 

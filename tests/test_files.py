@@ -177,6 +177,14 @@ class PortalFiles(PortalCase):
             self.call(method, **params)
         self.assertEqual(ctx.exception.code, code)
 
+    def test_the_look_for_a_lost_upload_starts_at_the_newest_message_whatever_is_unread(self) -> None:
+        # without FIRST_ID/LAST_ID the portal answers the first *unread* messages (fact sheet §8): with three
+        # unread, "the newest id" read that way is an older one, and the look after a lost answer starts there
+        import b24files
+        chat = self.ids["lines_member"]
+        newest = [self.portal.customer_message(chat, "unread %d" % n)["message_id"] for n in range(3)][-1]
+        self.assertEqual(b24files._last_id(self.client(), "chat%d" % chat), newest)
+
     def test_the_three_steps_upload_in_place_or_copy_and_silent_mode(self) -> None:
         chat = self.ids["lines_member"]
         content = base64.b64encode(b"%PDF-1.4 x").decode()
