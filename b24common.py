@@ -2536,8 +2536,10 @@ def reply_files(body: Any) -> list:
     if isinstance(body, Mapping) and isinstance(body.get("files"), list):
         for item in body["files"]:
             out.append(_file_spec(item))
-    elif isinstance(body, Mapping) and isinstance(body.get(_first_list_key(body)), list):
-        out = reply_files(body[_first_list_key(body)])
+    elif isinstance(body, Mapping):
+        lists = [body[k] for k in _REPLY_LIST_KEYS if k in body]      # the one normalize_reply reads
+        if lists and isinstance(lists[0], list):
+            out = reply_files(lists[0])
     elif isinstance(body, list):
         for item in body:
             if isinstance(item, Mapping) and item.get("image"):
@@ -2549,10 +2551,6 @@ def reply_files(body: Any) -> list:
                                                         or payload.get("url") or payload.get("src"))
                 out.append(_file_spec(dict(as_map(att), url=url) if isinstance(att, Mapping) else {"url": url}))
     return out
-
-
-def _first_list_key(body: Mapping) -> str:
-    return next((k for k in _REPLY_LIST_KEYS if k in body), "")
 
 
 def _file_spec(item: Any) -> dict:
