@@ -215,7 +215,7 @@ class Poster:
             mid = b24files.send_file(sh.client, row.dialog, f, caption=part.get("caption") or "",
                                      template_id=sh.template(row, row.posted), route=sh.file_route,
                                      bot=sh.fetch_bot if sh.as_bot(row) else None, patience=0)
-            sh.posted(row.dialog, mid)
+            sh.posted(row.dialog, mid)      # before `uploading` is cleared: its echo is known as ours throughout
         except bc.B24Error as exc:
             return exc, 0
         finally:
@@ -236,6 +236,7 @@ class Poster:
         ours = {sh.template(row, i): i for i in range(MAX_PARTS)}
         bot_id = bc.as_int((sh.chat_bot or {}).get("bot_id")) if not sh.fetch_bot else 0     # legacy bot only
         authors = {sh.client.whoami()["id"], bc.as_int((sh.chat_bot or {}).get("bot_id"))}
+        by_name = any(not isinstance(p, str) for p in row.answer) and (sh.file_route != "disk" or sh.as_bot(row))
         found: dict = {}
         after = row.message_id
         for _page in range(4):
@@ -243,7 +244,6 @@ class Poster:
                                                             "LIMIT": bc.MESSAGES_PAGE})
             found.update({ours[uuid]: mid for uuid, mid in bc.posted_uuids(res).items() if uuid in ours})
             msgs, _users, files = bc.messages_of(res)
-            by_name = any(not isinstance(p, str) for p in row.answer) and (sh.file_route != "disk" or sh.as_bot(row))
             for m in msgs if by_name else ():       # the one-call uploads carry no uuid: a file is known by its name
                 if bc.as_int(m.get("author_id")) in authors:
                     names = b24files.file_names(m, files)
