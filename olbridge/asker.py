@@ -132,7 +132,7 @@ class Asker:
         session = row.payload.get("session_id") or 0
         if row.dialog in sh.cannot_post and sh.cannot_post[row.dialog] == session:
             return False
-        if row.payload.get("waiting") and not self.take and not (sh.chat_bot and not sh.fetch_bot):
+        if row.payload.get("waiting") and not self.take and not sh.legacy_bot:
             sh.cannot_post_in(row, "it waits in the queue and the webhook user has not taken it "
                                    "(--take or BRIDGE_TAKE=answer lets the bridge take queued dialogs)")
             return False
@@ -203,7 +203,7 @@ class Asker:
                 return None
             if len(group) > 1:
                 row = self._fold(group)
-        if row.payload.get("waiting") and self.take and not (sh.chat_bot and not sh.fetch_bot) \
+        if row.payload.get("waiting") and self.take and not sh.legacy_bot \
                 and not self._take_from_queue(row):
             return None
         answer, took = self._exchange(bot, row)

@@ -119,7 +119,7 @@ class Poster:
                 live.append(row)
         if not live:
             return
-        legacy_bot = self.shared.chat_bot and not self.shared.fetch_bot
+        legacy_bot = self.shared.legacy_bot
         alone = [row for row in live if len(live) == 1 or legacy_bot or not isinstance(row.answer[row.posted], str)]
         for row in alone:        # one reply, the legacy chat bot's, a file: one request (or three) each
             self.shared.live.beat("posting a reply of %s" % row.where)
@@ -175,7 +175,7 @@ class Poster:
                 return self._settle(row, exc)
             except bc.B24Error as exc:
                 return exc, 0
-        if sh.chat_bot and not sh.fetch_bot:
+        if sh.legacy_bot:
             try:
                 return None, bc.as_int(sh.client.call("imbot.message.add", {
                     "BOT_ID": sh.chat_bot["bot_id"], "CLIENT_ID": sh.chat_bot["client_id"],
@@ -234,7 +234,7 @@ class Poster:
         one is there."""
         sh = self.shared
         ours = {sh.template(row, i): i for i in range(MAX_PARTS)}
-        bot_id = bc.as_int((sh.chat_bot or {}).get("bot_id")) if not sh.fetch_bot else 0     # legacy bot only
+        bot_id = bc.as_int((sh.legacy_bot or {}).get("bot_id"))
         authors = {sh.client.whoami()["id"], bc.as_int((sh.chat_bot or {}).get("bot_id"))}
         by_name = any(not isinstance(p, str) for p in row.answer) and (sh.file_route != "disk" or sh.as_bot(row))
         found: dict = {}

@@ -12,6 +12,7 @@ import uuid
 from typing import Any, Callable
 
 import b24common as bc
+from olbridge import chatbot
 from olbridge.files import AnswerFiles
 from olbridge.health import Histogram, Liveness
 from olbridge.settings import Settings
@@ -111,8 +112,12 @@ class Shared:
     @property
     def fetch_bot(self) -> dict | None:
         """The registered chat bot when it fetches its events (imbot.v2), else None."""
-        bot = self.chat_bot
-        return bot if bot and bot.get("mode") == "fetch" else None
+        return self.chat_bot if chatbot.is_fetch(self.chat_bot) else None
+
+    @property
+    def legacy_bot(self) -> dict | None:
+        """The registered chat bot when it is the legacy kind (``imbot.*``, events POSTed to it), else None."""
+        return self.chat_bot if self.chat_bot and not chatbot.is_fetch(self.chat_bot) else None
 
     def as_bot(self, row: Row) -> bool:
         """Does *row*'s dialog belong to our fetch-mode chat bot (answers go as the bot, hand-overs through
