@@ -684,7 +684,7 @@ class Chat:
             done = b24session.perform(self.client, self.reader.dialog_id,
                                       *b24session.parse_action(action, "/" + name[1:]))
         except bc.B24Error as exc:
-            self.screen.line("! %s" % str(exc).replace("--session", "/"), "error")
+            self.screen.line("! %s" % exc, "error")
             return
         self.screen.line("(%s)" % done.split(": ", 1)[-1], "note")
         self.show_status()
