@@ -23,6 +23,7 @@ import queue
 import shlex
 import signal
 import sys
+import termios
 import threading
 import time
 from typing import Any, Callable, Mapping, TextIO
@@ -250,7 +251,8 @@ class Chat:
         self.reader_lock = threading.Lock()
         self.oldest = 0
         self.prefill = ""
-        self.reading = False
+        self.reading = False                   # inside input(): a signal may interrupt it
+        self.interrupting = False              # an interruption is on its way out of input()
         self.saved = ""
         self.interrupt_buffer = ""
         self.history_file = history_file
@@ -263,9 +265,23 @@ class Chat:
 
     # -- terminal plumbing ------------------------------------------------------------
     def _on_usr1(self, signum: int, frame: Any) -> None:
-        if self.reading:
-            self.saved = readline.get_line_buffer() if readline else ""
+        if self.interrupting:      # input() gives up for the last one and runs pending handlers once more
             raise _NewMessages()
+        if not (self.reading and self._editing()):
+            return                 # the next ask() prints what is queued (and the poll thread signals again)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})     # until ask() has caught this one
+        self.interrupting = True
+        self.saved = readline.get_line_buffer() if readline else ""
+        raise _NewMessages()
+
+    def _editing(self) -> bool:
+        """Whether the line editor is at work.  Python runs a signal handler between two bytecodes, so it
+        can run just after input() has returned a finished line; raising there would throw the line away.
+        The editor keeps the terminal out of canonical mode exactly while it edits, so the mode tells."""
+        try:
+            return not termios.tcgetattr(self.stdin.fileno())[3] & termios.ICANON
+        except (termios.error, OSError, ValueError):
+            return True
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         self.interrupt_buffer = readline.get_line_buffer() if (readline and self.reading) else ""
@@ -367,7 +383,8 @@ class Chat:
                 self.reading = False
                 self.screen.line("! that input was not valid UTF-8 text; type it again", "error")
             except _NewMessages:
-                self.reading = False
+                self.reading = self.interrupting = False
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
                 self._clear_input_rows(self.saved)
                 self.prefill = self.saved
             finally:
@@ -375,6 +392,7 @@ class Chat:
 
     # -- the poll thread ----------------------------------------------------------------
     def poll_loop(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})     # a SIGUSR1 from outside goes to input()
         backoff = bc.Backoff(self.interval, self.client.config.backoff_max)
         current = None
         delay = self.interval

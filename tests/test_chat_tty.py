@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 
 from tests.support import PY, PortalCase, PtyProc, script
@@ -52,6 +53,41 @@ class ChatTTY(ChatHarness):
         self.wait_for_text(chat, "hello world")
         p.expect("You: hello world")
         p.send("\x04")                            # Ctrl-D on an empty line
+        self.assertEqual(p.wait(), 0)
+
+    def test_no_typed_line_is_lost_whenever_the_editor_is_interrupted(self) -> None:
+        """The poll thread interrupts the line editor (SIGUSR1) to print above it.  An interruption handled
+        just after Enter must not throw the finished line away -- it did, now and then, when a message came
+        at that instant.  Here the interruptions come every few milliseconds while lines are typed."""
+        chat = self.ids["lines_member"]
+        self.portal.set_limits(rate=100, burst=1000)          # the lines, not the request budget, are tested
+        p = self.open_chat("chat%d" % chat, B24_RATE_PER_SEC=100, B24_RATE_BURST=1000)
+        p.expect("/help for commands")
+        stop = threading.Event()
+
+        def interrupt() -> None:
+            while not stop.wait(0.002):
+                try:
+                    os.kill(p.pid, signal.SIGUSR1)
+                except ProcessLookupError:
+                    return
+        pest = threading.Thread(target=interrupt, daemon=True)
+        pest.start()
+        self.addCleanup(stop.set)
+        sent = ["line %d" % i for i in range(40)]
+        for text in sent:
+            p.send(text + "\r")
+            time.sleep(0.02)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            got = [m["text"] for m in self.portal.chat_messages(chat) if m["text"].startswith("line ")]
+            if len(got) >= len(sent):
+                break
+            time.sleep(0.1)
+        stop.set()
+        pest.join()
+        self.assertEqual(got, sent, "every typed line is sent, once, in order")
+        p.send("\x04")
         self.assertEqual(p.wait(), 0)
 
     def test_history_day_separator_colours_and_bell(self) -> None:

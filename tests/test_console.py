@@ -102,8 +102,8 @@ class ConsoleChat(ChatHarness):
         with open(path, "wb") as fh:
             fh.write(b"%PDF-1.4 terms")
         p.send("/file %s here are the terms\r" % path)
-        p.expect("terms.pdf", start=start)
         self.wait_for_text(chat, "here are the terms")
+        p.expect("You: [document #1: terms.pdf, application/pdf, 14 B] here are the terms", start=start)
         p.send("/file %s\r" % os.path.join(self.tmp, "nope.pdf"))
         p.expect("no such file", start=start)
         self.portal.customer_media(chat, "file", "contract.pdf", size=3000, caption="signed")
