@@ -252,7 +252,11 @@ class Chat:
         self.oldest = 0
         self.prefill = ""
         self.reading = False                   # inside input(): a signal may interrupt it
-        self.interrupting = False              # an interruption is on its way out of input()
+        self.leaving: BaseException | None = None   # raised out of input(), until ask() is out
+        self.then: type | None = None          # what a signal handler wanted meanwhile (see _on_usr1)
+        self.hooked = False                    # input() has not run our pre-input hook yet: readline swallows
+                                               # an exception raised there, and the line is not set up
+        self._again_pipe: tuple | None = None  # signals to send again (see _send_again)
         self.saved = ""
         self.interrupt_buffer = ""
         self.history_file = history_file
@@ -264,15 +268,82 @@ class Chat:
         screen.on_message = self.number_files
 
     # -- terminal plumbing ------------------------------------------------------------
+    # The handlers below raise out of input() with care:
+    # * on its way out input() runs the pending handlers once more with the exception still set, and any
+    #   call a handler makes there is a SystemError.  So from the first raise until ask() is out SIGUSR1
+    #   stays blocked (_leave_input), and a handler that runs meanwhile makes no call: it notes what it
+    #   wanted (self.then), raises the exception in flight, and ask() acts on the note once out;
+    # * readline swallows an exception raised in our pre-input hook, and until the hook has put back the
+    #   half-typed line readline's buffer is not what the user sees: a handler that runs before the hook
+    #   is done notes what it wanted and has input() interrupted again a moment later (_again).
     def _on_usr1(self, signum: int, frame: Any) -> None:
-        if self.interrupting:      # input() gives up for the last one and runs pending handlers once more
-            raise _NewMessages()
-        if not (self.reading and self._editing()):
-            return                 # the next ask() prints what is queued (and the poll thread signals again)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})     # until ask() has caught this one
-        self.interrupting = True
-        self.saved = readline.get_line_buffer() if readline else ""
-        raise _NewMessages()
+        if self.leaving is not None:
+            raise self.leaving
+        if self.hooked:
+            return self._again()
+        if not self.reading:
+            return             # the next ask() prints what is queued (and the poll thread signals again)
+        editing = self._editing()
+        if self.then is not None:                    # a Ctrl-C or a stop that came during our hook
+            self.interrupt_buffer = readline.get_line_buffer() if (readline and editing) else self.prefill
+            exc = KeyboardInterrupt() if self.then is KeyboardInterrupt else SystemExit(bc.EXIT_OK)
+            self.then = None
+            self._leave_input(exc)
+        if editing:
+            self.saved = readline.get_line_buffer() if readline else ""
+            self._leave_input(_NewMessages())
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.leaving is not None or self.hooked:
+            self.then = KeyboardInterrupt
+            if self.leaving is not None:
+                raise self.leaving
+            return self._again()
+        self.interrupt_buffer = (readline.get_line_buffer() if readline else "") if self.reading else self.prefill
+        if self.reading:
+            self._leave_input(KeyboardInterrupt())
+        raise KeyboardInterrupt
+
+    def _on_leave(self, signum: int, frame: Any) -> None:
+        """SIGTERM, SIGHUP: the terminal closed, or we are asked to stop."""
+        if self.leaving is not None or self.hooked:
+            self.then = SystemExit
+            if self.leaving is not None:
+                raise self.leaving
+            return self._again()
+        if self.reading:
+            self._leave_input(SystemExit(bc.EXIT_OK))
+        raise SystemExit(bc.EXIT_OK)
+
+    def _again(self) -> None:
+        if self._again_pipe is not None:
+            os.write(self._again_pipe[1], b"!")
+
+    def _send_again(self) -> None:
+        """The thread that interrupts input() again, a moment after a signal came during our hook."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        main = threading.main_thread().ident
+        assert self._again_pipe is not None and main is not None
+        while os.read(self._again_pipe[0], 64):
+            time.sleep(0.005)
+            signal.pthread_kill(main, signal.SIGUSR1)
+
+    def _leave_input(self, exc: BaseException) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        self.leaving = exc
+        raise exc
+
+    def _left_input(self) -> None:
+        """ask() is out of input(): SIGUSR1 may come again; what a handler noted meanwhile is done."""
+        was, self.leaving = self.leaving, None
+        then, self.then = self.then, None
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+        if then is SystemExit:
+            raise SystemExit(bc.EXIT_OK)
+        if then is KeyboardInterrupt:
+            if isinstance(was, _NewMessages):
+                self.interrupt_buffer = self.saved
+            raise KeyboardInterrupt
 
     def _editing(self) -> bool:
         """Whether the line editor is at work.  Python runs a signal handler between two bytecodes, so it
@@ -283,21 +354,16 @@ class Chat:
         except (termios.error, OSError, ValueError):
             return True
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        self.interrupt_buffer = readline.get_line_buffer() if (readline and self.reading) else ""
-        raise KeyboardInterrupt
-
     def _pre_input(self) -> None:
         if self.prefill and readline:
             readline.insert_text(self.prefill)
             readline.redisplay()
         self.prefill = ""
+        self.hooked = False
 
     def setup_terminal(self) -> None:
-        def leave(signum: int, frame: Any) -> None:     # terminal closed, or asked to stop
-            raise SystemExit(bc.EXIT_OK)
-        signal.signal(signal.SIGTERM, leave)
-        signal.signal(signal.SIGHUP, leave)
+        signal.signal(signal.SIGTERM, self._on_leave)
+        signal.signal(signal.SIGHUP, self._on_leave)
         if not self.tty:
             return
         root = logging.getLogger()
@@ -306,6 +372,8 @@ class Chat:
         for h in list(root.handlers):
             root.removeHandler(h)
         root.addHandler(handler)
+        self._again_pipe = os.pipe()
+        threading.Thread(target=self._send_again, name="chat-signals", daemon=True).start()
         signal.signal(signal.SIGUSR1, self._on_usr1)
         signal.signal(signal.SIGINT, self._on_sigint)
         readline.set_pre_input_hook(self._pre_input)
@@ -377,18 +445,19 @@ class Chat:
                         continue
                 return raw.rstrip("\r\n")
             try:
-                self.reading = True
+                self.reading = self.hooked = True      # (hooked: until readline has run our hook)
                 return input(prompt)
             except UnicodeDecodeError:
                 self.reading = False
                 self.screen.line("! that input was not valid UTF-8 text; type it again", "error")
             except _NewMessages:
-                self.reading = self.interrupting = False
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+                self.reading = False
                 self._clear_input_rows(self.saved)
                 self.prefill = self.saved
             finally:
-                self.reading = False
+                self.reading = self.hooked = False
+                if self.leaving is not None or self.then is not None:
+                    self._left_input()
 
     # -- the poll thread ----------------------------------------------------------------
     def poll_loop(self) -> None:
@@ -788,6 +857,7 @@ class Chat:
                 return "quit"
             except KeyboardInterrupt:
                 if self.interrupt_buffer.strip():
+                    self.prefill = ""
                     self.screen.write("\n")      # Ctrl-C with text: drop the text, stay
                     continue
                 self.screen.write("\n")

@@ -58,7 +58,8 @@ class ChatTTY(ChatHarness):
     def test_no_typed_line_is_lost_whenever_the_editor_is_interrupted(self) -> None:
         """The poll thread interrupts the line editor (SIGUSR1) to print above it.  An interruption handled
         just after Enter must not throw the finished line away -- it did, now and then, when a message came
-        at that instant.  Here the interruptions come every few milliseconds while lines are typed."""
+        at that instant -- nor may one on top of another, or of a Ctrl-C, crash the chat.  Here the
+        interruptions come every few milliseconds while lines are typed and dropped with Ctrl-C."""
         chat = self.ids["lines_member"]
         self.portal.set_limits(rate=100, burst=1000)          # the lines, not the request budget, are tested
         p = self.open_chat("chat%d" % chat, B24_RATE_PER_SEC=100, B24_RATE_BURST=1000)
@@ -84,9 +85,18 @@ class ChatTTY(ChatHarness):
             if len(got) >= len(sent):
                 break
             time.sleep(0.1)
+        self.assertEqual(got, sent, "every typed line is sent, once, in order")
+        for n in range(20):                      # Ctrl-C on a half-typed line drops the text and stays
+            mark = len(p.text)
+            p.send("draft %d" % n)
+            p.expect("\x1b[J> draft %d" % n, start=mark)     # drawn again by the chat: it has the text
+            p.send("\x03")
+            time.sleep(0.01)
+        p.send("the last line\r")
+        self.wait_for_text(chat, "the last line")
         stop.set()
         pest.join()
-        self.assertEqual(got, sent, "every typed line is sent, once, in order")
+        self.assertFalse([m for m in self.portal.chat_messages(chat) if m["text"].startswith("draft")])
         p.send("\x04")
         self.assertEqual(p.wait(), 0)
 
