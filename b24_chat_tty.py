@@ -270,9 +270,9 @@ class Chat:
     # -- terminal plumbing ------------------------------------------------------------
     # The handlers below raise out of input() with care:
     # * on its way out input() runs the pending handlers once more with the exception still set, and any
-    #   call a handler makes there is a SystemError.  So from the first raise until ask() is out SIGUSR1
-    #   stays blocked (_leave_input), and a handler that runs meanwhile makes no call: it notes what it
-    #   wanted (self.then), raises the exception in flight, and ask() acts on the note once out;
+    #   call that returns to a handler there is a SystemError.  So from the first raise until ask() is out
+    #   SIGUSR1 stays blocked (_leave_input), and a handler that runs meanwhile only notes what it wanted
+    #   (self.then) and raises the exception in flight; ask() acts on the note once out;
     # * readline swallows an exception raised in our pre-input hook, and until the hook has put back the
     #   half-typed line readline's buffer is not what the user sees: a handler that runs before the hook
     #   is done notes what it wanted and has input() interrupted again a moment later (_again).
@@ -294,26 +294,30 @@ class Chat:
             self._leave_input(_NewMessages())
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self.leaving is not None or self.hooked:
-            self.then = KeyboardInterrupt
-            if self.leaving is not None:
-                raise self.leaving
-            return self._again()
-        self.interrupt_buffer = (readline.get_line_buffer() if readline else "") if self.reading else self.prefill
-        if self.reading:
-            self._leave_input(KeyboardInterrupt())
-        raise KeyboardInterrupt
+        if not self._put_off(KeyboardInterrupt):
+            self.interrupt_buffer = (readline.get_line_buffer() if readline else "") if self.reading else self.prefill
+            self._raise_out(KeyboardInterrupt())
 
     def _on_leave(self, signum: int, frame: Any) -> None:
         """SIGTERM, SIGHUP: the terminal closed, or we are asked to stop."""
-        if self.leaving is not None or self.hooked:
-            self.then = SystemExit
-            if self.leaving is not None:
-                raise self.leaving
-            return self._again()
+        if not self._put_off(SystemExit):
+            self._raise_out(SystemExit(bc.EXIT_OK))
+
+    def _put_off(self, kind: type) -> bool:
+        """On input()'s way out, or before our hook is done: note *kind* for later (see above); True if so.
+        On the way out it raises the exception in flight, before anything it calls has returned."""
+        if self.leaving is None and not self.hooked:
+            return False
+        self.then = kind
+        if self.leaving is not None:
+            raise self.leaving
+        self._again()
+        return True
+
+    def _raise_out(self, exc: BaseException) -> None:
         if self.reading:
-            self._leave_input(SystemExit(bc.EXIT_OK))
-        raise SystemExit(bc.EXIT_OK)
+            self._leave_input(exc)
+        raise exc
 
     def _again(self) -> None:
         if self._again_pipe is not None:
