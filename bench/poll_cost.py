@@ -169,14 +169,19 @@ def main(argv: list | None = None) -> int:
     print()
     print("a busy minute: 300 dialogs, N of them get one message each a minute; per 2 s cycle, the scan request's "
           "bytes (the reads of the changed dialogs are not in it)")
-    print("%-24s %12s %16s %10s %12s %16s" % ("dialogs active a minute", "scan bytes", "as it was (60 s)", "x quiet",
-                                             "was x quiet", "changed/cycle"))
+    print("(target: 2x quiet + the rows that changed; a row's bytes from the 60 s scan, which returns every "
+          "active dialog's row each cycle)")
+    print("%-24s %12s %16s %10s %12s %14s %10s %10s" % (
+        "dialogs active a minute", "scan bytes", "as it was (60 s)", "x quiet", "was x quiet", "changed/cycle",
+        "target", "x target"))
     quiet = busy_minute(0, always_wide=False)[1]
     for active in (0, 10, 100, 300):
         changed, now_bytes = busy_minute(active, always_wide=False)
         _c, was_bytes = busy_minute(active, always_wide=True)
-        print("%-24s %12.0f %16.0f %9.2fx %11.2fx %16.1f" % (active, now_bytes, was_bytes, now_bytes / quiet,
-                                                          was_bytes / quiet, changed))
+        row = (was_bytes - quiet) / active if active else 0.0
+        target = 2 * quiet + changed * row
+        print("%-24s %12.0f %16.0f %9.2fx %11.2fx %14.1f %10.0f %9.2fx" % (
+            active, now_bytes, was_bytes, now_bytes / quiet, was_bytes / quiet, changed, target, now_bytes / target))
     return 0
 
 
