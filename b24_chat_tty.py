@@ -16,10 +16,10 @@ editing. Settings: ``B24_WEBHOOK_BASE`` (required), ``B24_POLL_SEC`` (default 2)
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime as _dt
 import logging
 import os
-import queue
 import shlex
 import signal
 import sys
@@ -169,8 +169,11 @@ class _StatusLog(logging.Handler):
             text = bc.redact(record.getMessage())
         except Exception:  # noqa: BLE001 - a log line must never break the chat
             return
-        self.chat.inbox.put("(%s)" % text)
+        self.chat.inbox.append("(%s)" % text)
         self.chat._notify()
+
+
+_SIGINT = int(signal.SIGINT)      # compared in a handler that may look up nothing but plain names
 
 
 class _NewMessages(Exception):
@@ -244,7 +247,7 @@ class Chat:
         self.follows = False
         self.tty = stdin.isatty() and readline is not None
         self.me = client.whoami()
-        self.inbox: queue.Queue = queue.Queue()
+        self.inbox: collections.deque = collections.deque()   # what the poll thread has for the screen
         self.wake = threading.Event()
         self.stop = threading.Event()
         self.reader: DialogReader | None = None
@@ -269,17 +272,21 @@ class Chat:
 
     # -- terminal plumbing ------------------------------------------------------------
     # The handlers below raise out of input() with care:
-    # * on its way out input() runs the pending handlers once more with the exception still set, and any
-    #   call that returns to a handler there is a SystemError.  So from the first raise until ask() is out
-    #   SIGUSR1 stays blocked (_leave_input), and a handler that runs meanwhile only notes what it wanted
+    # * on its way out input() runs the pending handlers once more with the exception still set: any call
+    #   that returns to a handler there is a SystemError, and even looking up a method fails with that
+    #   exception.  So from the first raise until ask() is out SIGUSR1 stays blocked (_leave_input), and a
+    #   handler that runs meanwhile touches nothing but our own attributes: it notes what it wanted
     #   (self.then) and raises the exception in flight; ask() acts on the note once out;
     # * readline swallows an exception raised in our pre-input hook, and until the hook has put back the
     #   half-typed line readline's buffer is not what the user sees: a handler that runs before the hook
-    #   is done notes what it wanted and has input() interrupted again a moment later (_again).
+    #   is done notes what it wanted and has input() interrupted again a moment later (_again);
+    # * a SIGUSR1 handled inside the Ctrl-C or stop handler does not raise (that would replace theirs);
+    # * between inputs the poll thread's lines go through a deque: a Ctrl-C raised inside a Queue's
+    #   Python-level locking would leave its lock held and the chat stuck.
     def _on_usr1(self, signum: int, frame: Any) -> None:
         if self.leaving is not None:
             raise self.leaving
-        if self.hooked:
+        if self.hooked or self._in_stop_handler(frame):
             return self._again()
         if not self.reading:
             return             # the next ask() prints what is queued (and the poll thread signals again)
@@ -293,26 +300,18 @@ class Chat:
             self.saved = readline.get_line_buffer() if readline else ""
             self._leave_input(_NewMessages())
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        if not self._put_off(KeyboardInterrupt):
-            self.interrupt_buffer = (readline.get_line_buffer() if readline else "") if self.reading else self.prefill
-            self._raise_out(KeyboardInterrupt())
-
-    def _on_leave(self, signum: int, frame: Any) -> None:
-        """SIGTERM, SIGHUP: the terminal closed, or we are asked to stop."""
-        if not self._put_off(SystemExit):
+    def _on_stop(self, signum: int, frame: Any) -> None:
+        """SIGINT (Ctrl-C); SIGTERM, SIGHUP (the terminal closed, or we are asked to stop)."""
+        kind = KeyboardInterrupt if signum == _SIGINT else SystemExit
+        if self.leaving is not None or self.hooked:
+            self.then = kind
+            if self.leaving is not None:
+                raise self.leaving
+            return self._again()
+        if kind is SystemExit:
             self._raise_out(SystemExit(bc.EXIT_OK))
-
-    def _put_off(self, kind: type) -> bool:
-        """On input()'s way out, or before our hook is done: note *kind* for later (see above); True if so.
-        On the way out it raises the exception in flight, before anything it calls has returned."""
-        if self.leaving is None and not self.hooked:
-            return False
-        self.then = kind
-        if self.leaving is not None:
-            raise self.leaving
-        self._again()
-        return True
+        self.interrupt_buffer = (readline.get_line_buffer() if readline else "") if self.reading else self.prefill
+        self._raise_out(KeyboardInterrupt())
 
     def _raise_out(self, exc: BaseException) -> None:
         if self.reading:
@@ -332,9 +331,18 @@ class Chat:
             time.sleep(0.005)
             signal.pthread_kill(main, signal.SIGUSR1)
 
+    def _in_stop_handler(self, frame: Any) -> bool:
+        """Whether this SIGUSR1 is handled inside the Ctrl-C or stop handler: raising here would put our
+        exception in place of theirs."""
+        while frame is not None:
+            if frame.f_code is Chat._on_stop.__code__:
+                return True
+            frame = frame.f_back
+        return False
+
     def _leave_input(self, exc: BaseException) -> None:
+        self.leaving = exc          # first: a handler that runs inside this one raises the same
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-        self.leaving = exc
         raise exc
 
     def _left_input(self) -> None:
@@ -366,8 +374,8 @@ class Chat:
         self.hooked = False
 
     def setup_terminal(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_leave)
-        signal.signal(signal.SIGHUP, self._on_leave)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_stop)
         if not self.tty:
             return
         root = logging.getLogger()
@@ -379,7 +387,7 @@ class Chat:
         self._again_pipe = os.pipe()
         threading.Thread(target=self._send_again, name="chat-signals", daemon=True).start()
         signal.signal(signal.SIGUSR1, self._on_usr1)
-        signal.signal(signal.SIGINT, self._on_sigint)
+        signal.signal(signal.SIGINT, self._on_stop)
         readline.set_pre_input_hook(self._pre_input)
         readline.set_history_length(HISTORY_LENGTH)
         if self.history_file and os.path.exists(self.history_file):
@@ -421,8 +429,8 @@ class Chat:
         """Print whatever the poll thread queued."""
         while True:
             try:
-                item = self.inbox.get_nowait()
-            except queue.Empty:
+                item = self.inbox.popleft()
+            except IndexError:
                 return
             if isinstance(item, list):
                 self.screen.messages(item)
@@ -485,28 +493,28 @@ class Chat:
                 with self.fetch_lock:
                     msgs = reader.new()
                 if backoff.failures:
-                    self.inbox.put("(connection back)")
+                    self.inbox.append("(connection back)")
                 backoff.succeeded()
                 delay = self.interval
             except bc.TRANSIENT as exc:
                 delay = backoff.failed()
                 if backoff.failures == 1:
-                    self.inbox.put("(cannot reach the portal: %s -- retrying)" % exc)
+                    self.inbox.append("(cannot reach the portal: %s -- retrying)" % exc)
                     self._notify()
                 continue
             except bc.B24Error as exc:
                 backoff.failures = 5
                 delay = backoff.failed()
-                self.inbox.put("(cannot read new messages: %s)" % bc.format_error(exc))
+                self.inbox.append("(cannot read new messages: %s)" % bc.format_error(exc))
                 self._notify()
                 continue
             with self.reader_lock:
                 if reader is not self.reader:
                     continue
             if msgs:
-                self.inbox.put(msgs)
+                self.inbox.append(msgs)
             self._marks()
-            if not self.inbox.empty():
+            if self.inbox:
                 self._notify()   # also repeats a signal that came while nobody was reading
 
     def _marks(self) -> None:
@@ -519,7 +527,7 @@ class Chat:
             return                     # asked again next round
         for v in verdicts:
             sign = "\u2713" if v.status in (delivery.DELIVERED, delivery.SENT) else "!"
-            self.inbox.put('  %s %s: "%s"' % (sign, v.describe(),
+            self.inbox.append('  %s %s: "%s"' % (sign, v.describe(),
                                               _short(self.sent_texts.pop(v.message_id, "")).replace("\n", " ")))
 
     # -- picker ----------------------------------------------------------------------------

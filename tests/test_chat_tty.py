@@ -89,14 +89,15 @@ class ChatTTY(ChatHarness):
         for n in range(20):                      # Ctrl-C on a half-typed line drops the text and stays
             mark = len(p.text)
             p.send("draft %d" % n)
-            p.expect("\x1b[J> draft %d" % n, start=mark)     # drawn again by the chat: it has the text
+            seen = p.expect("\x1b[J> draft %d" % n, start=mark)     # drawn again by the chat: it has the text
             p.send("\x03")
-            time.sleep(0.01)
+            p.expect("\x1b[J> \r", start=seen)   # an empty line drawn again: the Ctrl-C was taken
         p.send("the last line\r")
         self.wait_for_text(chat, "the last line")
         stop.set()
         pest.join()
         self.assertFalse([m for m in self.portal.chat_messages(chat) if m["text"].startswith("draft")])
+        p.expect('delivered: "the last line"')     # the last thing to print: Ctrl-D comes to a quiet line
         p.send("\x04")
         self.assertEqual(p.wait(), 0)
 
