@@ -2087,10 +2087,15 @@ class Poller:
                     pending.pop(d)
         return failed
 
+    def _cut_for(self, did: str) -> float | None:
+        """The cut of a read of *did* this cycle: none for a dialog replaying history on purpose (and none
+        before the first scan, when :attr:`_cut` is None too)."""
+        return None if did in self._rewound else self._cut
+
     def _want(self, did: str, item: Mapping) -> _Want:
         """How to read a changed dialog: after its cursor, or -- first seen -- from where it came into sight."""
         target = as_int(as_map(item.get("message")).get("id"))
-        cut = None if self.watermark is None or did in self._rewound else self._cut
+        cut = self._cut_for(did)
         if did in self.cursors:
             return _Want(max(self.cursors[did], self.fetched.get(did, 0)), target, cut=cut)
         lines = as_map(item.get("lines"))
@@ -2222,15 +2227,13 @@ class Poller:
             if h.message_id and h.message_id <= done:
                 continue
             # read forward from the cursor for what is there: never count the hinted id as read
-            wants[did] = _Want(done, done, cut=None if did in self._rewound or self.watermark is None
-                               else self._cut)
+            wants[did] = _Want(done, done, cut=self._cut_for(did))
         # dialogs rewound, or not caught up last time, are read even if the list is quiet
         for did, cur in self.cursors.items():
             done = max(cur, self.fetched.get(did, cur))
             target = self.last_seen.get(did, done)
             if did not in wants and done < target and self._unreadable.get(did) != target:
-                wants[did] = _Want(done, target, cut=None if did in self._rewound or self.watermark is None
-                                   else self._cut)
+                wants[did] = _Want(done, target, cut=self._cut_for(did))
         self._take_told()
         hinted: dict = {}
         for h in hints or ():
