@@ -276,7 +276,8 @@ class Chat:
     #   that returns to a handler there is a SystemError, and even looking up a method fails with that
     #   exception.  So from the first raise until ask() is out SIGUSR1 stays blocked (_leave_input), and a
     #   handler that runs meanwhile touches nothing but our own attributes: it notes what it wanted
-    #   (self.then) and raises the exception in flight; ask() acts on the note once out;
+    #   (self.then) and, while input() is not yet out (self.reading), raises the exception in flight;
+    #   once ask() is past input() it raises nothing, and ask() acts on the note (_left_input);
     # * readline swallows an exception raised in our pre-input hook, and until the hook has put back the
     #   half-typed line readline's buffer is not what the user sees: a handler that runs before the hook
     #   is done notes what it wanted and has input() interrupted again a moment later (_again);
@@ -285,7 +286,9 @@ class Chat:
     #   Python-level locking would leave its lock held and the chat stuck.
     def _on_usr1(self, signum: int, frame: Any) -> None:
         if self.leaving is not None:
-            raise self.leaving
+            if self.reading:         # still on input()'s way out
+                raise self.leaving
+            return                   # ask() is past input(): _left_input() unblocks us
         if self.hooked or self._in_stop_handler(frame):
             return self._again()
         if not self.reading:
@@ -305,9 +308,11 @@ class Chat:
         kind = KeyboardInterrupt if signum == _SIGINT else SystemExit
         if self.leaving is not None or self.hooked:
             self.then = kind
-            if self.leaving is not None:
+            if self.leaving is None:
+                return self._again()
+            if self.reading:         # still on input()'s way out
                 raise self.leaving
-            return self._again()
+            return                   # ask() is past input(): _left_input() acts on the note
         if kind is SystemExit:
             self._raise_out(SystemExit(bc.EXIT_OK))
         self.interrupt_buffer = (readline.get_line_buffer() if readline else "") if self.reading else self.prefill
@@ -346,10 +351,14 @@ class Chat:
         raise exc
 
     def _left_input(self) -> None:
-        """ask() is out of input(): SIGUSR1 may come again; what a handler noted meanwhile is done."""
-        was, self.leaving = self.leaving, None
-        then, self.then = self.then, None
+        """ask() is out of input(): SIGUSR1 may come again; what a handler noted meanwhile is done.
+        Unblocked first, while self.leaving still says a handler is to note and return, not raise: a
+        handler that raised before the unblock would leave SIGUSR1 blocked for good."""
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+        was, then = self.leaving, self.then
+        self.then = None             # (before leaving: a stop in between is at worst lost, never left
+                                     # over to strike a later line)
+        self.leaving = None
         if then is SystemExit:
             raise SystemExit(bc.EXIT_OK)
         if then is KeyboardInterrupt:
@@ -457,17 +466,17 @@ class Chat:
                         continue
                 return raw.rstrip("\r\n")
             try:
-                self.reading = self.hooked = True      # (hooked: until readline has run our hook)
-                return input(prompt)
+                try:
+                    self.reading = self.hooked = True      # (hooked: until readline has run our hook)
+                    return input(prompt)
+                finally:
+                    self.reading = self.hooked = False     # from here on handlers only take notes
             except UnicodeDecodeError:
-                self.reading = False
                 self.screen.line("! that input was not valid UTF-8 text; type it again", "error")
-            except _NewMessages:
-                self.reading = False
+            except _NewMessages:         # (also when a handler raised it again on input()'s way out)
                 self._clear_input_rows(self.saved)
                 self.prefill = self.saved
             finally:
-                self.reading = self.hooked = False
                 if self.leaving is not None or self.then is not None:
                     self._left_input()
 
