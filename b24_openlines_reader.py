@@ -174,7 +174,7 @@ class Reader:
             report_queues(self.client, me["id"])
 
     def make_poller(self, me: int) -> bc.Poller:
-        poller = bc.Poller(self.client, self_id=me)
+        poller = bc.Poller(self.client, self_id=me, in_order=True)
         if self.state is not None:
             self.store = PollerStore(poller, self.state, self.client.host)
             self.store.load()

@@ -1670,6 +1670,14 @@ class _Want:
     def messages(self) -> list:
         return [self.keep[i] for i in sorted(self.keep)]
 
+    def hold_above(self, top: int) -> int:
+        """Leave the messages above *top* to the next cycle; return the highest id this read saw."""
+        seen = self.highest
+        for mid in [i for i in self.keep if i > top]:
+            del self.keep[mid]
+        self.highest = min(self.highest, top)
+        return seen
+
 
 class Poller:
     """New messages of every Open Lines dialog the webhook user can read.
@@ -1678,7 +1686,10 @@ class Poller:
     -- one small request whatever the number of dialogs, see :meth:`_scan` --
     then fetches every changed dialog strictly after its cursor with
     ``FIRST_ID`` (one ``batch`` for up to 50 dialogs), looping until caught
-    up.  Messages come back oldest first, across dialogs.
+    up.  Messages come back oldest first, across dialogs.  With *in_order*
+    they also come in the order they were written from one cycle to the
+    next: what was written after the scan, which a dialog's read may meet,
+    waits for the next cycle, with what other dialogs got meanwhile.
 
     A dialog that comes into sight mid-life (a chat transferred to us, a
     supervisor adding the webhook user) starts where it became visible:
@@ -1692,10 +1703,11 @@ class Poller:
     """
 
     def __init__(self, client: Client, *, self_id: int, lines_only: bool = True,
-                 page_min: int = RECENT_PAGE_MIN):
+                 page_min: int = RECENT_PAGE_MIN, in_order: bool = False):
         self.client = client
         self.self_id = self_id
         self.lines_only = lines_only
+        self.in_order = in_order
         self.page_min = page_min
         self.factory = MessageFactory(self_id)
         self.cursors: dict = _TrackedDict()   # dialog_id -> last delivered (acked) message id
@@ -2241,6 +2253,8 @@ class Poller:
                 hinted[h.dialog_id] = max(hinted.get(h.dialog_id, 0), h.message_id) if h.message_id else -1
         self._put_off_own(wants, hinted)
         failed = self._fetch(wants) if wants else set()
+        # in order: nothing written after the scan, which saw every id up to the newest it showed
+        top = max((w.target for w in wants.values()), default=0) if (self.in_order and scan) else 0
         out: list = []
         for did, want in wants.items():
             if did in failed:
@@ -2248,6 +2262,8 @@ class Poller:
                 self.last_seen[did] = max(self.last_seen.get(did, 0), want.target)
                 continue
             self._unreadable.pop(did, None)
+            if top and not (did in self.dialogs and self.dialogs[did].adopted):   # (in no recent list)
+                self.last_seen[did] = max(self.last_seen.get(did, 0), want.hold_above(top))
             msgs = want.messages()
             info = self.dialogs.get(did)
             is_new = did not in self.cursors

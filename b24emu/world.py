@@ -577,7 +577,7 @@ class World:
         with self.lock:
             return {"counts": dict(self.counts), "sub_counts": dict(self.sub_counts), "bytes": dict(self.bytes_out),
                     "requests": sum(self.counts.values()), "bytes_total": sum(self.bytes_out.values()),
-                    "log": list(self.log)}
+                    "log": list(self.log), "faults_pending": len(self.faults)}
 
     def reset_stats(self) -> dict:
         with self.lock:

@@ -109,6 +109,23 @@ class Reader(PortalCase):
         self.assertLessEqual(len(printed) - len(set(printed)), kills, "at most one repeat per kill")
         self.assertEqual(sorted(printed), printed if len(printed) == len(set(printed)) else sorted(printed))
 
+    def test_messages_print_in_the_order_they_were_written_across_dialogs(self) -> None:
+        """A dialog's read can meet a message written after the scan that sent it there; printing it at
+        once would put it before a message another dialog got earlier, which this cycle did not read."""
+        a, b = self.ids["lines_member"], self.ids["lines_member2"]
+        proc = self.start_reader("--json")
+        self.portal.fault("latency", count=1, method="im.dialog.messages.get", seconds=1.5)
+        first = self.portal.customer_message(a, "a1")["message_id"]
+        deadline = time.monotonic() + 10
+        while self.portal.stats()["faults_pending"] and time.monotonic() < deadline:
+            time.sleep(0.02)             # until the read of a1's dialog has begun (it takes 1.5 s)
+        self.assertEqual(self.portal.stats()["faults_pending"], 0)
+        second = self.portal.customer_message(b, "b1")["message_id"]
+        third = self.portal.customer_message(a, "a2")["message_id"]
+        got = [json.loads(x)["message_id"] for x in proc.read_lines(3, timeout=15)]
+        self.assertEqual(got, [first, second, third])
+        self.assertEqual(proc.stop(), 0)
+
     def test_sigterm_restarts_never_repeat(self) -> None:
         state = os.path.join(self.tmp, "term.json")
         posted, printed = [], []
