@@ -24,7 +24,7 @@ BACKOFF_CAP_SEC = 300.0     # a message's wait after failures doubles up to this
 UNUSABLE_TRIES = 3          # an unusable bot answer is asked again this often before a dead letter
 MAX_PARTS = 10              # messages one answer may become
 FALLBACK_INDEX = 1000       # TEMPLATE_ID index of the fallback text (replies use 0..MAX_PARTS-1)
-OWN_KEPT = 10000            # posted message ids remembered to recognise their echoes
+OWN_KEPT = 2000             # posted message ids remembered to recognise their echoes
 
 
 def _bridge_tag(portal: str) -> bytes:
