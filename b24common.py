@@ -2253,7 +2253,9 @@ class Poller:
                 hinted[h.dialog_id] = max(hinted.get(h.dialog_id, 0), h.message_id) if h.message_id else -1
         self._put_off_own(wants, hinted)
         failed = self._fetch(wants) if wants else set()
-        # in order: nothing written after the scan, which saw every id up to the newest it showed
+        # in order: nothing written after the scan, which saw every id up to the newest it showed (a
+        # dialog a push hint named is read whole: its event may not come again; one our chat bot holds
+        # is in no recent list)
         top = max((w.target for w in wants.values()), default=0) if (self.in_order and scan) else 0
         out: list = []
         for did, want in wants.items():
@@ -2262,7 +2264,7 @@ class Poller:
                 self.last_seen[did] = max(self.last_seen.get(did, 0), want.target)
                 continue
             self._unreadable.pop(did, None)
-            if top and not (did in self.dialogs and self.dialogs[did].adopted):   # (in no recent list)
+            if top and did not in hinted and not (did in self.dialogs and self.dialogs[did].adopted):
                 self.last_seen[did] = max(self.last_seen.get(did, 0), want.hold_above(top))
             msgs = want.messages()
             info = self.dialogs.get(did)
