@@ -176,6 +176,11 @@ class _StatusLog(logging.Handler):
 _SIGINT = int(signal.SIGINT)      # compared in a handler that may look up nothing but plain names
 
 
+def _stop_exception(kind: type) -> BaseException:
+    """What a noted Ctrl-C (KeyboardInterrupt) or stop (SystemExit) raises."""
+    return KeyboardInterrupt() if kind is KeyboardInterrupt else SystemExit(bc.EXIT_OK)
+
+
 class _NewMessages(Exception):
     """Raised inside input() by the SIGUSR1 handler: there is something to print."""
 
@@ -295,8 +300,8 @@ class Chat:
             return             # the next ask() prints what is queued (and the poll thread signals again)
         editing = self._editing()
         if self.then is not None:                    # a Ctrl-C or a stop that came during our hook
-            self.interrupt_buffer = readline.get_line_buffer() if (readline and editing) else self.prefill
-            exc = KeyboardInterrupt() if self.then is KeyboardInterrupt else SystemExit(bc.EXIT_OK)
+            self.interrupt_buffer = self._draft(editing)
+            exc = _stop_exception(self.then)
             self.then = None
             self._leave_input(exc)
         if editing:
@@ -313,10 +318,9 @@ class Chat:
             if self.reading:         # still on input()'s way out
                 raise self.leaving
             return                   # ask() is past input(): _left_input() acts on the note
-        if kind is SystemExit:
-            self._raise_out(SystemExit(bc.EXIT_OK))
-        self.interrupt_buffer = (readline.get_line_buffer() if readline else "") if self.reading else self.prefill
-        self._raise_out(KeyboardInterrupt())
+        if kind is KeyboardInterrupt:
+            self.interrupt_buffer = self._draft(self.reading)
+        self._raise_out(_stop_exception(kind))
 
     def _raise_out(self, exc: BaseException) -> None:
         if self.reading:
@@ -359,12 +363,14 @@ class Chat:
         self.then = None             # (before leaving: a stop in between is at worst lost, never left
                                      # over to strike a later line)
         self.leaving = None
-        if then is SystemExit:
-            raise SystemExit(bc.EXIT_OK)
-        if then is KeyboardInterrupt:
-            if isinstance(was, _NewMessages):
-                self.interrupt_buffer = self.saved
-            raise KeyboardInterrupt
+        if then is KeyboardInterrupt and isinstance(was, _NewMessages):
+            self.interrupt_buffer = self.saved
+        if then is not None:
+            raise _stop_exception(then)
+
+    def _draft(self, in_editor: bool) -> str:
+        """The half-typed text a Ctrl-C drops: the editor's line, or what waits to be put back in it."""
+        return readline.get_line_buffer() if (readline and in_editor) else self.prefill
 
     def _editing(self) -> bool:
         """Whether the line editor is at work.  Python runs a signal handler between two bytecodes, so it
