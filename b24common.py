@@ -92,7 +92,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-VERSION = "0.5.1"
+VERSION = "0.5.2"
 
 # Exit codes shared by every script.
 EXIT_OK = 0
@@ -1686,7 +1686,8 @@ class Poller:
     -- one small request whatever the number of dialogs, see :meth:`_scan` --
     then fetches every changed dialog strictly after its cursor with
     ``FIRST_ID`` (one ``batch`` for up to 50 dialogs), looping until caught
-    up.  Messages come back oldest first, across dialogs.  With *in_order*
+    up.  Reads due whatever the scan finds (our own post's, put off until
+    now; a dialog not caught up) ride in the scan's batch.  Messages come back oldest first, across dialogs.  With *in_order*
     they also come in the order they were written from one cycle to the
     next: what was written after the scan, which a dialog's read may meet,
     waits for the next cycle, with what other dialogs got meanwhile.
@@ -1737,6 +1738,8 @@ class Poller:
         self._told: collections.deque = collections.deque()   # (dialog, id) the caller posted: see posted()
         self._own: dict = {}          # dialog -> ids we posted in it, above what was read of it
         self._owed: dict = {}         # dialog -> when its read, put off, is due (monotonic)
+        self._early: dict = {}        # dialog -> FIRST_ID of a read riding in this cycle's scan batch
+        self._early_got: dict = {}    # dialog -> (FIRST_ID, result) of those reads
         self.started = False
         self.lock = threading.RLock()   # poll() in one thread, ack() and to_state() in others
 
@@ -1844,6 +1847,40 @@ class Poller:
             own.difference_update([i for i in own if i <= self.fetched.get(did, 0)])
             if not own:
                 del self._own[did]
+
+    def _reads_due(self) -> dict:
+        """``{dialog: FIRST_ID}`` of the reads this cycle makes whatever its scan finds -- a dialog whose
+        read was put off (our own post) and is due now, or one not caught up last time.  They ride in the
+        scan's batch, after the scan: a cycle whose only news is our own post costs one request."""
+        now = self.monotonic()
+        due: dict = {}
+        for did, cur in self.cursors.items():
+            done = max(cur, self.fetched.get(did, cur))
+            target = self.last_seen.get(did, done)
+            if done >= target or self._unreadable.get(did) == target:
+                continue
+            own = self._own.get(did)
+            if own and target in own and now < self._owed.get(did, now + self.own_read_delay):
+                continue                                # still put off
+            due[did] = done
+            if len(due) >= BATCH_MAX - 2:
+                break
+        return due
+
+    def _take_early(self, wants: dict) -> set:
+        """Feed the reads that rode in the scan's batch to the dialogs' wants; return the dialogs they
+        satisfied (a full page, or a want that starts elsewhere, is read on by :meth:`_fetch`)."""
+        done: set = set()
+        for did, (first, result) in self._early_got.items():
+            want = wants.get(did)
+            if want is None or want.tail or want.after != first:
+                continue
+            msgs, users, files = messages_of(result)
+            self.factory.learn(users, self.dialogs.get(did), files)
+            if not want.take(msgs):
+                done.add(did)
+        self._early_got = {}
+        return done
 
     # -- recent list ------------------------------------------------------------
     def _note_read_time(self, block: Any) -> None:
@@ -1985,10 +2022,17 @@ class Poller:
             since = self.watermark - SYNC_NEAR_SEC
         # in the portal's own UTC offset, so even a portal comparing strings gets it right
         text = _dt.datetime.fromtimestamp(since, self._tz).isoformat(timespec="seconds")
-        br = self.client.batch({
+        commands = {
             "head": ("im.recent.list", {"LIMIT": 1}),
             "sync": ("im.recent.get", {"LAST_SYNC_DATE": text, "SKIP_DIALOG": "N" if not self.lines_only else "Y"}),
-        })
+        }
+        early = list(self._early.items())
+        for i, (did, first) in enumerate(early):        # after the scan: they see all it saw
+            commands["e%d" % i] = ("im.dialog.messages.get", {"DIALOG_ID": did, "FIRST_ID": first,
+                                                              "LIMIT": MESSAGES_PAGE})
+        br = self.client.batch(commands)
+        self._early_got = {did: (first, br.results["e%d" % i]) for i, (did, first) in enumerate(early)
+                           if "e%d" % i in br.results}
         self._note_read_time(br.time)
         for name in ("head", "sync"):
             err = br.errors.get(name)
@@ -2210,6 +2254,8 @@ class Poller:
                                     for h in hints)
         # how far back this cycle reaches: a wide scan reaches further (see _scan_sync)
         self._cut = None if self.watermark is None else self.watermark - self.sweep_margin
+        self._take_told()
+        self._early, self._early_got = (self._reads_due() if scan else {}), {}
         changed, newest = self._scan(full=False) if scan else ({}, None)
         for h in hints or ():
             # met through our chat bot: learnt when new, and again when the bot joins (a new session)
@@ -2246,13 +2292,13 @@ class Poller:
             target = self.last_seen.get(did, done)
             if did not in wants and done < target and self._unreadable.get(did) != target:
                 wants[did] = _Want(done, target, cut=self._cut_for(did))
-        self._take_told()
         hinted: dict = {}
         for h in hints or ():
             if h.dialog_id:
                 hinted[h.dialog_id] = max(hinted.get(h.dialog_id, 0), h.message_id) if h.message_id else -1
         self._put_off_own(wants, hinted)
-        failed = self._fetch(wants) if wants else set()
+        read = self._take_early(wants)
+        failed = self._fetch({d: w for d, w in wants.items() if d not in read}) if len(read) < len(wants) else set()
         # in order: nothing written after the scan, which saw every id up to the newest it showed (a
         # dialog a push hint named is read whole: its event may not come again; one our chat bot holds
         # is in no recent list)

@@ -256,6 +256,27 @@ class OwnPosts(PollerCase):
         self.p.poll()
         self.assertEqual(self.reads(), 1, "read again")
 
+    def test_a_read_due_rides_in_the_scan_batch(self) -> None:
+        hidden = self.portal.customer_message(self.chat, "written as we answered")["message_id"]
+        mine = self.post("answer")
+        self.p.poll()
+        time.sleep(1.6)
+        self.portal.reset_stats()
+        got = [m.id for m in self.p.poll()]
+        st = self.portal.stats()
+        self.assertEqual(got, [hidden, mine])
+        self.assertEqual((st["requests"], self.reads()), (1, 1), "one request: the scan and the read")
+        # more than a page behind: the read riding with the scan is continued on its own
+        mine = self.post("another answer")
+        self.p.poll()
+        time.sleep(1.6)
+        burst = [self.portal.customer_message(self.chat, "burst %d" % i)["message_id"] for i in range(70)]
+        self.portal.reset_stats()
+        got = [m.id for m in self.p.poll()]
+        self.assertEqual(got, [mine] + burst)
+        self.assertEqual(self.portal.stats()["requests"], 2)
+        self.assertEqual(self.p.poll(), [])
+
     def test_a_customer_message_hidden_behind_our_post_comes_when_due(self) -> None:
         hidden = self.portal.customer_message(self.chat, "written as we answered")["message_id"]
         self.post("answer")
