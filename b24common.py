@@ -1740,6 +1740,7 @@ class Poller:
         self._owed: dict = {}         # dialog -> when its read, put off, is due (monotonic)
         self._early: dict = {}        # dialog -> FIRST_ID of a read riding in this cycle's scan batch
         self._early_got: dict = {}    # dialog -> (FIRST_ID, result) of those reads
+        self._queued: set = set()     # the dialogs this scan showed waiting in our queue
         self.started = False
         self.lock = threading.RLock()   # poll() in one thread, ack() and to_state() in others
 
@@ -1913,6 +1914,8 @@ class Poller:
         """Look at one recent item; return ``(unchanged, activity date, in-queue)``."""
         did = _dialog_of(item)
         queued = waits_in_queue(item)
+        if queued and did:
+            self._queued.add(did)
         date = parse_date(item.get("date_last_activity") or item.get("date_update"))
         if not did or did in seen:
             return True, date, queued
@@ -1975,10 +1978,12 @@ class Poller:
         """
         self._newest = None
         self._read_time = None
+        self._queued = set()
         changed: dict = {}
         if not full and self.uses_sync and self.watermark is not None \
                 and time.time() - self.watermark < SYNC_MAX_AGE_SEC:
             if self._scan_sync(changed):
+                self._no_longer_waiting()
                 return changed, self._scan_time()
             changed.clear()
             self._read_time = None
@@ -1997,7 +2002,19 @@ class Poller:
                 break
             offset += limit
             limit = RECENT_PAGE_MAX
+        self._no_longer_waiting()
         return changed, self._scan_time()
+
+    def _no_longer_waiting(self) -> None:
+        """Every answer of a scan lists all the chats waiting in our queue (fact sheet §7): one we knew as
+        waiting and not among them was taken -- by us, or by another operator (then it is out of our sight
+        and its row never comes again to say so).  Else a chat long gone from the queue would keep a push
+        source's scan fast for good."""
+        for did, info in list(self.dialogs.items()):
+            if info.waiting and did not in self._queued:
+                info.waiting = False
+                if did in self.cursors:
+                    self.cursors.dirty.add(did)
 
     def _scan_time(self) -> float | None:
         """The watermark a completed scan earns: the portal's clock at its start."""

@@ -220,6 +220,35 @@ class Cost(PollerCase):
         self.assertEqual([m.text for m in p.poll()], ["queue still seen"])
 
 
+class Queue(PollerCase):
+    def check_waiting_ends(self, p: bc.Poller) -> None:
+        queued = self.ids["queued"]
+        p.poll()
+        self.assertTrue(p.has_waiting())
+        self.portal.take_chat(queued, 9)          # another operator answers: out of our sight from now on
+        p.poll()
+        self.assertFalse(p.has_waiting(), "a chat taken by someone else waits no more")
+        self.assertFalse(p.to_state()["dialogs"].get("chat%d" % queued, {}).get("waiting"))
+        new = self.portal.new_conversation(1, "Nora Example", None, "hello?")
+        self.assertEqual([m.waiting for m in p.poll()][-1:], [True])
+        self.portal.take_chat(new["chat_id"], 7)   # we answer it (no message since)
+        p.poll()
+        self.assertFalse(p.has_waiting())
+
+    def test_a_chat_taken_from_the_queue_waits_no_more(self) -> None:
+        self.check_waiting_ends(self.poller())
+
+    def test_so_too_when_the_portal_ignores_last_sync_date(self) -> None:
+        self.server.stop()
+        self.server = mp.PortalServer(IgnoresSyncDate(), 0).start()
+        self.addCleanup(self.server.stop)
+        self.portal, self.ids = self.server.portal, self.server.portal.world_ids
+        p = self.poller()
+        p.poll()
+        self.assertFalse(p.uses_sync)
+        self.check_waiting_ends(p)
+
+
 class OwnPosts(PollerCase):
     """A dialog whose only news is our own post is read later (Poller.posted), never lost."""
 
