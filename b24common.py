@@ -1687,10 +1687,11 @@ class Poller:
     then fetches every changed dialog strictly after its cursor with
     ``FIRST_ID`` (one ``batch`` for up to 50 dialogs), looping until caught
     up.  Reads due whatever the scan finds (our own post's, put off until
-    now; a dialog not caught up) ride in the scan's batch.  Messages come back oldest first, across dialogs.  With *in_order*
-    they also come in the order they were written from one cycle to the
-    next: what was written after the scan, which a dialog's read may meet,
-    waits for the next cycle, with what other dialogs got meanwhile.
+    now; a dialog not caught up) ride in the scan's batch.  Messages come
+    back oldest first, across dialogs.  With *in_order* they also come in
+    the order they were written from one cycle to the next: what was
+    written after the scan, which a dialog's read may meet, waits for the
+    next cycle, with what other dialogs got meanwhile.
 
     A dialog that comes into sight mid-life (a chat transferred to us, a
     supervisor adding the webhook user) starts where it became visible:
