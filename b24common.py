@@ -90,7 +90,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 VERSION = "0.5.2"
 
@@ -1739,8 +1739,6 @@ class Poller:
         self._told: collections.deque = collections.deque()   # (dialog, id) the caller posted: see posted()
         self._own: dict = {}          # dialog -> ids we posted in it, above what was read of it
         self._owed: dict = {}         # dialog -> when its read, put off, is due (monotonic)
-        self._early: dict = {}        # dialog -> FIRST_ID of a read riding in this cycle's scan batch
-        self._early_got: dict = {}    # dialog -> (FIRST_ID, result) of those reads
         self._queued: set = set()     # the dialogs this scan showed waiting in our queue
         self.started = False
         self.lock = threading.RLock()   # poll() in one thread, ack() and to_state() in others
@@ -1850,17 +1848,23 @@ class Poller:
             if not own:
                 del self._own[did]
 
+    def _lagging(self) -> Iterator[tuple]:
+        """``(dialog, read up to, newest id seen)`` of each known dialog not read up to what the recent list
+        showed (rewound, a page left over, a read put off or failed) -- unless that newest id is one we may
+        not read."""
+        for did, cur in self.cursors.items():
+            done = max(cur, self.fetched.get(did, cur))
+            target = self.last_seen.get(did, done)
+            if done < target and self._unreadable.get(did) != target:
+                yield did, done, target
+
     def _reads_due(self) -> dict:
         """``{dialog: FIRST_ID}`` of the reads this cycle makes whatever its scan finds -- a dialog whose
         read was put off (our own post) and is due now, or one not caught up last time.  They ride in the
         scan's batch, after the scan: a cycle whose only news is our own post costs one request."""
         now = self.monotonic()
         due: dict = {}
-        for did, cur in self.cursors.items():
-            done = max(cur, self.fetched.get(did, cur))
-            target = self.last_seen.get(did, done)
-            if done >= target or self._unreadable.get(did) == target:
-                continue
+        for did, done, target in self._lagging():
             own = self._own.get(did)
             if own and target in own and now < self._owed.get(did, now + self.own_read_delay):
                 continue                                # still put off
@@ -1869,11 +1873,12 @@ class Poller:
                 break
         return due
 
-    def _take_early(self, wants: dict) -> set:
-        """Feed the reads that rode in the scan's batch to the dialogs' wants; return the dialogs they
-        satisfied (a full page, or a want that starts elsewhere, is read on by :meth:`_fetch`)."""
+    def _take_early(self, wants: dict, got: dict) -> set:
+        """Feed the reads that rode in the scan's batch (*got*: ``{dialog: (FIRST_ID, result)}``) to the
+        dialogs' wants; return the dialogs they satisfied (a full page, or a want that starts elsewhere, is
+        read on by :meth:`_fetch`)."""
         done: set = set()
-        for did, (first, result) in self._early_got.items():
+        for did, (first, result) in got.items():
             want = wants.get(did)
             if want is None or want.tail or want.after != first:
                 continue
@@ -1881,7 +1886,6 @@ class Poller:
             self.factory.learn(users, self.dialogs.get(did), files)
             if not want.take(msgs):
                 done.add(did)
-        self._early_got = {}
         return done
 
     # -- recent list ------------------------------------------------------------
@@ -1964,7 +1968,7 @@ class Poller:
                       mid, cursor)
         self.forget(did)
 
-    def _scan(self, full: bool) -> tuple:
+    def _scan(self, full: bool, early: Mapping | None = None, got: dict | None = None) -> tuple:
         """Find changed dialogs; return ``({dialog: recent item}, the scan's watermark)``.
 
         Normally one ``batch``: ``im.recent.list LIMIT=1`` and ``im.recent.get
@@ -1976,6 +1980,9 @@ class Poller:
         is older still.  Pages move by ``OFFSET += LIMIT`` (the portal's
         ``next`` also counts the in-queue items, and following it skips
         dialogs).  ``full`` reads every page and returns every dialog.
+        *early* (``{dialog: FIRST_ID}``) are reads that go in that one batch,
+        after the scan; their results land in *got* (``{dialog: (FIRST_ID,
+        result)}``).
         """
         self._newest = None
         self._read_time = None
@@ -1983,7 +1990,7 @@ class Poller:
         changed: dict = {}
         if not full and self.uses_sync and self.watermark is not None \
                 and time.time() - self.watermark < SYNC_MAX_AGE_SEC:
-            if self._scan_sync(changed):
+            if self._scan_sync(changed, early or {}, {} if got is None else got):
                 self._no_longer_waiting()
                 return changed, self._scan_time()
             changed.clear()
@@ -2023,7 +2030,7 @@ class Poller:
             return max(self._read_time, self.watermark or 0.0)
         return self._newest
 
-    def _scan_sync(self, changed: dict) -> bool:
+    def _scan_sync(self, changed: dict, early: Mapping, got: dict) -> bool:
         """The one-request scan; False if the portal did not honour ``LAST_SYNC_DATE``.
 
         It asks for the rows changed since the last scan less a few seconds (:data:`SYNC_NEAR_SEC`), and
@@ -2044,13 +2051,13 @@ class Poller:
             "head": ("im.recent.list", {"LIMIT": 1}),
             "sync": ("im.recent.get", {"LAST_SYNC_DATE": text, "SKIP_DIALOG": "N" if not self.lines_only else "Y"}),
         }
-        early = list(self._early.items())
-        for i, (did, first) in enumerate(early):        # after the scan: they see all it saw
+        reads = list(early.items())
+        for i, (did, first) in enumerate(reads):        # after the scan: they see all it saw
             commands["e%d" % i] = ("im.dialog.messages.get", {"DIALOG_ID": did, "FIRST_ID": first,
                                                               "LIMIT": MESSAGES_PAGE})
         br = self.client.batch(commands)
-        self._early_got = {did: (first, br.results["e%d" % i]) for i, (did, first) in enumerate(early)
-                           if "e%d" % i in br.results}
+        got.update((did, (first, br.results["e%d" % i])) for i, (did, first) in enumerate(reads)
+                   if "e%d" % i in br.results)
         self._note_read_time(br.time)
         for name in ("head", "sync"):
             err = br.errors.get(name)
@@ -2273,8 +2280,8 @@ class Poller:
         # how far back this cycle reaches: a wide scan reaches further (see _scan_sync)
         self._cut = None if self.watermark is None else self.watermark - self.sweep_margin
         self._take_told()
-        self._early, self._early_got = (self._reads_due() if scan else {}), {}
-        changed, newest = self._scan(full=False) if scan else ({}, None)
+        got: dict = {}        # the reads that rode in the scan's batch
+        changed, newest = self._scan(full=False, early=self._reads_due(), got=got) if scan else ({}, None)
         for h in hints or ():
             # met through our chat bot: learnt when new, and again when the bot joins (a new session)
             if h.adopt and h.dialog_id not in changed and (h.dialog_id not in self.cursors or not h.message_id):
@@ -2305,18 +2312,16 @@ class Poller:
             # read forward from the cursor for what is there: never count the hinted id as read
             wants[did] = _Want(done, done, cut=self._cut_for(did))
         # dialogs rewound, or not caught up last time, are read even if the list is quiet
-        for did, cur in self.cursors.items():
-            done = max(cur, self.fetched.get(did, cur))
-            target = self.last_seen.get(did, done)
-            if did not in wants and done < target and self._unreadable.get(did) != target:
+        for did, done, target in self._lagging():
+            if did not in wants:
                 wants[did] = _Want(done, target, cut=self._cut_for(did))
         hinted: dict = {}
         for h in hints or ():
             if h.dialog_id:
                 hinted[h.dialog_id] = max(hinted.get(h.dialog_id, 0), h.message_id) if h.message_id else -1
         self._put_off_own(wants, hinted)
-        read = self._take_early(wants)
-        failed = self._fetch({d: w for d, w in wants.items() if d not in read}) if len(read) < len(wants) else set()
+        read = self._take_early(wants, got)
+        failed = self._fetch({d: w for d, w in wants.items() if d not in read})
         # in order: nothing written after the scan, which saw every id up to the newest it showed (a
         # dialog a push hint named is read whole: its event may not come again; one our chat bot holds
         # is in no recent list)
