@@ -68,6 +68,14 @@ class PortalCase(unittest.TestCase):
         self.procs: list = []
         self.addCleanup(self._kill_procs)
 
+    def use_portal(self, portal: mp.Portal) -> None:
+        """Run this test against *portal* (a variant of the emulator) instead of the default one."""
+        self.server.stop()
+        self.server = mp.PortalServer(portal, 0).start()
+        self.addCleanup(self.server.stop)
+        self.portal = self.server.portal
+        self.ids = self.portal.world_ids
+
     # -- in-process client ------------------------------------------------
     def config(self, **extra) -> bc.Config:
         env = {"B24_WEBHOOK_BASE": self.server.webhook_base}

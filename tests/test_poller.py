@@ -201,10 +201,7 @@ class Cost(PollerCase):
                 self.assertLessEqual(requests, 2)
 
     def test_portal_ignoring_last_sync_date_still_gets_everything(self) -> None:
-        self.server.stop()
-        self.server = mp.PortalServer(IgnoresSyncDate(), 0).start()
-        self.addCleanup(self.server.stop)
-        self.portal = self.server.portal
+        self.use_portal(IgnoresSyncDate())
         chats = self.portal.add_dialogs(300)
         p = self.poller()
         self.assertEqual(p.poll(), [])             # notices, falls back to scanning the list
@@ -239,10 +236,7 @@ class Queue(PollerCase):
         self.check_waiting_ends(self.poller())
 
     def test_so_too_when_the_portal_ignores_last_sync_date(self) -> None:
-        self.server.stop()
-        self.server = mp.PortalServer(IgnoresSyncDate(), 0).start()
-        self.addCleanup(self.server.stop)
-        self.portal, self.ids = self.server.portal, self.server.portal.world_ids
+        self.use_portal(IgnoresSyncDate())
         p = self.poller()
         p.poll()
         self.assertFalse(p.uses_sync)

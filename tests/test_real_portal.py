@@ -12,7 +12,7 @@ import urllib.request
 from unittest import mock
 
 from tests import test_emulator
-from tests.support import PortalCase, bc, mp
+from tests.support import PortalCase, bc
 from tests.test_poller import IgnoresSyncDate
 
 
@@ -115,13 +115,6 @@ class RealPortalPoller(PortalCase):
         p = bc.Poller(client or self.client(), self_id=7)
         p.start()
         return p
-
-    def use_portal(self, portal: mp.Portal) -> None:
-        self.server.stop()
-        self.server = mp.PortalServer(portal, 0).start()
-        self.addCleanup(self.server.stop)
-        self.portal = self.server.portal
-        self.ids = self.portal.world_ids
 
     def test_pinned_chats_and_waiting_dialogs_skip_nothing_on_the_paged_path(self) -> None:
         # §7.1: with 8 pinned chats the first page holds only them; `next` counts the waiting
