@@ -10,10 +10,11 @@ dialogs wait in the webhook user's queue (``--waiting``, default 4): a
 real portal appends them to every recent-list answer, whatever is asked.
 
 Then a busy minute: of 300 dialogs, 10, 100 or 300 each get one message a
-minute at an even pace; a cycle every 2 s on the portal's clock (run faster
-than real time).  Rows and bytes the scans cost per cycle, with the scan as
-it is (2 s back; once a minute, a sweep back to the previous one less 60 s)
-and as it was (60 s back every cycle), against a quiet minute.
+minute at an even pace, each at its own instant between two scans; a cycle
+every 2 s on the portal's clock (run faster than real time).  Rows and bytes
+the scans cost per cycle, with the scan as it is (2 s back; once a minute, a
+sweep back to the previous one less 60 s) and as it was (60 s back every
+cycle), against a quiet minute.
 
     python3 bench/poll_cost.py [--cycles N] [--waiting N]
 """
@@ -121,14 +122,19 @@ def busy_minute(active: int, *, always_wide: bool, dialogs: int = 300, cycle: fl
         poller.start()
         poller.poll()
         cycles = int(60 / cycle)
-        schedule = {}
-        for i, c in enumerate(chats[:active]):                   # one message each, evenly over the minute
-            schedule.setdefault(int(i * cycles / max(1, active)), []).append(c)
+        # one message each, evenly over the minute, each at its own instant between two scans (written at
+        # the very instant of a scan every time, they would meet the portal's whole-second dates at their worst)
+        schedule: dict = {}
+        for i, c in enumerate(chats[:active]):
+            offset = (i + 0.5) * 60.0 / active                   # seconds into the minute
+            schedule.setdefault(int(offset // cycle), []).append((offset % cycle, c))
         rows = nbytes = 0
         for n in range(cycles * 2):                              # a minute to warm up, a minute measured
-            now[0] += cycle
-            for c in schedule.get(n % cycles, []):
+            begin = now[0]
+            for offset, c in schedule.get(n % cycles, []):
+                now[0] = begin + offset
                 portal.customer_message(c, "busy %d" % n)
+            now[0] = begin + cycle
             portal.reset_stats()
             portal.log.clear()
             got = poller.poll()
