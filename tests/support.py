@@ -85,6 +85,12 @@ class PortalCase(unittest.TestCase):
     def client(self, **extra) -> bc.Client:
         return bc.Client(self.config(**extra))
 
+    def poller(self, client: bc.Client | None = None, **kw) -> bc.Poller:
+        """A started poller for the webhook user (id 7)."""
+        p = bc.Poller(client or self.client(), self_id=7, **kw)
+        p.start()
+        return p
+
     # -- subprocesses ----------------------------------------------------------
     def env(self, **extra) -> dict:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.tmp,

@@ -15,11 +15,6 @@ class IgnoresSyncDate(mp.Portal):
 
 
 class PollerCase(PortalCase):
-    def poller(self, client: bc.Client | None = None, **kw) -> bc.Poller:
-        p = bc.Poller(client or self.client(), self_id=7, **kw)
-        p.start()
-        return p
-
     def cost(self, fn) -> tuple:
         self.portal.reset_stats()
         out = fn()

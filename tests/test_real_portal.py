@@ -111,11 +111,6 @@ class PortalFacts(PortalCase):
 
 
 class RealPortalPoller(PortalCase):
-    def poller(self, client: bc.Client | None = None) -> bc.Poller:
-        p = bc.Poller(client or self.client(), self_id=7)
-        p.start()
-        return p
-
     def test_pinned_chats_and_waiting_dialogs_skip_nothing_on_the_paged_path(self) -> None:
         # §7.1: with 8 pinned chats the first page holds only them; `next` counts the waiting
         # dialogs, so following it skips the most recently active unpinned dialog for good
