@@ -92,7 +92,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-VERSION = "0.5.2"
+VERSION = "0.5.3"
 
 # Exit codes shared by every script.
 EXIT_OK = 0
@@ -1971,9 +1971,10 @@ class Poller:
     def _scan(self, full: bool, early: Mapping | None = None, got: dict | None = None) -> tuple:
         """Find changed dialogs; return ``({dialog: recent item}, the scan's watermark)``.
 
-        Normally one ``batch``: ``im.recent.list LIMIT=1`` and ``im.recent.get
-        LAST_SYNC_DATE=<last scan less a margin>`` (what changed since; every
-        in-queue chat comes with both, whatever the date).  A portal that
+        Normally one ``batch``: ``im.recent.list LIMIT=1`` (the newest dialog,
+        whatever its row's date) and ``im.recent.get LAST_SYNC_DATE=<last scan
+        less a margin>`` (what changed since; every in-queue chat comes with it,
+        whatever the date).  A portal that
         ignores ``LAST_SYNC_DATE`` is read the other way from then on:
         ``im.recent.list`` in activity order, only down to the first item that
         has not changed and is older than the last scan -- everything below it
@@ -2048,7 +2049,8 @@ class Poller:
         # in the portal's own UTC offset, so even a portal comparing strings gets it right
         text = _dt.datetime.fromtimestamp(since, self._tz).isoformat(timespec="seconds")
         commands = {
-            "head": ("im.recent.list", {"LIMIT": 1}),
+            # the chats waiting in our queue come with the sync; not with the head a second time
+            "head": ("im.recent.list", {"LIMIT": 1, "SKIP_UNDISTRIBUTED_OPENLINES": "Y"}),
             "sync": ("im.recent.get", {"LAST_SYNC_DATE": text, "SKIP_DIALOG": "N" if not self.lines_only else "Y"}),
         }
         reads = list(early.items())

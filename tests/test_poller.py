@@ -1,6 +1,7 @@
 """The FIRST_ID poller over real HTTP: completeness, order, exactly-once, cost."""
 from __future__ import annotations
 
+import json
 import time
 
 from tests.support import PortalCase, bc, mp
@@ -194,6 +195,23 @@ class Cost(PollerCase):
                 got, requests, _bytes = self.cost(p.poll)
                 self.assertEqual(len(got), n)
                 self.assertLessEqual(requests, 2)
+
+    def test_a_chat_waiting_in_the_queue_costs_one_item_a_cycle(self) -> None:
+        # §7: a waiting chat is appended to every recent answer; the scan's two (head and sync) would
+        # carry it twice, and it is in every idle cycle for as long as it waits
+        p = self.poller()
+        p.poll()
+        _out, _requests, before = self.cost(p.poll)
+        for n in range(20):
+            self.portal.new_conversation(1, "Queue Customer%d" % n, None, "anyone?")
+        p.poll()
+        _out, requests, after = self.cost(p.poll)
+        self.assertEqual(requests, 1)
+        future = "2099-01-01T00:00:00+00:00"                # no member row is this new: only the waiting chats
+        waiting = [i for i in self.client().call("im.recent.get", {"LAST_SYNC_DATE": future}) if "last_id" not in i]
+        self.assertEqual(len(waiting), 21)
+        item = len(json.dumps(waiting[-1]))
+        self.assertLess((after - before) / 20, 1.5 * item, "each waiting chat once per cycle")
 
     def test_portal_ignoring_last_sync_date_still_gets_everything(self) -> None:
         self.use_portal(IgnoresSyncDate())
