@@ -1902,8 +1902,14 @@ class Poller:
         if self._read_time is None:
             self._read_time = float(int(start))
 
+    def _skips(self) -> dict:
+        """The recent-list filters that leave out what we never read: with :attr:`lines_only`, the team's
+        group chats and private dialogs (``SKIP_CHAT`` drops group and open chats, ``SKIP_DIALOG``
+        one-to-one ones; Open Lines chats are a type of their own)."""
+        return {"SKIP_CHAT": "Y", "SKIP_DIALOG": "Y"} if self.lines_only else {}
+
     def _recent_page(self, offset: int, limit: int) -> tuple:
-        env = self.client.call_full("im.recent.list", {"OFFSET": offset, "LIMIT": limit})
+        env = self.client.call_full("im.recent.list", dict(self._skips(), OFFSET=offset, LIMIT=limit))
         self._note_read_time(env.get("time"))
         res = env.get("result")
         if isinstance(res, list):          # tolerate a bare list
@@ -2048,10 +2054,10 @@ class Poller:
             since = self.watermark - SYNC_NEAR_SEC
         # in the portal's own UTC offset, so even a portal comparing strings gets it right
         text = _dt.datetime.fromtimestamp(since, self._tz).isoformat(timespec="seconds")
+        # the chats waiting in our queue come with the sync, not with the head a second time
         commands = {
-            # the chats waiting in our queue come with the sync; not with the head a second time
-            "head": ("im.recent.list", {"LIMIT": 1, "SKIP_UNDISTRIBUTED_OPENLINES": "Y"}),
-            "sync": ("im.recent.get", {"LAST_SYNC_DATE": text, "SKIP_DIALOG": "N" if not self.lines_only else "Y"}),
+            "head": ("im.recent.list", dict(self._skips(), LIMIT=1, SKIP_UNDISTRIBUTED_OPENLINES="Y")),
+            "sync": ("im.recent.get", dict(self._skips(), LAST_SYNC_DATE=text)),
         }
         reads = list(early.items())
         for i, (did, first) in enumerate(reads):        # after the scan: they see all it saw

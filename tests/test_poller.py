@@ -213,6 +213,17 @@ class Cost(PollerCase):
         item = len(json.dumps(waiting[-1]))
         self.assertLess((after - before) / 20, 1.5 * item, "each waiting chat once per cycle")
 
+    def test_the_teams_own_chats_cost_the_scan_nothing(self) -> None:
+        # group chats and private dialogs are never read (Open Lines only): their rows are not asked for
+        p = self.poller()
+        p.poll()
+        _out, _requests, quiet = self.cost(p.poll)
+        self.portal.operator_message(self.ids["group"], 9, "team chatter")
+        self.portal.operator_message(self.ids["private"], 9, "a word between colleagues")
+        out, requests, busy = self.cost(p.poll)
+        self.assertEqual((out, requests), ([], 1))
+        self.assertLess(busy, quiet + 200)
+
     def test_portal_ignoring_last_sync_date_still_gets_everything(self) -> None:
         self.use_portal(IgnoresSyncDate())
         chats = self.portal.add_dialogs(300)
