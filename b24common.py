@@ -74,6 +74,7 @@ import datetime as _dt
 import http.client
 import json
 import logging
+import math
 import mimetypes
 import os
 import random
@@ -126,6 +127,8 @@ SYNC_MARGIN_SEC = 60.0               # recent rows are written after their messa
 SYNC_SWEEP_SEC = 60.0                #   (this often) asks back to the previous sweep less this margin
 SYNC_NEAR_SEC = 2.0                  # and only this far the rest of the time (a late row is rare and brief)
 OWN_READ_DELAY_SEC = 5.0             # a dialog whose news is only our own post is read this much later
+ADOPTED_LIVE_SEC = 3600.0            # a chat our bot holds with news this recent is re-read at every scan,
+ADOPTED_PER_SCAN = 40                #   of the quieter ones this many, the longest unchecked first
 SESSION_ANSWERED = 10                # Open Lines session status from which an operator has it
 MESSAGE_MAX_CHARS = 20000            # longer texts are cut by im.message.add
 DELIVERY_WAIT_SEC = 300.0            # a send unconfirmed this long is "unconfirmed" (the portal's own rule)
@@ -1740,6 +1743,8 @@ class Poller:
         self._own: dict = {}          # dialog -> ids we posted in it, above what was read of it
         self._owed: dict = {}         # dialog -> when its read, put off, is due (monotonic)
         self._queued: set = set()     # the dialogs this scan showed waiting in our queue
+        self._news_at: dict = {}      # dialog our chat bot holds -> when a read last brought news (monotonic)
+        self._rechecked: dict = {}    # dialog our chat bot holds -> when a scan last re-read it (monotonic)
         self.started = False
         self.lock = threading.RLock()   # poll() in one thread, ack() and to_state() in others
 
@@ -1802,7 +1807,7 @@ class Poller:
     def forget(self, dialog_id: str) -> None:
         """Drop what is known of a dialog (it comes back as a dialog first seen, from then on)."""
         for table in (self.cursors, self.fetched, self.last_seen, self.dialogs, self._unreadable, self._acked,
-                      self._own, self._owed):
+                      self._own, self._owed, self._news_at, self._rechecked):
             table.pop(dialog_id, None)
         self._rewound.discard(dialog_id)
 
@@ -1847,6 +1852,28 @@ class Poller:
             own.difference_update([i for i in own if i <= self.fetched.get(did, 0)])
             if not own:
                 del self._own[did]
+
+    def _recheck_adopted(self, wants: dict) -> None:
+        """Dialogs our chat bot holds are in no recent list, so the scan re-reads them after their cursors:
+        that is what finds a message whose bot event was lost.  One with news in the last
+        :data:`ADOPTED_LIVE_SEC` is re-read at every scan; of the quieter ones (a week of them can be a
+        thousand), :data:`ADOPTED_PER_SCAN` at a scan, the longest unchecked first -- and of those never
+        checked (after a start), the most recently active first."""
+        now = self.monotonic()
+        chosen, quiet = [], []
+        for did, info in self.dialogs.items():
+            if not info.adopted or did not in self.cursors or did in wants:
+                continue
+            if now - self._news_at.get(did, -math.inf) < ADOPTED_LIVE_SEC:
+                chosen.append(did)
+            else:
+                quiet.append((self._rechecked.get(did, -math.inf), -self.last_seen.get(did, 0), did))
+        quiet.sort()
+        chosen.extend(did for _checked, _newest, did in quiet[:ADOPTED_PER_SCAN])
+        for did in chosen:
+            done = max(self.cursors[did], self.fetched.get(did, 0))
+            wants[did] = _Want(done, done)
+            self._rechecked[did] = now
 
     def _lagging(self) -> Iterator[tuple]:
         """``(dialog, read up to, newest id seen)`` of each known dialog not read up to what the recent list
@@ -2300,11 +2327,7 @@ class Poller:
         for did, item in changed.items():
             wants[did] = self._want(did, item)
         if scan:
-            # dialogs our chat bot holds are in no recent list: the scan re-reads them after their cursors
-            for did, info in self.dialogs.items():
-                if info.adopted and did in self.cursors and did not in wants:
-                    done = max(self.cursors[did], self.fetched.get(did, 0))
-                    wants[did] = _Want(done, done)
+            self._recheck_adopted(wants)
         for h in hints or ():
             did = h.dialog_id
             if h.adopt and did in self.dialogs and not self.dialogs[did].adopted:
@@ -2345,6 +2368,8 @@ class Poller:
                 self.last_seen[did] = max(self.last_seen.get(did, 0), want.hold_above(top))
             msgs = want.messages()
             info = self.dialogs.get(did)
+            if msgs and info is not None and info.adopted:
+                self._news_at[did] = self.monotonic()
             is_new = did not in self.cursors
             for m in msgs:
                 msg = self.factory.make(m, did, info)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 
+import b24push as push
 from tests.support import PortalCase, bc, mp
 
 
@@ -265,6 +266,44 @@ class Queue(PollerCase):
         p.poll()
         self.assertFalse(p.uses_sync)
         self.check_waiting_ends(p)
+
+
+class BotHeld(PollerCase):
+    """Dialogs our chat bot holds: in no recent list, re-read by the scan (what finds a lost bot event)."""
+
+    def test_quiet_bot_chats_are_rechecked_a_few_dozen_a_scan_live_ones_every_scan(self) -> None:
+        self.portal.users[7]["admin"] = True            # reads the bot's chats by permission (§17)
+        self.portal.set_limits(rate=1000, burst=100000)
+        chats = []
+        for n in range(100):
+            chats.append(self.portal.new_conversation(1, "Bot Customer%d" % n, None, "hi")["chat_id"])
+            self.portal.take_chat(chats[-1], 9)         # in no list of ours
+        clock = [time.monotonic()]
+        p = self.poller(self.client(B24_RATE_PER_SEC="100", B24_RATE_BURST="10000"))
+        p.monotonic = lambda: clock[0]
+        p.poll()
+        got = p.poll(hints=[push.Hint("chat%d" % c, 0, adopt=True) for c in chats])   # the bot's events
+        self.assertEqual(len({m.dialog_id for m in got}), 100)
+
+        def scan() -> tuple:
+            self.portal.reset_stats()
+            out = p.poll()
+            return out, self.portal.stats()["sub_counts"].get("im.dialog.messages.get", 0)
+
+        self.assertEqual(scan(), ([], 100), "news within the hour: each re-read at every scan")
+        clock[0] += bc.ADOPTED_LIVE_SEC
+        lost = self.portal.customer_message(chats[0], "its event was lost")["message_id"]
+        found, reads = [], []
+        for _ in range(3):                                # 100 quiet ones, 40 a scan
+            out, n = scan()
+            found += [m.id for m in out]
+            reads.append(n)
+        self.assertEqual(reads, [40, 40, 40])
+        self.assertEqual(found, [lost], "late, not lost")
+        # a message brings the dialog back to life: re-read at every scan again
+        self.assertEqual(scan()[1], 41)
+        again = self.portal.customer_message(chats[0], "and again, no event")["message_id"]
+        self.assertEqual([m.id for m in scan()[0]], [again])
 
 
 class OwnPosts(PollerCase):
