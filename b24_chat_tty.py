@@ -251,6 +251,7 @@ class Chat:
         self.window = delivery.Window()
         self.follows = False
         self.tty = stdin.isatty() and readline is not None
+        self.eof_key: bytes | None = None      # the terminal's Ctrl-D (VEOF), switched off between inputs
         self.me = client.whoami()
         self.inbox: collections.deque = collections.deque()   # what the poll thread has for the screen
         self.wake = threading.Event()
@@ -381,6 +382,22 @@ class Chat:
         except (termios.error, OSError, ValueError):
             return True
 
+    def _eof_between_inputs(self, on: bool) -> None:
+        """The terminal's end-of-file key on (for the line editor, which takes its Ctrl-D from it) or off.
+        Between two inputs the editor is away and the terminal is in canonical mode, where a Ctrl-D is no
+        character but an end-of-file mark -- which the editor, back in raw mode, reads as nothing: a Ctrl-D
+        typed while a command ran or messages were printed was lost.  With the key off there it stays a
+        plain character, and the next input() reads it as the editor's Ctrl-D.  Switched on again before
+        each input() and at the end (a Ctrl-C between the two calls leaves it on: the old behaviour)."""
+        if self.eof_key is None:
+            return
+        try:
+            attrs = termios.tcgetattr(self.stdin.fileno())
+            attrs[6][termios.VEOF] = self.eof_key if on else b"\x00"     # 0: _POSIX_VDISABLE on Linux
+            termios.tcsetattr(self.stdin.fileno(), termios.TCSANOW, attrs)
+        except (termios.error, OSError, ValueError):
+            pass
+
     def _pre_input(self) -> None:
         if self.prefill and readline:
             readline.insert_text(self.prefill)
@@ -399,6 +416,11 @@ class Chat:
         for h in list(root.handlers):
             root.removeHandler(h)
         root.addHandler(handler)
+        try:
+            self.eof_key = termios.tcgetattr(self.stdin.fileno())[6][termios.VEOF]
+        except (termios.error, OSError, ValueError, IndexError):
+            self.eof_key = None
+        self._eof_between_inputs(False)
         self._again_pipe = os.pipe()
         threading.Thread(target=self._send_again, name="chat-signals", daemon=True).start()
         signal.signal(signal.SIGUSR1, self._on_usr1)
@@ -472,11 +494,13 @@ class Chat:
                         continue
                 return raw.rstrip("\r\n")
             try:
+                self._eof_between_inputs(True)
                 try:
                     self.reading = self.hooked = True      # (hooked: until readline has run our hook)
                     return input(prompt)
                 finally:
                     self.reading = self.hooked = False     # from here on handlers only take notes
+                    self._eof_between_inputs(False)
             except UnicodeDecodeError:
                 self.screen.line("! that input was not valid UTF-8 text; type it again", "error")
             except _NewMessages:         # (also when a handler raised it again on input()'s way out)
@@ -940,6 +964,7 @@ class Chat:
         finally:
             self.stop.set()
             self.wake.set()
+            self._eof_between_inputs(True)
             self.save_history()
 
 

@@ -55,6 +55,21 @@ class ChatTTY(ChatHarness):
         p.send("\x04")                            # Ctrl-D on an empty line
         self.assertEqual(p.wait(), 0)
 
+    def test_a_ctrl_d_typed_while_a_send_is_under_way_ends_the_chat(self) -> None:
+        # the line editor is away while the message goes out: the terminal is in canonical mode, where a
+        # Ctrl-D is an end-of-file mark the editor never sees as a key (it was lost; the chat stayed)
+        chat = self.ids["lines_member"]
+        p = self.open_chat("chat%d" % chat)
+        start = p.expect("/help for commands")
+        self.portal.behave(message_add_delay=1.5)
+        self.addCleanup(self.portal.behave, message_add_delay=0)
+        p.send("a slow one\r")
+        p.expect("a slow one", start=start)
+        time.sleep(0.5)
+        p.send("\x04")
+        self.assertEqual(p.wait(10), 0)
+        self.wait_for_text(chat, "a slow one")
+
     def test_no_typed_line_is_lost_whenever_the_editor_is_interrupted(self) -> None:
         """The poll thread interrupts the line editor (SIGUSR1) to print above it.  An interruption handled
         just after Enter must not throw the finished line away -- it did, now and then, when a message came
