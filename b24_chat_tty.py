@@ -941,9 +941,9 @@ class Chat:
         self.screen.messages(msgs)
 
     def run(self, dialog_id: str | None) -> int:
-        self.setup_terminal()
-        threading.Thread(target=self.poll_loop, name="chat-poll", daemon=True).start()
         try:
+            self.setup_terminal()
+            threading.Thread(target=self.poll_loop, name="chat-poll", daemon=True).start()
             while True:
                 if dialog_id is None:
                     try:
