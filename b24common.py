@@ -2052,7 +2052,7 @@ class Poller:
         waiting and not among them was taken -- by us, or by another operator (then it is out of our sight
         and its row never comes again to say so).  Else a chat long gone from the queue would keep a push
         source's scan fast for good."""
-        for did, info in list(self.dialogs.items()):
+        for did, info in self.dialogs.items():
             if info.waiting and did not in self._queued:
                 info.waiting = False
                 if did in self.cursors:
