@@ -93,6 +93,12 @@ _CONTROL = {  # endpoint -> (Portal method, HTTP verbs)
 }
 
 
+def batch_calls(params: dict) -> list:
+    """The sub-methods of a ``batch`` request, in order (for the request log)."""
+    cmd = {str(k).lower(): v for k, v in params.items()}.get("cmd")
+    items = cmd.values() if isinstance(cmd, dict) else cmd if isinstance(cmd, list) else []
+    return [v.partition("?")[0].strip().lower() for v in items if isinstance(v, str)]
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "BitrixEmulator/1.0"
     protocol_version = "HTTP/1.1"
@@ -164,15 +170,16 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(fault["seconds"])
             elif self._apply_fault(portal, fault, name):
                 return
-        status, payload = portal.handle_rest(user, code, method, self._params(parts.query, body),
-                                             self.client_address[0])
+        params = self._params(parts.query, body)
+        status, payload = portal.handle_rest(user, code, method, params, self.client_address[0])
+        calls = batch_calls(params) if name == "batch" else None
         if fault and fault["kind"] == "drop_after":
-            portal.record(name, 0, 0, "drop_after")
+            portal.record(name, 0, 0, "drop_after", calls)
             self.close_connection = True
             return
         raw = json.dumps(phpify(payload), ensure_ascii=False).encode("utf-8")
         # counted before the answer leaves, so a client that got it sees it counted
-        portal.record(name, status, len(raw), str(payload.get("error", "")) if status != 200 else "")
+        portal.record(name, status, len(raw), str(payload.get("error", "")) if status != 200 else "", calls)
         self._send(status, raw)
 
     def _apply_fault(self, portal: Portal, fault: dict, name: str) -> bool:

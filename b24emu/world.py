@@ -811,12 +811,15 @@ class World:
                     return f
             return None
 
-    def record(self, method: str, status: int, nbytes: int, error: str = "") -> None:
+    def record(self, method: str, status: int, nbytes: int, error: str = "", calls: list | None = None) -> None:
+        """Count a request; *calls*: a batch's sub-methods, in order (kept in the log)."""
         with self.lock:
             self.counts[method] += 1
             self.bytes_out[method] += nbytes
-            self.log.append({"t": round(time.time(), 3), "method": method, "status": status,
-                             "bytes": nbytes, "error": error})
+            entry = {"t": round(time.time(), 3), "method": method, "status": status, "bytes": nbytes, "error": error}
+            if calls is not None:
+                entry["calls"] = calls
+            self.log.append(entry)
 
     # -- simulation ----------------------------------------------------------------
     def simulate(self, stop: threading.Event, interval: float = 4.0) -> None:
