@@ -93,7 +93,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-VERSION = "0.5.3"
+VERSION = "0.5.4"
 
 # Exit codes shared by every script.
 EXIT_OK = 0
@@ -884,18 +884,31 @@ class RateLimiter:
                 self.progress()
             self.pause(min(wait, 5.0))
 
+    def wait_for_room(self) -> None:
+        """Wait until one more request fits in the bucket (nothing is counted); a wait counts as one
+        (see :meth:`strained`)."""
+        while True:
+            wait = self.ready_in()
+            if wait <= 0:
+                return
+            with self._lock:
+                self.last_wait = self._clock()
+            if self.progress is not None:
+                self.progress()
+            self.pause(min(wait, 0.5))
+
     def ready_in(self) -> float:
         """Seconds until one more request fits in the bucket (0: now); nothing is counted."""
         with self._lock:
             self._drain()
             return max(0.0, (self._level + 1 - self.capacity) / self.rate)
 
-    def strained(self, within: float) -> bool:
-        """Did a request wait for the bucket in the last *within* seconds, or is more than half the burst
-        allowance spent (the budget is what limits us, or soon will)?"""
+    def strained(self, within: float, share: float = 0.5) -> bool:
+        """Did a request wait for the bucket in the last *within* seconds, or is more than *share* of the
+        burst allowance spent (the budget is what limits us, or soon will)?"""
         with self._lock:
             self._drain()
-            spent = self._level > self.capacity / 2
+            spent = self._level > self.capacity * share
         return spent or self._clock() - self.last_wait < within
 
     def pause(self, seconds: float) -> None:
@@ -950,6 +963,31 @@ class BatchResult:
     time: dict = field(default_factory=dict)     # the first request's ``time`` block
 
 
+class _Rider:
+    """One caller's commands in line for a shared batch request, and then their outcome."""
+
+    def __init__(self, commands: Mapping[str, tuple], due: float):
+        self.commands = dict(commands)
+        self.due = due                 # it goes at the latest then (monotonic), with company or not
+        self.writes = not all(_is_read_method(method) for method, _params in self.commands.values())
+        self.tries = 0
+        self.done = False
+        self.error: BaseException | None = None
+        self.out = BatchResult()
+
+    def take(self, shared: BatchResult, prefix: str) -> None:
+        """This rider's part of a shared request's outcome: the names that start with *prefix*."""
+        self.out.time = shared.time
+        for mine, theirs in ((self.out.results, shared.results), (self.out.errors, shared.errors),
+                             (self.out.total, shared.total), (self.out.next, shared.next)):
+            mine.update((name, theirs[prefix + name]) for name in self.commands if prefix + name in theirs)
+
+    def outcome(self) -> BatchResult:
+        if self.error is not None:
+            raise self.error
+        return self.out
+
+
 def as_map(value: Any) -> dict:
     """PHP encodes an empty map as ``[]`` and a 0..n-1 map as a list: accept all three."""
     if isinstance(value, dict):
@@ -997,6 +1035,11 @@ class Client:
         self.limit_hits = 0         # answers refused by a portal limit (429 / 503)
         self._on_progress: Callable[[], None] | None = None
         self._me: dict | None = None
+        # batches of several threads waiting to go at the same time go out as one request (see batch())
+        self.share_batches = False
+        self._pool = threading.Condition()
+        self._riders: list = []           # batches waiting to go, oldest first
+        self._gathering = False           # a thread is gathering the next shared request
 
     def __repr__(self) -> str:
         return "Client(%s)" % self.config.redacted_base
@@ -1136,44 +1179,136 @@ class Client:
         """Call *method* and return its ``result``."""
         return self.call_full(method, params, write=write)["result"]
 
-    def batch(self, commands: Mapping[str, tuple], *, halt: bool = False) -> BatchResult:
-        """Run ``{name: (method, params)}`` through ``batch``, 50 commands per request."""
+    def batch(self, commands: Mapping[str, tuple], *, halt: bool = False, patience: float = 0.0) -> BatchResult:
+        """Run ``{name: (method, params)}`` through ``batch``, 50 commands per request.
+
+        With :attr:`share_batches`, the batches of other threads that are waiting to go at the same
+        moment -- for the portal's budget, or for company: up to *patience* seconds -- go out in the
+        same request (a batch may mix methods; each caller's commands stay together and in order, and
+        each gets back only its own results).  The bridge's replies wait a little that way for the
+        next scan or read: one request instead of two, and the budget goes to the customers."""
+        if self.share_batches and not halt and 0 < len(commands) <= BATCH_MAX:
+            return self._ride(commands, patience)
         out = BatchResult()
         names = list(commands)
         for i in range(0, len(names), BATCH_MAX):
-            chunk = names[i:i + BATCH_MAX]
-            cmd = {}
-            methods = []
-            for name in chunk:
-                method, params = commands[name]
-                methods.append(method)
-                query = php_query(params)
-                cmd[name] = method + ("?" + query if query else "")
-            write = not all(_is_read_method(m) for m in methods)
-            env = self._request("batch", {"halt": 1 if halt else 0, "cmd": cmd},
-                                write=write, sub_methods=methods)
-            if not out.time:
-                out.time = as_map(env.get("time"))
-            res = as_map(env.get("result"))
-            results = as_map(res.get("result"))
-            errors = as_map(res.get("result_error"))
-            times = as_map(res.get("result_time"))
-            for name, method in zip(chunk, methods):
-                if name in results:
-                    out.results[name] = results[name]
-                if name in errors:
-                    e = errors[name]
-                    if isinstance(e, Mapping):
-                        out.errors[name] = api_error(e.get("error"), e.get("error_description"),
-                                                     0, method)
-                    else:
-                        out.errors[name] = api_error("ERROR", str(e), 0, method)
-                self.limiter.note_time(method, times.get(name))
-            out.total.update(as_map(res.get("result_total")))
-            out.next.update(as_map(res.get("result_next")))
+            self._send_batch({name: commands[name] for name in names[i:i + BATCH_MAX]}, halt, out)
             if halt and out.errors:
                 break
         return out
+
+    def _send_batch(self, commands: Mapping[str, tuple], halt: bool, out: BatchResult) -> None:
+        """One ``batch`` request (at most :data:`BATCH_MAX` commands); its outcome is added to *out*."""
+        cmd = {}
+        methods = []
+        for name, (method, params) in commands.items():
+            methods.append(method)
+            query = php_query(params)
+            cmd[name] = method + ("?" + query if query else "")
+        write = not all(_is_read_method(m) for m in methods)
+        env = self._request("batch", {"halt": 1 if halt else 0, "cmd": cmd}, write=write, sub_methods=methods)
+        if not out.time:
+            out.time = as_map(env.get("time"))
+        res = as_map(env.get("result"))
+        results = as_map(res.get("result"))
+        errors = as_map(res.get("result_error"))
+        times = as_map(res.get("result_time"))
+        for name, method in zip(commands, methods):
+            if name in results:
+                out.results[name] = results[name]
+            if name in errors:
+                e = errors[name]
+                if isinstance(e, Mapping):
+                    out.errors[name] = api_error(e.get("error"), e.get("error_description"), 0, method)
+                else:
+                    out.errors[name] = api_error("ERROR", str(e), 0, method)
+            self.limiter.note_time(method, times.get(name))
+        out.total.update(as_map(res.get("result_total")))
+        out.next.update(as_map(res.get("result_next")))
+
+    # -- shared batches -------------------------------------------------------------
+    def _ride(self, commands: Mapping[str, tuple], patience: float) -> BatchResult:
+        """Wait in line with *commands*.  One waiting thread at a time gathers the next request -- waits
+        for the budget, and for company while the line has patience left -- and sends it for everyone it
+        took (as many as fit); the others wait for their part of its answer, or gather the next."""
+        rider = _Rider(commands, time.monotonic() + max(0.0, patience))
+        with self._pool:
+            self._riders.append(rider)
+            self._pool.notify_all()       # a thread waiting for company has it
+        try:
+            while True:
+                with self._pool:
+                    # someone else gathers, or our request is under way: wait
+                    while not rider.done and (self._gathering or rider not in self._riders):
+                        stop = self.limiter.stop
+                        if stop is not None and stop.is_set() and rider in self._riders:
+                            raise Interrupted()
+                        self._pool.wait(1.0)
+                        self._progress()     # waiting for another thread's request is progress too
+                    if rider.done:
+                        return rider.outcome()
+                    self._gathering = True
+                try:
+                    going = self._gather()
+                finally:
+                    with self._pool:
+                        self._gathering = False
+                        self._pool.notify_all()
+                self._send_shared(going)
+        except BaseException:
+            with self._pool:
+                if rider in self._riders:        # never sent: nobody else sends it either
+                    self._riders.remove(rider)
+            raise
+
+    def _gather(self) -> list:
+        """The riders of the next shared request, once the budget has room for it and the line has no
+        patience left (or company has come)."""
+        while True:
+            self.limiter.wait_for_room()
+            with self._pool:
+                wait = min([r.due for r in self._riders] or [0.0]) - time.monotonic()
+                if wait <= 0 or len(self._riders) > 1 or sum(len(r.commands) for r in self._riders) >= BATCH_MAX:
+                    break                  # no patience left, company has come, or there is no room for any
+                self._pool.wait(wait)      # a plain wait: whoever joins the line ends it
+        going: list = []
+        with self._pool:
+            size = 0
+            while self._riders and (not going or size + len(self._riders[0].commands) <= BATCH_MAX):
+                going.append(self._riders.pop(0))
+                size += len(going[-1].commands)
+        # the reads first: a read never sees a write of the same request before its caller has heard of it
+        going.sort(key=lambda r: r.writes)
+        return going
+
+    def _send_shared(self, going: list) -> None:
+        """One request for the commands of *going*; each rider gets its own part of the outcome."""
+        merged = {}
+        for i, rider in enumerate(going):
+            merged.update(("q%d_%s" % (i, name), command) for name, command in rider.commands.items())
+        out = BatchResult()
+        again: list = []
+        try:
+            self._send_batch(merged, False, out)
+        except UnknownOutcomeError as exc:
+            # a write among them lost its answer: the reads that went with it are simply asked again
+            again = [r for r in going if not r.writes and r.tries < self.config.max_retries]
+            for rider in going:
+                rider.error = None if rider in again else exc
+        except BaseException as exc:  # noqa: BLE001 - it is each rider's own outcome, raised in its thread
+            for rider in going:
+                rider.error = exc
+        else:
+            for i, rider in enumerate(going):
+                rider.take(out, "q%d_" % i)
+        with self._pool:
+            for rider in going:
+                if rider in again:
+                    rider.tries += 1
+                else:
+                    rider.done = True
+            self._riders[:0] = again
+            self._pool.notify_all()
 
     def whoami(self) -> dict:
         """The webhook user via ``profile`` (no scope needed): ``{"id", "name", "admin"}``."""

@@ -1,6 +1,7 @@
 """The REST client against the emulator over real HTTP: errors, limits, faults, batch."""
 from __future__ import annotations
 
+import threading
 import time
 import unittest
 
@@ -173,6 +174,84 @@ class Strain(unittest.TestCase):
         self.assertTrue(limiter.strained(10))            # ...but a request waited 5 s ago
         clock[0] += 6
         self.assertFalse(limiter.strained(10))
+
+
+class SharedBatches(PortalCase):
+    """With share_batches (the bridge), batches of several threads waiting at the same time go as one request."""
+
+    def shared_client(self, **extra) -> bc.Client:
+        c = self.client(**extra)
+        c.share_batches = True
+        return c
+
+    def in_threads(self, *calls) -> list:
+        """Run each ``(delay, function)`` in a thread of its own; their outcomes (a result or the exception)."""
+        out: list = [None] * len(calls)
+
+        def run(i: int, delay: float, fn) -> None:
+            time.sleep(delay)
+            try:
+                out[i] = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the test
+                out[i] = exc
+        threads = [threading.Thread(target=run, args=(i, d, fn)) for i, (d, fn) in enumerate(calls)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        return out
+
+    def test_a_batch_waiting_for_company_goes_with_the_next_one_each_gets_its_own_results(self) -> None:
+        c = self.shared_client()
+        dialog = "chat%d" % self.ids["lines_member"]
+        post = {"me": ("profile", {}),
+                "m": ("im.message.add", {"DIALOG_ID": dialog, "MESSAGE": "shared ride", "TEMPLATE_ID": bc.new_template_id()})}
+        read = {"me": ("profile", {}), "m": ("im.dialog.messages.get", {"DIALOG_ID": dialog, "LAST_ID": 0, "LIMIT": 5})}
+        started = time.monotonic()
+        posted, got = self.in_threads((0.0, lambda: c.batch(post, patience=5.0)), (0.5, lambda: c.batch(read)))
+        self.assertLess(time.monotonic() - started, 3.0, "the read coming ended the post's wait")
+        self.assertEqual(self.portal.stats()["counts"], {"batch": 1})
+        self.assertEqual((set(posted.results), set(got.results)), ({"me", "m"}, {"me", "m"}))
+        self.assertIsInstance(posted.results["m"], int)
+        self.assertIn("chat_id", got.results["m"])
+        # the read went first, though it came second: it does not see a post its caller has not heard of
+        self.assertNotIn("shared ride", [m["text"] for m in got.results["m"]["messages"]])
+        self.assertTrue(posted.time and posted.time == got.time)
+        # alone, it waits out its patience and goes by itself
+        started = time.monotonic()
+        alone = c.batch(read, patience=0.6)
+        self.assertGreaterEqual(time.monotonic() - started, 0.5)
+        self.assertEqual(self.portal.stats()["counts"], {"batch": 2})
+        self.assertIn("shared ride", [m["text"] for m in alone.results["m"]["messages"]])
+
+    def test_batches_waiting_for_the_budget_go_as_one_request(self) -> None:
+        c = self.shared_client(B24_RATE_PER_SEC=1, B24_RATE_BURST=2)     # one request a second
+        c.call("profile")                                                 # the budget is spent for a second
+        names = ["a", "b", "c"]
+        outs = self.in_threads(*[(0.05 * i, lambda n=n: c.batch({n: ("profile", {}), "x": ("scope", {})}))
+                                 for i, n in enumerate(names)])
+        self.assertEqual(self.portal.stats()["counts"], {"profile": 1, "batch": 1})
+        for n, out in zip(names, outs):
+            self.assertEqual(set(out.results), {n, "x"}, out)
+            self.assertEqual(out.results[n]["ID"], "7")
+
+    def test_a_write_that_loses_its_answer_takes_no_read_down_with_it(self) -> None:
+        c = self.shared_client()
+        dialog = "chat%d" % self.ids["lines_member"]
+        self.portal.fault("drop_after", count=1, method="batch")     # the request runs, its answer is lost
+        post = {"m": ("im.message.add", {"DIALOG_ID": dialog, "MESSAGE": "lost answer", "TEMPLATE_ID": bc.new_template_id()})}
+        read = {"m": ("im.dialog.messages.get", {"DIALOG_ID": dialog, "LAST_ID": 0, "LIMIT": 5})}
+        posted, got = self.in_threads((0.0, lambda: c.batch(post, patience=5.0)), (0.3, lambda: c.batch(read)))
+        self.assertIsInstance(posted, bc.UnknownOutcomeError, "the write's outcome is not known: its caller finds out")
+        self.assertIsInstance(got, bc.BatchResult, got)
+        self.assertIn("lost answer", [m["text"] for m in got.results["m"]["messages"]], "the read was asked again")
+        self.assertEqual(self.portal.stats()["counts"], {"batch": 2})
+
+    def test_batches_of_a_client_that_does_not_share_go_alone(self) -> None:
+        c = self.client()
+        self.in_threads((0.0, lambda: c.batch({"a": ("profile", {})}, patience=5.0)),
+                        (0.1, lambda: c.batch({"b": ("profile", {})})))
+        self.assertEqual(self.portal.stats()["counts"], {"batch": 2})
 
 
 class Faults(PortalCase):
