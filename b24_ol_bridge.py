@@ -242,6 +242,7 @@ def run_bridge(args: argparse.Namespace, environ: dict, demo: bool) -> int:
     cfg = bc.Config.from_env(environ, require_bot=not managing)
     settings = Settings(environ)
     client = bc.Client(cfg)
+    client.share_batches = True     # the scan, the reads, the replies and the delivery checks share requests
     paths = StatePaths(args, environ)
     bc.private_folder(os.path.dirname(os.path.abspath(paths.db)))
     if managing:

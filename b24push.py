@@ -130,6 +130,7 @@ class ScanSource(Source):
         self.every, self.fast_every, self.fast = every, fast_every, fast
         self.busy = busy          # replies wait for the portal's budget: the scan gives way (up to SCAN_STRETCH_SEC)
         self.first = True
+        self.due: float | None = None     # when the next scan starts (monotonic; a reply may wait for it)
 
     def retune(self, poll_sec: float, reconcile_sec: float) -> None:
         if self.fast_every is None:        # the whole job
@@ -143,14 +144,20 @@ class ScanSource(Source):
         return self.every
 
     def next_batch(self, stop: threading.Event) -> Delivery | None:
-        if not self.first and stop.wait(self.interval()):
-            return None
+        if not self.first:
+            every = self.interval()
+            self.due = time.monotonic() + every
+            if stop.wait(every):
+                return None
         if not self.first and self.busy is not None and self.busy():
             # a busy portal is served at its ceiling: the budget goes to the replies waiting for it, and the
             # scan reads less often, in bigger bites (the messages of SCAN_STRETCH_SEC for the price of one read)
-            if stop.wait(max(0.0, SCAN_STRETCH_SEC - self.interval())):
+            stretch = max(0.0, SCAN_STRETCH_SEC - self.interval())
+            self.due = time.monotonic() + stretch
+            if stop.wait(stretch):
                 return None
         self.first = False
+        self.due = time.monotonic()       # under way
         return Delivery(self, [SCAN])
 
 
@@ -325,6 +332,11 @@ class Inbound:
         for src in self.sources:
             threading.Thread(target=self._run, args=(src,), name="source-%s" % src.name, daemon=True).start()
         self.started = True
+
+    def scan_due_in(self) -> float | None:
+        """Seconds until the next scan starts (0: it is under way), None if no scan is planned."""
+        dues = [src.due for src in self.sources if getattr(src, "due", None) is not None]
+        return max(0.0, min(dues) - time.monotonic()) if dues else None
 
     def _run(self, src: Source) -> None:
         while not self.stop.is_set():

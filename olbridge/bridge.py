@@ -498,6 +498,7 @@ class Bridge:
             self.inbound = push.Inbound([push.ScanSource(self.interval, busy=self.poster.busy)])
         if not self.inbound.started:
             self.inbound.start()
+        self.poster.scan_due_in = self.inbound.scan_due_in    # replies due just before a scan go with it
         backoff = bc.Backoff(self.interval, self.client.config.backoff_max)
         next_poll = 0.0
         while not self.stop.is_set():

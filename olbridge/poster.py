@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from typing import Callable
@@ -20,6 +21,10 @@ log = logging.getLogger("b24_ol_bridge")
 
 BOT_NOT_IN_CHAT = ("ACCESS_DENIED", "CHAT_NOT_FOUND", "CANCELED", "BOT_NOT_FOUND")
 STRAINED_SEC = 10.0         # a request that waited for the portal's budget this recently: the bridge is rate-bound
+SHARE_WAIT_SEC = 1.0        # replies wait up to this long for the scan due next, to go in its request,
+SHARE_MAX_REPLIES = 10      #   when there are no more than this many at once (light load)
+# inside a batch, "$result[name]" and its like are references to other commands' results (fact sheet §4)
+BATCH_REFERENCE = re.compile(r"\$(?:result|next|total|error|time)\[", re.IGNORECASE)
 
 
 class Poster:
@@ -36,6 +41,7 @@ class Poster:
         self.on_posted: Callable[[tuple], None] = lambda part: None   # a part to follow (Deliveries.follow)
         # (dialog, session, why): our chat bot is no longer in the chat (BotSessions.left)
         self.bot_left: Callable[[str, int, str], None] = lambda dialog, session, why: None
+        self.scan_due_in: Callable[[], "float | None"] = lambda: None     # (Inbound.scan_due_in)
 
     def start(self) -> None:
         threading.Thread(target=self._run, name="bridge-poster", daemon=True).start()
@@ -65,6 +71,19 @@ class Poster:
         the burst allowance is spent)?  Then reading less often, in bigger bites, leaves more of it to the
         replies -- and keeps the other half for whatever else uses the webhook."""
         return self.shared.client.limiter.strained(STRAINED_SEC)
+
+    def patience(self, replies: int) -> float:
+        """How long a batch of *replies* waits for company: for the scan due next when it is due within
+        :data:`SHARE_WAIT_SEC` (one request for both; a read or a delivery check coming first takes the
+        replies along just the same).  Only at light load: no more than :data:`SHARE_MAX_REPLIES` at once,
+        and less than a quarter of the burst allowance spent, no request kept waiting lately -- under load
+        replies that wait leave the budget idle, and the scan, no longer giving way to them, spends it
+        on reads."""
+        due = self.scan_due_in()
+        if due is None or due > SHARE_WAIT_SEC or replies > SHARE_MAX_REPLIES \
+                or self.shared.client.limiter.strained(STRAINED_SEC, 0.25):
+            return 0.0
+        return due + 0.2
 
     def follow(self, row: Row) -> bool:
         """Is there a delivery verdict to wait for (an Open Lines chat whose connector reports one)?"""
@@ -120,8 +139,10 @@ class Poster:
         if not live:
             return
         legacy_bot = self.shared.legacy_bot
-        alone = [row for row in live if len(live) == 1 or legacy_bot or not isinstance(row.answer[row.posted], str)]
-        for row in alone:        # one reply, the legacy chat bot's, a file: one request (or three) each
+        alone = [row for row in live if legacy_bot or not isinstance(row.answer[row.posted], str)
+                 or BATCH_REFERENCE.search(row.answer[row.posted])]
+        # the legacy chat bot's replies, files, texts a batch would take for references: a request (or three) each
+        for row in alone:
             self.shared.live.beat("posting a reply of %s" % row.where)
             self._after_post(row, *self._post_one(row))
         live = [row for row in live if row not in alone]
@@ -131,7 +152,7 @@ class Poster:
         commands = {name: self._command(row) for name, row in names.items()}
         self.shared.live.beat("posting %d replies" % len(live))
         try:
-            result = self.shared.client.batch(commands)
+            result = self.shared.client.batch(commands, patience=self.patience(len(commands)))
             outcomes = {name: result.errors.get(name) for name in names}
             missing = [n for n in names if n not in result.results and n not in result.errors]
             ids = {n: message_id_of(result.results.get(n)) for n in names}     # the posted messages' ids

@@ -93,6 +93,35 @@ class Bridge(BridgeHarness):
         self.assertLessEqual(reads, 4, "a read for each customer message, our replies riding along: %d" % reads)
         self.assertEqual(self.texts(chat)[-6:], ["two", "Echo: two", "three", "Echo: three", "four", "Echo: four"])
 
+    def test_a_reply_goes_in_the_request_of_the_scan_due_next(self) -> None:
+        # a batch may mix methods: a reply due just before a scan (or a read) shares its request -- at light
+        # load: a scan a second keeps the budget mostly unspent (at 0.3 s it would fill a quarter in seconds)
+        chat = self.ids["lines_member"]
+        self.start_bridge(B24_POLL_SEC="1")
+        self.portal.customer_message(chat, "warm up")
+        self.wait_for(lambda: "Echo: warm up" in self.texts(chat), what="the first reply")
+        self.portal.reset_stats()
+        for text in ("one", "two", "three"):
+            self.portal.customer_message(chat, text)
+            self.wait_for(lambda t=text: "Echo: %s" % t in self.texts(chat), what="the reply to " + text)
+            time.sleep(0.5)
+        posts = [e["calls"] for e in self.portal.stats()["log"] if "im.message.add" in e.get("calls", ())]
+        self.assertEqual(sum(c.count("im.message.add") for c in posts), 3, posts)
+        for calls in posts:
+            self.assertTrue(set(calls) - {"im.message.add"}, "a reply went alone: %s" % posts)
+            # the reads first: the scan does not see a reply before the bridge knows its id
+            self.assertEqual(calls[-1], "im.message.add", calls)
+        self.assertEqual(self.texts(chat)[-6:], ["one", "Echo: one", "two", "Echo: two", "three", "Echo: three"])
+
+    def test_a_reply_that_a_batch_would_alter_goes_alone(self) -> None:
+        # inside a batch "$result[...]" is a reference to another command's result (fact sheet §4)
+        chat = self.ids["lines_member"]
+        self.start_bridge()
+        text = "costs $time[q0_head][start] or $result[q0_head][hasMore] in PHP"   # names the scan has in it
+        self.portal.customer_message(chat, text)
+        self.wait_for(lambda: any("Echo: costs" in t for t in self.texts(chat)), what="the reply")
+        self.assertIn("Echo: " + text, self.texts(chat))
+
     def test_reply_shapes_and_several_replies_in_order(self) -> None:
         chat = self.ids["lines_member2"]
         self.bot.replies = lambda text: ["one for %s" % text, "two for %s" % text]
