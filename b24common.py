@@ -11,8 +11,9 @@ In the order of this file:
 * ``.env`` files read the way python-dotenv does (:func:`dotenv_values`,
   :func:`load_dotenv`); :class:`Config` -- the environment, validated once;
 * :class:`Client` -- the urllib REST client: :class:`RateLimiter` for both
-  portal limits, bounded retries, ``batch``, typed errors; :class:`Backoff`,
-  the one rule for pausing after failures in a row;
+  portal limits, bounded retries, ``batch`` (shared between threads that wait
+  at the same moment, with :attr:`Client.share_batches`), typed errors;
+  :class:`Backoff`, the one rule for pausing after failures in a row;
 * dialogs and messages -- :class:`DialogInfo`, :class:`Message`,
   :func:`classify` (customer, operator, self, bot, system), media as
   attachments, :func:`visible` (text safe to print);
