@@ -70,6 +70,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from b24emu import Portal
+from b24emu.batch import batch_commands, split_query
 from b24emu.world import HTML_ERROR_PAGE, WEBHOOK_USER_ID, RestError, php_parse, phpify  # noqa: F401 (re-exported)
 
 __all__ = ["Portal", "PortalServer", "RestError", "serve", "php_parse"]
@@ -95,9 +96,7 @@ _CONTROL = {  # endpoint -> (Portal method, HTTP verbs)
 
 def batch_calls(params: dict) -> list:
     """The sub-methods of a ``batch`` request, in order (for the request log)."""
-    cmd = {str(k).lower(): v for k, v in params.items()}.get("cmd")
-    items = cmd.values() if isinstance(cmd, dict) else cmd if isinstance(cmd, list) else []
-    return [v.partition("?")[0].strip().lower() for v in items if isinstance(v, str)]
+    return [split_query(q)[0] for q in batch_commands(params).values() if isinstance(q, str)]
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "BitrixEmulator/1.0"

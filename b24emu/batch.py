@@ -9,6 +9,21 @@ from typing import Any
 from .world import RestError, php_parse
 
 
+def batch_commands(params: dict) -> dict:
+    """A ``batch`` request's ``cmd`` as ``{name: query}`` (a list is named by position; anything else: none)."""
+    cmd = {str(k).lower(): v for k, v in params.items()}.get("cmd")
+    if isinstance(cmd, list):
+        cmd = {str(i): v for i, v in enumerate(cmd)}
+    return cmd if isinstance(cmd, dict) else {}
+
+
+def split_query(query: str) -> tuple:
+    """``"im.dialog.get.json?DIALOG_ID=chat1"`` -> ``("im.dialog.get", "DIALOG_ID=chat1")``."""
+    method, _, qs = query.partition("?")
+    method = method.strip().lower()
+    return (method[:-5] if method.endswith(".json") else method), qs
+
+
 class Batch:
     """``batch`` (fact sheet §4)."""
 
@@ -19,12 +34,8 @@ class Batch:
     def _batch(self, ctx: dict, params: dict) -> dict:
         start = self.clock()
         p = {str(k).lower(): v for k, v in params.items()}
-        cmd = p.get("cmd")
+        cmd = batch_commands(params)
         halt = str(p.get("halt", "0")).lower() in ("1", "true", "y")
-        if isinstance(cmd, list):
-            cmd = {str(i): v for i, v in enumerate(cmd)}
-        if not isinstance(cmd, dict):
-            cmd = {}
         results, errors, totals, nexts, times = {}, {}, {}, {}, {}
         for n, (name, query) in enumerate(cmd.items()):
             if not isinstance(query, str):
@@ -33,10 +44,7 @@ class Batch:
                 errors[name] = {"error": "ERROR_BATCH_LENGTH_EXCEEDED",
                                 "error_description": "Max batch length exceeded"}
                 continue
-            sub_method, _, qs = query.partition("?")
-            sub_method = sub_method.strip().lower()
-            if sub_method.endswith(".json"):
-                sub_method = sub_method[:-5]
+            sub_method, qs = split_query(query)
             sub_params = php_parse(urllib.parse.parse_qsl(qs, keep_blank_values=True))
             sub_params = self._resolve_refs(sub_params, results, errors, totals, nexts, times)
             slow = self.take_fault(sub_method, kinds=("latency",))
