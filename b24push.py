@@ -91,6 +91,7 @@ class Source:
     :meth:`restore` carry what must survive a restart (the event queue's offset)."""
 
     name = "source"
+    due: float | None = None          # when it next scans (monotonic), if it scans at all: see ScanSource
 
     def start(self) -> None:
         pass
@@ -130,7 +131,7 @@ class ScanSource(Source):
         self.every, self.fast_every, self.fast = every, fast_every, fast
         self.busy = busy          # replies wait for the portal's budget: the scan gives way (up to SCAN_STRETCH_SEC)
         self.first = True
-        self.due: float | None = None     # when the next scan starts (monotonic; a reply may wait for it)
+        self.due = None                   # when the next scan starts (monotonic; a reply may wait for it)
 
     def retune(self, poll_sec: float, reconcile_sec: float) -> None:
         if self.fast_every is None:        # the whole job
@@ -335,7 +336,7 @@ class Inbound:
 
     def scan_due_in(self) -> float | None:
         """Seconds until the next scan starts (0: it is under way), None if no scan is planned."""
-        dues = [src.due for src in self.sources if getattr(src, "due", None) is not None]
+        dues = [src.due for src in self.sources if src.due is not None]
         return max(0.0, min(dues) - time.monotonic()) if dues else None
 
     def _run(self, src: Source) -> None:
