@@ -94,7 +94,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-VERSION = "0.5.4"
+VERSION = "0.5.5"
 
 # Exit codes shared by every script.
 EXIT_OK = 0
@@ -127,7 +127,8 @@ SYNC_MAX_AGE_SEC = 6 * 86400         # im.recent.get LAST_SYNC_DATE looks back 7
 SYNC_MARGIN_SEC = 60.0               # recent rows are written after their message, up to this late: the sweep
 SYNC_SWEEP_SEC = 60.0                #   (this often) asks back to the previous sweep less this margin
 SYNC_NEAR_SEC = 2.0                  # and only this far the rest of the time (a late row is rare and brief)
-OWN_READ_DELAY_SEC = 5.0             # a dialog whose news is only our own post is read this much later
+OWN_READ_DELAY_SEC = 15.0            # a dialog whose news is only our own post is read this much later
+                                     #   (a customer answering within it brings our post along: one read)
 ADOPTED_LIVE_SEC = 3600.0            # a chat our bot holds with news this recent is re-read at every scan,
 ADOPTED_PER_SCAN = 40                #   of the quieter ones this many, the longest unchecked first
 SESSION_ANSWERED = 10                # Open Lines session status from which an operator has it

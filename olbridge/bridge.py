@@ -124,6 +124,7 @@ class Bridge:
             raise bc.ConfigError("%s belongs to user %s on %s, not to user %s on %s: use another --state"
                                  % (store.path, saved["user_id"], saved["portal"], me, client.host))
         self.poller = poller = bc.Poller(client, self_id=me)
+        poller.own_read_delay = self.shared.settings.own_read_delay
         poller.load_state(saved)
         self.shared.tell_poller = poller.posted
         if not poller.started:

@@ -90,7 +90,7 @@ class Deliveries:
             return
         self.last = time.monotonic()
         # a part posted just now is read by the poller soon anyway (Poller.posted): judged from that read
-        self._settle_all(self.watch.check(younger=bc.OWN_READ_DELAY_SEC + interval))
+        self._settle_all(self.watch.check(younger=self.shared.settings.own_read_delay + interval))
 
     def _settle_all(self, verdicts: list) -> None:
         for v in verdicts:

@@ -43,6 +43,9 @@ class Settings:
                                                                                               "false", "off")
         # parts the scan did not settle on its way are read again this often (one batch for all of them)
         self.delivery_check = bc.env_number(env, "BRIDGE_DELIVERY_CHECK_SEC", 10, 0.1, 3600)
+        # a dialog whose only news is our own reply is read this much later: a customer message meanwhile
+        # brings it along (one read, not two), and a message hidden behind the reply is this late at most
+        self.own_read_delay = bc.env_number(env, "BRIDGE_OWN_READ_DELAY_SEC", bc.OWN_READ_DELAY_SEC, 0, 300)
         self.delivery_events = (env.get("BOT_DELIVERY_EVENTS") or "").strip().lower() in ("1", "y", "yes", "true", "on")
         self.undelivered_to = (env.get("BRIDGE_UNDELIVERED_TO") or "").strip().lower()
         if self.undelivered_to not in ("", "queue"):

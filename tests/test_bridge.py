@@ -93,6 +93,21 @@ class Bridge(BridgeHarness):
         self.assertLessEqual(reads, 4, "a read for each customer message, our replies riding along: %d" % reads)
         self.assertEqual(self.texts(chat)[-6:], ["two", "Echo: two", "three", "Echo: three", "four", "Echo: four"])
 
+    def test_our_reply_waits_for_the_customer_up_to_the_own_read_delay(self) -> None:
+        # the customer answers 6.5 s after our reply: inside BRIDGE_OWN_READ_DELAY_SEC, so one read brings
+        # both (a 5 s put-off, as before 0.5.5, read our reply alone first: two reads)
+        chat = self.ids["lines_member"]
+        self.start_bridge(BRIDGE_OWN_READ_DELAY_SEC="8")
+        self.portal.customer_message(chat, "one")
+        self.wait_for(lambda: "Echo: one" in self.texts(chat), what="the first reply")
+        self.portal.reset_stats()
+        time.sleep(6.5)
+        self.portal.customer_message(chat, "two")
+        self.wait_for(lambda: "Echo: two" in self.texts(chat), what="the second reply")
+        st = self.portal.stats()
+        reads = st["counts"].get("im.dialog.messages.get", 0) + st["sub_counts"].get("im.dialog.messages.get", 0)
+        self.assertEqual(reads, 1, "the customer's message and our reply before it in one read")
+
     def test_a_reply_goes_in_the_request_of_the_scan_due_next(self) -> None:
         # a batch may mix methods: a reply due just before a scan (or a read) shares its request -- at light
         # load: a scan a second keeps the budget mostly unspent (at 0.3 s it would fill a quarter in seconds)

@@ -171,6 +171,7 @@ class BridgeWorld(PortalCase):
         from tests.support import free_port
         self.health = free_port()
         env.setdefault("BRIDGE_DELIVERY_CHECK_SEC", "0.5")
+        env.setdefault("BRIDGE_OWN_READ_DELAY_SEC", "1")     # our replies are read (and judged) 1 s later
         proc = self.start_script("b24_ol_bridge.py", env=self.env(
             BOT_HTTP_URL=self.bot.url, BRIDGE_HTTP_LISTEN=str(self.health), **env))
         self.assertTrue(proc.wait_stderr("bridging Open Lines", 20), proc.all_output())
