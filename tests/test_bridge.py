@@ -37,6 +37,11 @@ class BridgeHarness(PortalCase):
     def texts(self, chat: int) -> list:
         return [m["text"] for m in self.portal.chat_messages(chat)]
 
+    def reads(self) -> int:
+        """``im.dialog.messages.get`` calls since the last stats reset, on their own or in a batch."""
+        st = self.portal.stats()
+        return st["counts"].get("im.dialog.messages.get", 0) + st["sub_counts"].get("im.dialog.messages.get", 0)
+
     def wait_for(self, cond, timeout: float = 15, what: str = "") -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -88,8 +93,7 @@ class Bridge(BridgeHarness):
             self.portal.customer_message(chat, text)
             self.wait_for(lambda t=text: "Echo: %s" % t in self.texts(chat), what="the reply to " + text)
             time.sleep(1.0)
-        st = self.portal.stats()
-        reads = st["counts"].get("im.dialog.messages.get", 0) + st["sub_counts"].get("im.dialog.messages.get", 0)
+        reads = self.reads()
         self.assertLessEqual(reads, 4, "a read for each customer message, our replies riding along: %d" % reads)
         self.assertEqual(self.texts(chat)[-6:], ["two", "Echo: two", "three", "Echo: three", "four", "Echo: four"])
 
@@ -104,9 +108,7 @@ class Bridge(BridgeHarness):
         time.sleep(6.5)
         self.portal.customer_message(chat, "two")
         self.wait_for(lambda: "Echo: two" in self.texts(chat), what="the second reply")
-        st = self.portal.stats()
-        reads = st["counts"].get("im.dialog.messages.get", 0) + st["sub_counts"].get("im.dialog.messages.get", 0)
-        self.assertEqual(reads, 1, "the customer's message and our reply before it in one read")
+        self.assertEqual(self.reads(), 1, "the customer's message and our reply before it in one read")
 
     def test_a_reply_goes_in_the_request_of_the_scan_due_next(self) -> None:
         # a batch may mix methods: a reply due just before a scan (or a read) shares its request -- at light
