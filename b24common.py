@@ -963,6 +963,8 @@ class BatchResult:
     total: dict = field(default_factory=dict)
     next: dict = field(default_factory=dict)
     time: dict = field(default_factory=dict)     # the first request's ``time`` block
+    # the methods that ran, and answered, before these commands in the same request (a shared one)
+    after: frozenset = frozenset()
 
 
 class _Rider:
@@ -1301,8 +1303,11 @@ class Client:
             for rider in going:
                 rider.error = exc
         else:
+            ran: set = set()
             for i, rider in enumerate(going):
                 rider.take(out, "q%d_" % i)
+                rider.out.after = frozenset(ran)
+                ran.update(method for name, (method, _params) in rider.commands.items() if name in rider.out.results)
         with self._pool:
             for rider in going:
                 if rider in again:
@@ -1876,8 +1881,9 @@ class Poller:
         self._read_time: float | None = None
         self._tz: _dt.tzinfo = _dt.timezone.utc   # the portal's UTC offset, once seen
         self.own_read_delay = OWN_READ_DELAY_SEC
-        self._told: collections.deque = collections.deque()   # (dialog, id) the caller posted: see posted()
+        self._told: collections.deque = collections.deque()   # (dialog, id, watched, when) posted: see posted()
         self._own: dict = {}          # dialog -> ids we posted in it, above what was read of it
+        self._unwatched: set = set()  # dialogs with a post of ours among them that went without the scan
         self._owed: dict = {}         # dialog -> when its read, put off, is due (monotonic)
         self._queued: set = set()     # the dialogs this scan showed waiting in our queue
         self._news_at: dict = {}      # dialog our chat bot holds -> when a read last brought news (monotonic)
@@ -1947,9 +1953,10 @@ class Poller:
                       self._own, self._owed, self._news_at, self._rechecked):
             table.pop(dialog_id, None)
         self._rewound.discard(dialog_id)
+        self._unwatched.discard(dialog_id)
 
     # -- our own messages ---------------------------------------------------------
-    def posted(self, dialog_id: str, message_id: int) -> None:
+    def posted(self, dialog_id: str, message_id: int, watched: bool = False) -> None:
         """The caller posted *message_id* into *dialog_id*.  Safe from any thread; never waits for a poll.
 
         Our post moves the dialog in the recent list, but reading the dialog at once would mostly fetch
@@ -1958,15 +1965,28 @@ class Poller:
         is there but a read.  So that read is put off by :attr:`own_read_delay` seconds: a new message
         in the dialog meanwhile (the usual case in a conversation) is read together with ours at once,
         and otherwise the late read brings our message's delivery params too (what a delivery verdict
-        would read anyway)."""
+        would read anyway).
+
+        *watched*: the post went in the request of a scan (``im.recent.get``), after it.  Only a message
+        written in the milliseconds between the two can hide behind it, so its read waits twice as long
+        for company -- unless another post of ours in the dialog went without a scan."""
         if message_id:
-            self._told.append((str(dialog_id), int(message_id)))
+            self._told.append((str(dialog_id), int(message_id), bool(watched), self.monotonic()))
 
     def _take_told(self) -> None:
         while self._told:
-            did, mid = self._told.popleft()
+            did, mid, watched, at = self._told.popleft()
             if mid > max(self.cursors.get(did, 0), self.fetched.get(did, 0)) and len(self._own) < 100000:
                 self._own.setdefault(did, set()).add(mid)
+                info = self.dialogs.get(did)
+                if not watched or (info is not None and info.adopted):    # a chat bot's chat is in no scan
+                    self._unwatched.add(did)
+                    if did in self._owed:               # a read already put off waits no longer than this one
+                        self._owed[did] = min(self._owed[did], at + self.own_read_delay)
+
+    def _own_delay(self, did: str) -> float:
+        """How long the read of *did*, whose only news is our own post, is put off."""
+        return self.own_read_delay * (1 if did in self._unwatched else 2)
 
     def _put_off_own(self, wants: dict, hinted: dict) -> None:
         """Take out of *wants* the dialogs whose only news is our own post, until their read is due.  A
@@ -1977,7 +1997,7 @@ class Poller:
             target = max(want.target, self.last_seen.get(did, 0))
             if want.tail or not own or target not in own or hinted.get(did, target) not in own:
                 continue
-            if now < self._owed.setdefault(did, now + self.own_read_delay):
+            if now < self._owed.setdefault(did, now + self._own_delay(did)):
                 del wants[did]
                 self.last_seen[did] = target        # read when due, even if the list stays quiet
 
@@ -1989,6 +2009,7 @@ class Poller:
             own.difference_update([i for i in own if i <= self.fetched.get(did, 0)])
             if not own:
                 del self._own[did]
+                self._unwatched.discard(did)
 
     def _recheck_adopted(self, wants: dict) -> None:
         """Dialogs our chat bot holds are in no recent list, so the scan re-reads them after their cursors:
@@ -2030,7 +2051,7 @@ class Poller:
         due: dict = {}
         for did, done, target in self._lagging():
             own = self._own.get(did)
-            if own and target in own and now < self._owed.get(did, now + self.own_read_delay):
+            if own and target in own and now < self._owed.get(did, now + self._own_delay(did)):
                 continue                                # still put off
             due[did] = done
             if len(due) >= BATCH_MAX - 2:

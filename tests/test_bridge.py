@@ -110,6 +110,20 @@ class Bridge(BridgeHarness):
         self.wait_for(lambda: "Echo: two" in self.texts(chat), what="the second reply")
         self.assertEqual(self.reads(), 1, "the customer's message and our reply before it in one read")
 
+    def test_a_reply_that_went_with_the_scan_waits_twice_as_long(self) -> None:
+        # at poll 1 s a reply rides in the next scan's request, after the scan: nothing but a message written
+        # in between can hide behind it, so its read waits 2 x BRIDGE_OWN_READ_DELAY_SEC for the customer
+        chat = self.ids["lines_member"]
+        self.start_bridge(B24_POLL_SEC="1", BRIDGE_OWN_READ_DELAY_SEC="3")
+        self.portal.customer_message(chat, "one")
+        self.wait_for(lambda: "Echo: one" in self.texts(chat), what="the first reply")
+        self.portal.reset_stats()
+        time.sleep(4.5)
+        self.assertEqual(self.reads(), 0, "our reply was read on its own")
+        self.portal.customer_message(chat, "two")
+        self.wait_for(lambda: "Echo: two" in self.texts(chat), what="the second reply")
+        self.assertEqual(self.reads(), 1, "the customer's message and our reply before it in one read")
+
     def test_a_reply_goes_in_the_request_of_the_scan_due_next(self) -> None:
         # a batch may mix methods: a reply due just before a scan (or a read) shares its request -- at light
         # load: a scan a second keeps the budget mostly unspent (at 0.3 s it would fill a quarter in seconds)

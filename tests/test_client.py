@@ -217,12 +217,15 @@ class SharedBatches(PortalCase):
         # the read went first, though it came second: it does not see a post its caller has not heard of
         self.assertNotIn("shared ride", [m["text"] for m in got.results["m"]["messages"]])
         self.assertTrue(posted.time and posted.time == got.time)
+        # each learns what ran before its commands in that request
+        self.assertEqual((posted.after, got.after), ({"profile", "im.dialog.messages.get"}, frozenset()))
         # alone, it waits out its patience and goes by itself
         started = time.monotonic()
         alone = c.batch(read, patience=0.6)
         self.assertGreaterEqual(time.monotonic() - started, 0.5)
         self.assertEqual(self.portal.stats()["counts"], {"batch": 2})
         self.assertIn("shared ride", [m["text"] for m in alone.results["m"]["messages"]])
+        self.assertEqual(alone.after, frozenset())
 
     def test_batches_waiting_for_the_budget_go_as_one_request(self) -> None:
         c = self.shared_client(B24_RATE_PER_SEC=1, B24_RATE_BURST=2)     # one request a second

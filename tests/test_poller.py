@@ -342,6 +342,24 @@ class OwnPosts(PollerCase):
         self.p.poll()
         self.assertEqual(self.reads(), 1, "read again")
 
+    def test_a_post_that_went_after_a_scan_waits_twice_as_long_unless_one_went_alone(self) -> None:
+        self.portal.reset_stats()
+        self.p.posted(self.did, bc.send_text(self.posting, self.did, "answer"), watched=True)
+        self.p.poll()
+        time.sleep(1.6)
+        self.p.poll()
+        self.assertEqual(self.reads(), 0, "read after the single delay")
+        time.sleep(1.5)
+        self.p.poll()
+        self.assertEqual(self.reads(), 1, "not read after twice the delay")
+        # a post that went without a scan in the dialog: the single delay again, for the two of them
+        self.p.posted(self.did, bc.send_text(self.posting, self.did, "after the scan"), watched=True)
+        self.p.poll()
+        self.post("on its own")
+        time.sleep(1.6)
+        self.p.poll()
+        self.assertEqual(self.reads(), 2)
+
     def test_a_read_due_rides_in_the_scan_batch(self) -> None:
         hidden = self.portal.customer_message(self.chat, "written as we answered")["message_id"]
         mine = self.post("answer")
