@@ -97,32 +97,31 @@ class Bridge(BridgeHarness):
         self.assertLessEqual(reads, 4, "a read for each customer message, our replies riding along: %d" % reads)
         self.assertEqual(self.texts(chat)[-6:], ["two", "Echo: two", "three", "Echo: three", "four", "Echo: four"])
 
-    def test_our_reply_waits_for_the_customer_up_to_the_own_read_delay(self) -> None:
-        # the customer answers 6.5 s after our reply: inside BRIDGE_OWN_READ_DELAY_SEC, so one read brings
-        # both (a 5 s put-off, as before 0.5.5, read our reply alone first: two reads)
+    def reads_of_two_turns(self, gap: float, **env) -> tuple:
+        """The bridge answers a message, the customer writes again *gap* seconds after the reply:
+        ``(reads before that message, reads once it is answered)``."""
         chat = self.ids["lines_member"]
-        self.start_bridge(BRIDGE_OWN_READ_DELAY_SEC="8")
+        self.start_bridge(**env)
         self.portal.customer_message(chat, "one")
         self.wait_for(lambda: "Echo: one" in self.texts(chat), what="the first reply")
         self.portal.reset_stats()
-        time.sleep(6.5)
+        time.sleep(gap)
+        before = self.reads()
         self.portal.customer_message(chat, "two")
         self.wait_for(lambda: "Echo: two" in self.texts(chat), what="the second reply")
-        self.assertEqual(self.reads(), 1, "the customer's message and our reply before it in one read")
+        return before, self.reads()
+
+    def test_our_reply_waits_for_the_customer_up_to_the_own_read_delay(self) -> None:
+        # the customer answers 6.5 s after our reply: inside BRIDGE_OWN_READ_DELAY_SEC, so one read brings
+        # both (a 5 s put-off, as before 0.5.5, read our reply alone first: two reads)
+        self.assertEqual(self.reads_of_two_turns(6.5, BRIDGE_OWN_READ_DELAY_SEC="8"), (0, 1),
+                         "the customer's message and our reply before it in one read")
 
     def test_a_reply_that_went_with_the_scan_waits_twice_as_long(self) -> None:
         # at poll 1 s a reply rides in the next scan's request, after the scan: nothing but a message written
         # in between can hide behind it, so its read waits 2 x BRIDGE_OWN_READ_DELAY_SEC for the customer
-        chat = self.ids["lines_member"]
-        self.start_bridge(B24_POLL_SEC="1", BRIDGE_OWN_READ_DELAY_SEC="3")
-        self.portal.customer_message(chat, "one")
-        self.wait_for(lambda: "Echo: one" in self.texts(chat), what="the first reply")
-        self.portal.reset_stats()
-        time.sleep(4.5)
-        self.assertEqual(self.reads(), 0, "our reply was read on its own")
-        self.portal.customer_message(chat, "two")
-        self.wait_for(lambda: "Echo: two" in self.texts(chat), what="the second reply")
-        self.assertEqual(self.reads(), 1, "the customer's message and our reply before it in one read")
+        self.assertEqual(self.reads_of_two_turns(4.5, B24_POLL_SEC="1", BRIDGE_OWN_READ_DELAY_SEC="3"), (0, 1),
+                         "not read on its own: with the customer's message")
 
     def test_a_reply_goes_in_the_request_of_the_scan_due_next(self) -> None:
         # a batch may mix methods: a reply due just before a scan (or a read) shares its request -- at light
