@@ -153,7 +153,8 @@ class Poster:
         self.shared.live.beat("posting %d replies" % len(live))
         try:
             result = self.shared.client.batch(commands, patience=self.patience(len(commands)))
-            watched = "im.recent.get" in result.after       # the scan ran just before, in the same request
+            # the scan (both its calls: the poller drops it if one fails) ran just before, in the same request
+            watched = {"im.recent.get", "im.recent.list"} <= result.after
             outcomes = {name: result.errors.get(name) for name in names}
             missing = [n for n in names if n not in result.results and n not in result.errors]
             ids = {n: message_id_of(result.results.get(n)) for n in names}     # the posted messages' ids
