@@ -129,6 +129,7 @@ SYNC_SWEEP_SEC = 60.0                #   (this often) asks back to the previous 
 SYNC_NEAR_SEC = 2.0                  # and only this far the rest of the time (a late row is rare and brief)
 OWN_READ_DELAY_SEC = 15.0            # a dialog whose news is only our own post is read this much later
                                      #   (a customer answering within it brings our post along: one read)
+OWN_READ_WATCHED = 2                 #   so many times that when the post went after the scan (Poller.posted)
 ADOPTED_LIVE_SEC = 3600.0            # a chat our bot holds with news this recent is re-read at every scan,
 ADOPTED_PER_SCAN = 40                #   of the quieter ones this many, the longest unchecked first
 SESSION_ANSWERED = 10                # Open Lines session status from which an operator has it
@@ -1849,6 +1850,8 @@ class Poller:
     ack never skips a message it did not deliver.
     """
 
+    SCAN_CALLS = frozenset({"im.recent.list", "im.recent.get"})   # the scan's one request (_scan_sync)
+
     def __init__(self, client: Client, *, self_id: int, lines_only: bool = True,
                  page_min: int = RECENT_PAGE_MIN, in_order: bool = False):
         self.client = client
@@ -1956,7 +1959,7 @@ class Poller:
         self._unwatched.discard(dialog_id)
 
     # -- our own messages ---------------------------------------------------------
-    def posted(self, dialog_id: str, message_id: int, watched: bool = False) -> None:
+    def posted(self, dialog_id: str, message_id: int, after: frozenset = frozenset()) -> None:
         """The caller posted *message_id* into *dialog_id*.  Safe from any thread; never waits for a poll.
 
         Our post moves the dialog in the recent list, but reading the dialog at once would mostly fetch
@@ -1967,11 +1970,14 @@ class Poller:
         and otherwise the late read brings our message's delivery params too (what a delivery verdict
         would read anyway).
 
-        *watched*: the post went in the request of a scan (``im.recent.get``), after it.  Only a message
-        written in the milliseconds between the two can hide behind it, so its read waits twice as long
-        for company -- unless another post of ours in the dialog went without a scan."""
+        *after*: the methods that ran, and answered, before the post in its request
+        (:attr:`BatchResult.after`).  When they are the scan's (:data:`SCAN_CALLS`; one that failed is
+        dropped), only a message written in the milliseconds between the two can hide behind the post, so
+        its read waits twice as long for company -- unless another post of ours in the dialog went
+        without a scan."""
         if message_id:
-            self._told.append((str(dialog_id), int(message_id), bool(watched), self.monotonic()))
+            watched = self.SCAN_CALLS <= after
+            self._told.append((str(dialog_id), int(message_id), watched, self.monotonic()))
 
     def _take_told(self) -> None:
         while self._told:
@@ -1986,7 +1992,7 @@ class Poller:
 
     def _own_delay(self, did: str) -> float:
         """How long the read of *did*, whose only news is our own post, is put off."""
-        return self.own_read_delay * (1 if did in self._unwatched else 2)
+        return self.own_read_delay * (1 if did in self._unwatched else OWN_READ_WATCHED)
 
     def _put_off_own(self, wants: dict, hinted: dict) -> None:
         """Take out of *wants* the dialogs whose only news is our own post, until their read is due.  A

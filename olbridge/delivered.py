@@ -89,9 +89,9 @@ class Deliveries:
         if not self.watch.busy() or time.monotonic() - self.last < every:
             return
         self.last = time.monotonic()
-        # a part posted just now is read by the poller soon anyway (Poller.posted, put off up to twice the
-        # delay): judged from that read
-        self._settle_all(self.watch.check(younger=2 * self.shared.settings.own_read_delay + interval))
+        # a part posted just now is read by the poller soon anyway (Poller.posted): judged from that read
+        longest = bc.OWN_READ_WATCHED * self.shared.settings.own_read_delay
+        self._settle_all(self.watch.check(younger=longest + interval))
 
     def _settle_all(self, verdicts: list) -> None:
         for v in verdicts:

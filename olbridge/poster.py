@@ -153,14 +153,13 @@ class Poster:
         self.shared.live.beat("posting %d replies" % len(live))
         try:
             result = self.shared.client.batch(commands, patience=self.patience(len(commands)))
-            # the scan (both its calls: the poller drops it if one fails) ran just before, in the same request
-            watched = {"im.recent.get", "im.recent.list"} <= result.after
+            after = result.after                # the scan, if it ran just before, in the same request
             outcomes = {name: result.errors.get(name) for name in names}
             missing = [n for n in names if n not in result.results and n not in result.errors]
             ids = {n: message_id_of(result.results.get(n)) for n in names}     # the posted messages' ids
         except bc.TRANSIENT as exc:
             # the answer to the whole batch was lost or refused: find out, reply by reply
-            outcomes, missing, ids, watched = {}, list(names), {}, False
+            outcomes, missing, ids, after = {}, list(names), {}, frozenset()
             log.info("replies not confirmed (%s); looking for them in their dialogs", exc)
         if missing:
             found = self._find_posted({n: names[n] for n in missing})
@@ -168,7 +167,7 @@ class Poster:
                 ids[n] = found.get(n, 0)
                 outcomes[n] = None if found.get(n) else bc.UnknownOutcomeError("not confirmed", "not in the dialog yet")
         for name, row in names.items():
-            self._after_post(row, outcomes.get(name), ids.get(name, 0), watched)
+            self._after_post(row, outcomes.get(name), ids.get(name, 0), after)
 
     def _command(self, row: Row) -> tuple:
         """``(method, params)`` posting *row*'s next part with its uuid: as our fetch-mode chat bot in the chats
@@ -297,12 +296,13 @@ class Poster:
                 for n, r in rows.items()}
 
     # -- what a post's outcome means ---------------------------------------------------------
-    def _after_post(self, row: Row, error: Exception | None, message_id: int = 0, watched: bool = False) -> None:
+    def _after_post(self, row: Row, error: Exception | None, message_id: int = 0,
+                    after: frozenset = frozenset()) -> None:
         sh = self.shared
         index, total = row.posted, len(row.answer)
         if error is None:
             sh.stats["replies"] += 1
-            sh.posted(row.dialog, message_id, watched)
+            sh.posted(row.dialog, message_id, after)
             if message_id and self.follow(row):
                 self.on_posted(sh.store.part_posted(row, message_id, index, posted=index + 1, attempts=0,
                                                     first_try=None))

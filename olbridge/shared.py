@@ -59,7 +59,7 @@ class Shared:
         self.dead: DeadLetters = None             # type: ignore[assignment]
         self.chat_bot: dict | None = None         # the registered Open Lines chat bot (--register-bot)
         self.own: collections.OrderedDict = collections.OrderedDict()   # (dialog, id) of messages we posted
-        self.tell_poller: Callable[[str, int, bool], None] = lambda dialog, message_id, watched: None  # Poller.posted
+        self.tell_poller: Callable[[str, int, frozenset], None] = lambda dialog, message_id, after: None  # Poller.posted
         self.files: AnswerFiles = None            # type: ignore[assignment]  -- the answers' files, kept
         self.file_route = ""                      # how files go as the webhook user ("disk" / "upload")
         self.uploading: set = set()               # dialogs with a file post in flight (its id not known yet)
@@ -94,12 +94,12 @@ class Shared:
         """The ``TEMPLATE_ID`` of part *index* of this message's answer (the same on every try)."""
         return reply_template_id(self.client.host, row.dialog, row.message_id, index)
 
-    def posted(self, dialog: str, message_id: int, watched: bool = False) -> None:
+    def posted(self, dialog: str, message_id: int, after: frozenset = frozenset()) -> None:
         """Remember a message we posted (the most recent OWN_KEPT): its echo from a push source needs no read,
-        and the poller puts off reading it (:meth:`b24common.Poller.posted`; *watched*: it went after a scan,
-        in the scan's request)."""
+        and the poller puts off reading it (:meth:`b24common.Poller.posted`; *after*: the methods that ran
+        before it in its request)."""
         if message_id:
-            self.tell_poller(dialog, message_id, watched)
+            self.tell_poller(dialog, message_id, after)
             with self._told_lock:
                 self.own[(dialog, message_id)] = True
                 while len(self.own) > OWN_KEPT:

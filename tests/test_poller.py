@@ -309,10 +309,6 @@ class BotHeld(PollerCase):
 class OwnPosts(PollerCase):
     """A dialog whose only news is our own post is read later (Poller.posted), never lost."""
 
-    def reads(self) -> int:
-        st = self.portal.stats()
-        return st["counts"].get("im.dialog.messages.get", 0) + st["sub_counts"].get("im.dialog.messages.get", 0)
-
     def setUp(self) -> None:
         super().setUp()
         self.chat = self.portal.add_dialogs(1)[0]
@@ -344,7 +340,7 @@ class OwnPosts(PollerCase):
 
     def test_a_post_that_went_after_a_scan_waits_twice_as_long_unless_one_went_alone(self) -> None:
         self.portal.reset_stats()
-        self.p.posted(self.did, bc.send_text(self.posting, self.did, "answer"), watched=True)
+        self.p.posted(self.did, bc.send_text(self.posting, self.did, "answer"), after=bc.Poller.SCAN_CALLS)
         self.p.poll()
         time.sleep(1.6)
         self.p.poll()
@@ -353,7 +349,7 @@ class OwnPosts(PollerCase):
         self.p.poll()
         self.assertEqual(self.reads(), 1, "not read after twice the delay")
         # a post that went without a scan in the dialog: the single delay again, for the two of them
-        self.p.posted(self.did, bc.send_text(self.posting, self.did, "after the scan"), watched=True)
+        self.p.posted(self.did, bc.send_text(self.posting, self.did, "after the scan"), after=bc.Poller.SCAN_CALLS)
         self.p.poll()
         self.post("on its own")
         time.sleep(1.6)
