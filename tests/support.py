@@ -91,6 +91,11 @@ class PortalCase(unittest.TestCase):
         p.start()
         return p
 
+    def reads(self) -> int:
+        """``im.dialog.messages.get`` calls since the last stats reset, on their own or in a batch."""
+        st = self.portal.stats()
+        return st["counts"].get("im.dialog.messages.get", 0) + st["sub_counts"].get("im.dialog.messages.get", 0)
+
     # -- subprocesses ----------------------------------------------------------
     def env(self, **extra) -> dict:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.tmp,

@@ -37,11 +37,6 @@ class BridgeHarness(PortalCase):
     def texts(self, chat: int) -> list:
         return [m["text"] for m in self.portal.chat_messages(chat)]
 
-    def reads(self) -> int:
-        """``im.dialog.messages.get`` calls since the last stats reset, on their own or in a batch."""
-        st = self.portal.stats()
-        return st["counts"].get("im.dialog.messages.get", 0) + st["sub_counts"].get("im.dialog.messages.get", 0)
-
     def wait_for(self, cond, timeout: float = 15, what: str = "") -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
