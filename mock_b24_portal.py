@@ -98,6 +98,7 @@ def batch_calls(params: dict) -> list:
     """The sub-methods of a ``batch`` request, in order (for the request log)."""
     return [split_query(q)[0] for q in batch_commands(params).values() if isinstance(q, str)]
 
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "BitrixEmulator/1.0"
     protocol_version = "HTTP/1.1"
