@@ -23,6 +23,7 @@ BOT_NOT_IN_CHAT = ("ACCESS_DENIED", "CHAT_NOT_FOUND", "CANCELED", "BOT_NOT_FOUND
 STRAINED_SEC = 10.0         # a request that waited for the portal's budget this recently: the bridge is rate-bound
 SHARE_WAIT_SEC = 1.0        # replies wait up to this long for the scan due next, to go in its request,
 SHARE_MAX_REPLIES = 10      #   when there are no more than this many at once (light load)
+PACK_WAIT_SEC = 1.0         # rate-bound, a batch not yet full waits up to this long for the answers on their way
 # inside a batch, "$result[name]" and its like are references to other commands' results (fact sheet §4)
 BATCH_REFERENCE = re.compile(r"\$(?:result|next|total|error|time)\[", re.IGNORECASE)
 
@@ -105,16 +106,7 @@ class Poster:
             # meanwhile too: a fuller batch, and no answer left for the round after.  A plain sleep: a stop
             # does not cut it short (the reply in progress is still posted)
             time.sleep(min(1.0, max(0.02, self.shared.client.limiter.ready_in())))
-            jobs = {first.dialog: first}
-            while len(jobs) < self.shared.settings.reply_batch:
-                try:
-                    row = self.outbox.get_nowait()
-                except queue.Empty:
-                    break
-                if row.dialog in jobs:   # never two parts of one dialog in one batch: order first
-                    self.outbox.put(row)
-                    break
-                jobs[row.dialog] = row
+            jobs = self._gather(first)
             self.posting = True
             try:
                 self._post_batch(list(jobs.values()))
@@ -126,6 +118,36 @@ class Poster:
                     self._release(row, again_at=time.monotonic() + 30)
             finally:
                 self.posting = False
+
+    def _gather(self, first: Row) -> dict:
+        """``{dialog: row}`` for one batch: *first* and what waits in the outbox -- and, while the portal's
+        budget is what limits us and the workers still have answers on their way, what comes within
+        :data:`PACK_WAIT_SEC`: a batch short of full spends a request that a full one would have made go
+        further (the gap costs nothing then: the budget is not idle, the bucket only drains)."""
+        jobs = {first.dialog: first}
+        limit = self.shared.settings.reply_batch
+        deadline = time.monotonic() + PACK_WAIT_SEC
+        while len(jobs) < limit:
+            try:
+                row = self.outbox.get_nowait()
+            except queue.Empty:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._packing():
+                    break
+                try:
+                    row = self.outbox.get(timeout=min(left, 0.1))
+                except queue.Empty:
+                    continue
+            if row.dialog in jobs:   # never two parts of one dialog in one batch: order first
+                self.outbox.put(row)
+                break
+            jobs[row.dialog] = row
+        return jobs
+
+    def _packing(self) -> bool:
+        """Is a batch short of full better off waiting: requests waited for the budget lately, or half the
+        burst allowance is spent -- and more answers are on their way (a worker has a dialog)?"""
+        return self.scheduler.answering() and self.shared.client.limiter.strained(STRAINED_SEC)
 
     def _post_batch(self, rows: list) -> None:
         live = []

@@ -70,6 +70,11 @@ class Scheduler:
             return not self.queued and not self.working and not self.posting and self.ready.empty() \
                 and self.busy == 0
 
+    def answering(self) -> bool:
+        """Are answers on their way: a dialog with a worker, or waiting for one?"""
+        with self.lock:
+            return bool(self.working or self.queued)
+
     def add_busy(self, n: int) -> None:
         with self.lock:
             self.busy += n

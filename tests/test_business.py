@@ -179,6 +179,22 @@ class Business(BridgeHarness):
         self.assertTrue(any(r["method"] == "batch" for r in log))
         self.assertEqual(proc.stop(), 0)
 
+    def test_when_the_budget_binds_the_first_answers_wait_for_those_on_their_way(self) -> None:
+        # a bucket of one request: every request waits for the one before (the budget is what limits us);
+        # half the answers come at once, half 0.6 s later -- one batch for all, not one for each half
+        self.portal.set_limits(rate=1000, burst=100000)
+        chats = self.portal.add_dialogs(8)
+        self.bot.delay = {"slow %d" % c: 0.6 for c in chats[:4]}
+        proc = self.start_bridge(B24_RATE_PER_SEC="2", B24_RATE_BURST="2", BRIDGE_MAX_CONCURRENCY="8")
+        self.portal.reset_stats()
+        with self.portal.lock:             # all eight in one scan
+            for c in chats:
+                self.portal.customer_message(c, ("slow %d" if c in chats[:4] else "quick %d") % c)
+        self.wait_for(lambda: all(len(self.echoes(c)) == 1 for c in chats), timeout=20, what="every answer")
+        posts = [r for r in self.portal.stats()["log"] if "im.message.add" in (r.get("calls") or [r["method"]])]
+        self.assertEqual(len(posts), 1, posts)
+        self.assertEqual(proc.stop(), 0)
+
 
 class MockBot(BridgeHarness):
     def test_flags_by_hand(self) -> None:
