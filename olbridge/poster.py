@@ -147,7 +147,7 @@ class Poster:
     def _packing(self) -> bool:
         """Is a batch short of full better off waiting: requests waited for the budget lately, or half the
         burst allowance is spent -- and more answers are on their way (a dialog is with a worker, or waits for one)?"""
-        return self.scheduler.answering() and self.shared.client.limiter.strained(STRAINED_SEC)
+        return self.scheduler.answering() and self.busy()
 
     def _post_batch(self, rows: list) -> None:
         live = []
