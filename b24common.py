@@ -826,6 +826,11 @@ def _is_read_method(method: str) -> bool:
     return m in _READ_METHODS or m.rsplit(".", 1)[-1] in ("get", "list")
 
 
+def _writes(methods: Iterable[str]) -> bool:
+    """True if any of *methods* may change something (a batch carrying one is a write)."""
+    return not all(_is_read_method(m) for m in methods)
+
+
 class RateLimiter:
     """Keeps one process under both portal limits before the portal has to say no.
 
@@ -974,7 +979,7 @@ class _Rider:
     def __init__(self, commands: Mapping[str, tuple], due: float):
         self.commands = dict(commands)
         self.due = due                 # it goes at the latest then (monotonic), with company or not
-        self.writes = not all(_is_read_method(method) for method, _params in self.commands.values())
+        self.writes = _writes(method for method, _params in self.commands.values())
         self.tries = 0
         self.done = False
         self.error: BaseException | None = None
@@ -1210,7 +1215,7 @@ class Client:
             methods.append(method)
             query = php_query(params)
             cmd[name] = method + ("?" + query if query else "")
-        write = not all(_is_read_method(m) for m in methods)
+        write = _writes(methods)
         env = self._request("batch", {"halt": 1 if halt else 0, "cmd": cmd}, write=write, sub_methods=methods)
         if not out.time:
             out.time = as_map(env.get("time"))
