@@ -1,7 +1,8 @@
 """Run every test: ``python3 -m tests`` (from the repository root).
 
-Tests run side by side in worker processes (``-j N``; by default three per core,
-since most of a test's time is spent waiting on its emulator, bot and scripts).
+Tests run side by side in worker processes (``-j N``; by default four per core,
+since most of a test's time is spent waiting on its emulator, bot and scripts:
+on two cores, four per core keeps both busy, more only wait for them).
 Each test gets its own emulator, ports and folders, so any two can run at once.
 The slowest tests start first (their times from the last run, kept in
 ``tests/.durations.json``), and the run ends with the slowest named and the
@@ -112,7 +113,7 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("-k", dest="patterns", action="append", default=[],
                         help="only tests whose name contains this substring")
     parser.add_argument("-j", dest="jobs", type=int, default=0, metavar="N",
-                        help="tests run side by side (default: 3 per core; 1 runs them one by one)")
+                        help="tests run side by side (default: 4 per core; 1 runs them one by one)")
     parser.add_argument("-q", "--quiet", action="store_true", help="dots instead of test names")
     parser.add_argument("-f", "--failfast", action="store_true", help="stop at the first failure")
     args = parser.parse_args(argv)
@@ -129,7 +130,7 @@ def main(argv: list | None = None) -> int:
     ids = [t for t in found if isinstance(t, str)]
     known = _load_durations()
     ids.sort(key=lambda t: -known.get(t, 30.0))      # unknown ones count as slow: they start early
-    jobs = args.jobs or 3 * (os.cpu_count() or 1)
+    jobs = args.jobs or 4 * (os.cpu_count() or 1)
     jobs = max(1, min(jobs, len(ids) or 1))
 
     started = time.monotonic()
