@@ -251,6 +251,7 @@ class PortalServer(ThreadingHTTPServer):
     """The emulator's HTTP server on 127.0.0.1; ``.portal`` is the :class:`Portal`."""
 
     daemon_threads = True
+    request_queue_size = 128   # not 5: a bridge's threads, scripts and a test connect at once (see BotServer)
     allow_reuse_address = True
 
     def __init__(self, portal: Portal | None = None, port: int = 0):

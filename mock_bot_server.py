@@ -52,6 +52,9 @@ class BotServer(ThreadingHTTPServer):
     """
 
     daemon_threads = True
+    # many clients connect at once (a bridge asks for eight dialogs side by side): the default backlog
+    # of 5 drops the rest of a burst's connections, and the kernel tries them again only after a second
+    request_queue_size = 128
 
     def __init__(self, port: int = 0, shape: str = "reply_text", delay: float = 0.0, token: str = ""):
         super().__init__(("127.0.0.1", port), _Handler)
