@@ -135,31 +135,35 @@ class DeliveryWatch:
 
     def check(self, younger: float = 0.0) -> list:
         """The verdicts that came in since the last call (each message's once).  Dialogs whose messages
-        were all sent less than *younger* seconds ago are left for now (a read due anyway judges them)."""
+        were all sent less than *younger* seconds ago are left for now (a read due anyway judges them).
+        Each batch's answer is judged and let go before the next is asked for: with hundreds of dialogs
+        in flight, only one answer is held at a time."""
         if not self.pending:
             return []
-        first: dict = {}
-        oldest: dict = {}
+        by_dialog: dict = {}                 # dialog -> [(message id, sent at)]
         for mid, (dialog, at) in self.pending.items():
-            first[dialog] = min(first.get(dialog, mid), mid)
-            oldest[dialog] = min(oldest.get(dialog, at), at)
+            by_dialog.setdefault(dialog, []).append((mid, at))
         if younger > 0:
             now = self.clock()
-            first = {d: mid for d, mid in first.items() if now - oldest[d] >= younger}
-        dialogs = sorted(first, key=first.get)                   # the longest waiting first
-        results: dict = {}
+            by_dialog = {d: sent for d, sent in by_dialog.items() if now - min(at for _m, at in sent) >= younger}
+        dialogs = sorted(by_dialog, key=lambda d: min(by_dialog[d]))      # the longest waiting first
+        out = []
         for start in range(0, len(dialogs), bc.BATCH_MAX):      # one batch per 50 dialogs in flight
-            chunk = dialogs[start:start + bc.BATCH_MAX]
-            res = self.client.batch({"d%d" % i: ("im.dialog.messages.get", {
-                "DIALOG_ID": d, "FIRST_ID": first[d] - 1, "LIMIT": bc.MESSAGES_PAGE}) for i, d in enumerate(chunk)})
-            results.update({d: res.results.get("d%d" % i) for i, d in enumerate(chunk)})
+            out.extend(self._judge_batch(dialogs[start:start + bc.BATCH_MAX], by_dialog))
+        return out
+
+    def _judge_batch(self, chunk: list, by_dialog: Mapping) -> list:
+        """One ``batch`` read of the dialogs in *chunk* from their first message in flight; the verdicts."""
+        res = self.client.batch({"d%d" % i: ("im.dialog.messages.get", {
+            "DIALOG_ID": d, "FIRST_ID": min(by_dialog[d])[0] - 1, "LIMIT": bc.MESSAGES_PAGE})
+            for i, d in enumerate(chunk)})
         now = self.clock()
         out = []
-        for dialog in dialogs:
-            msgs = sorted(bc.messages_of(results.get(dialog))[0], key=lambda m: bc.as_int(m.get("id")))
+        for i, dialog in enumerate(chunk):
+            msgs = sorted(bc.messages_of(res.results.get("d%d" % i))[0], key=lambda m: bc.as_int(m.get("id")))
             by_id = {bc.as_int(m.get("id")): m for m in msgs}
-            for mid, (d, sent_at) in list(self.pending.items()):
-                if d != dialog or mid not in by_id:
+            for mid, sent_at in by_dialog[dialog]:
+                if mid not in by_id:
                     continue
                 notices = [m for m in msgs if bc.as_int(m.get("id")) > mid and not bc.as_int(m.get("author_id"))]
                 verdict = judge(by_id[mid], notices, age=now - sent_at, wait=self.wait, dialog_id=dialog)

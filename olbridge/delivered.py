@@ -37,7 +37,6 @@ class Deliveries:
         self.notify_bot, self.hand_to_queue = notify_bot, hand_to_queue
         self.watch: delivery.DeliveryWatch | None = None   # made (and filled from the store) by the main thread
         self.posted: queue.Queue = queue.Queue()    # parts the poster posted, for the main thread to follow
-        self.rows: dict = {}                        # message id -> (dialog, source, part, payload)
         self.last = 0.0
         self.counts = {"delivered": 0, **{r: 0 for r in REASONS}}
 
@@ -54,12 +53,12 @@ class Deliveries:
                 self.posted.put(part)
         while True:
             try:
-                mid, dialog, source, part, sent_at, payload = self.posted.get_nowait()
+                mid, dialog, _source, _part, sent_at, _payload = self.posted.get_nowait()
             except queue.Empty:
                 return
-            if mid not in self.rows:
+            # only the dialog and the time are held; what a failure needs is read from the store then
+            if mid not in self.watch.pending:
                 self.watch.add(dialog, mid, at=sent_at)
-                self.rows[mid] = (dialog, source, part, payload)
 
     def seen(self, msgs: list) -> None:
         """The poller read these anyway: a part among them (posting it moved its dialog, so the next scan
@@ -101,8 +100,6 @@ class Deliveries:
                 self.shared.store.settled([v.message_id for v in verdicts])
             except sqlite3.Error as exc:
                 self.shared.note_save_error(exc)
-            for v in verdicts:
-                self.rows.pop(v.message_id, None)
 
     def _settle(self, v: delivery.Verdict) -> None:
         sh = self.shared
@@ -111,7 +108,11 @@ class Deliveries:
             return
         kind = reason_kind(v)
         self.counts[kind] += 1
-        dialog, source, part, payload = self.rows.get(v.message_id, (v.dialog_id, 0, 0, {}))
+        try:
+            dialog, source, part, payload = sh.store.sent_part(v.message_id) or (v.dialog_id, 0, 0, {})
+        except sqlite3.Error as exc:
+            sh.note_save_error(exc)
+            dialog, source, part, payload = v.dialog_id, 0, 0, {}
         where = "%s #%d" % (bc.display_dialog_id(dialog), source)
         log.warning("%s: reply %d (message %d) %s", where, part + 1, v.message_id, v.describe())
         row = Row((dialog, source, json.dumps(payload), "answered", json.dumps([payload.get("text", "")]), 0, 0,

@@ -296,6 +296,12 @@ class Store:
         return [(m, d, s, p, t, json.loads(j)) for m, d, s, p, t, j in self.db.execute(
             "SELECT message_id, dialog, source, part, sent_at, payload FROM sent ORDER BY message_id")]
 
+    def sent_part(self, message_id: int) -> tuple | None:
+        """``(dialog, source message id, part, payload)`` of a part in flight, or None."""
+        got = self.db.execute("SELECT dialog, source, part, payload FROM sent WHERE message_id = ?",
+                              (message_id,)).fetchone()
+        return None if got is None else (got[0], got[1], got[2], json.loads(got[3]))
+
     def settled(self, message_ids: list) -> None:
         self._tx([("DELETE FROM sent WHERE message_id = ?", (m,)) for m in message_ids])
 

@@ -212,11 +212,16 @@ class BridgeFollowsItsAnswers(BridgeWorld):
         self.wait(lambda: any(d["stage"] == "delivery" for d in self.dead_letters()), "the dead letter")
         letter = next(d for d in self.dead_letters() if d["stage"] == "delivery")
         self.assertIn("not delivered: Recipient has blocked the business number", letter["reason"])
+        asked = next(r["payload"] for r in self.bot.received if r["payload"].get("text") == "hello?")
+        # what the failure needs is read back from the store: the reply, its source, the event
+        self.assertEqual((letter["answer"], letter["payload"]["event_id"]), (["Echo: hello?"], asked["event_id"]))
+        self.assertEqual(letter["message_id"], asked["message_id"])
         self.assertTrue(proc.wait_stderr("not delivered: Recipient has blocked", 5))
         self.assertIn('b24_bridge_replies_undelivered_total{reason="blocked"} 1', self.metrics())
         self.wait(lambda: any(r["payload"].get("type") == "delivery" for r in self.bot.received), "the bot's notice")
         notice = next(r["payload"] for r in self.bot.received if r["payload"].get("type") == "delivery")
-        self.assertEqual((notice["status"], notice["dialog_id"]), ("failed", "chat%d" % chat))
+        self.assertEqual((notice["status"], notice["dialog_id"], notice["event_id"]),
+                         ("failed", "chat%d" % chat, asked["event_id"]))
         self.assertIn("blocked", notice["reason"])
         self.wait(lambda: self.portal.in_queue_for(self.portal.chats[chat], 7), "the hand-over to the queue")
         self.assertEqual(proc.stop(), 0)
