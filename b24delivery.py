@@ -22,7 +22,7 @@ __all__ = ["DELIVERED", "SENT", "FAILED", "REFUSED", "UNCONFIRMED", "NO_REPORTS"
 
 import re
 import time
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Collection, Mapping, NamedTuple
 
 import b24common as bc
 
@@ -133,9 +133,10 @@ class DeliveryWatch:
     def busy(self) -> bool:
         return bool(self.pending)
 
-    def check(self, younger: float = 0.0) -> list:
+    def check(self, younger: float = 0.0, also: Collection = ()) -> list:
         """The verdicts that came in since the last call (each message's once).  Dialogs whose messages
-        were all sent less than *younger* seconds ago are left for now (a read due anyway judges them).
+        were all sent less than *younger* seconds ago are left for now (a read due anyway judges them),
+        except those in *also*.
         Each batch's answer is judged and let go before the next is asked for: with hundreds of dialogs
         in flight, only one answer is held at a time."""
         if not self.pending:
@@ -145,7 +146,8 @@ class DeliveryWatch:
             by_dialog.setdefault(dialog, []).append((mid, at))
         if younger > 0:
             now = self.clock()
-            by_dialog = {d: sent for d, sent in by_dialog.items() if now - min(at for _m, at in sent) >= younger}
+            by_dialog = {d: sent for d, sent in by_dialog.items()
+                         if d in also or now - min(at for _m, at in sent) >= younger}
         dialogs = sorted(by_dialog, key=lambda d: min(by_dialog[d]))      # the longest waiting first
         out = []
         for start in range(0, len(dialogs), bc.BATCH_MAX):      # one batch per 50 dialogs in flight

@@ -18,6 +18,7 @@ from olbridge.store import Row
 log = logging.getLogger("b24_ol_bridge")
 
 REASONS = ("window", "blocked", "provider", "unconfirmed")     # b24_bridge_replies_undelivered_total{reason}
+READ_AGAIN_SEC = 5.0        # a part the poller read while still in flight is checked once this much has passed
 
 
 def reason_kind(verdict: delivery.Verdict) -> str:
@@ -37,6 +38,7 @@ class Deliveries:
         self.notify_bot, self.hand_to_queue = notify_bot, hand_to_queue
         self.watch: delivery.DeliveryWatch | None = None   # made (and filled from the store) by the main thread
         self.posted: queue.Queue = queue.Queue()    # parts the poster posted, for the main thread to follow
+        self.read_in_flight: dict = {}              # message id -> (dialog, when the poller read it unsettled)
         self.last = 0.0
         self.counts = {"delivered": 0, **{r: 0 for r in REASONS}}
 
@@ -80,6 +82,8 @@ class Deliveries:
             if verdict is not None:
                 del self.watch.pending[msg.id]
                 verdicts.append(verdict)
+            else:       # read before its delivery mark came: no read of the poller brings it again
+                self.read_in_flight.setdefault(msg.id, (msg.dialog_id, time.monotonic()))
         self._settle_all(verdicts)
 
     def check(self, interval: float) -> None:
@@ -87,10 +91,14 @@ class Deliveries:
         every = max(interval, self.shared.settings.delivery_check)        # BRIDGE_DELIVERY_CHECK_SEC
         if not self.watch.busy() or time.monotonic() - self.last < every:
             return
-        self.last = time.monotonic()
-        # a part posted just now is read by the poller soon anyway (Poller.posted): judged from that read
+        self.last = now = time.monotonic()
+        # a part posted just now is read by the poller soon anyway (Poller.posted): judged from that read,
+        # unless that read came before the part's delivery mark
         longest = bc.OWN_READ_WATCHED * self.shared.settings.own_read_delay
-        self._settle_all(self.watch.check(younger=longest + interval))
+        for mid in [m for m in self.read_in_flight if m not in self.watch.pending]:
+            del self.read_in_flight[mid]
+        read = {d for d, at in self.read_in_flight.values() if now - at >= READ_AGAIN_SEC}
+        self._settle_all(self.watch.check(younger=longest + interval, also=read))
 
     def _settle_all(self, verdicts: list) -> None:
         for v in verdicts:

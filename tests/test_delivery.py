@@ -241,6 +241,21 @@ class BridgeFollowsItsAnswers(BridgeWorld):
         self.assertEqual(again.stop(), 0)
 
 
+    def test_a_reply_read_before_its_delivery_mark_is_checked_seconds_later_not_after_the_own_read_delay(self) -> None:
+        chat = self.ids["lines_member"]
+        # the customer answers before the connector's mark on our reply comes (3 s): the poller's read of
+        # their message has our reply still sending, and no read of the poller brings it again
+        self.portal.delivery(chat, mode="fail", reason="provider outage", delay=3.0)
+        proc = self.bridge(BRIDGE_OWN_READ_DELAY_SEC="15")       # a reply read with nothing else: 30 s on
+        self.portal.customer_message(chat, "one")
+        self.wait(lambda: "Echo: one" in [m["text"] for m in self.portal.chat_messages(chat)], "the answer")
+        replied = time.monotonic()
+        self.portal.customer_message(chat, "two")
+        self.wait(lambda: ["Echo: one"] in [d["answer"] for d in self.dead_letters()], "the verdict", timeout=15)
+        self.assertLess(time.monotonic() - replied, 15)
+        self.assertEqual(proc.stop(), 0)
+
+
 class DeletedMessages(BridgeWorld):
     def test_a_deleted_message_never_reaches_the_bot_and_the_race_is_read_again(self) -> None:
         chat = self.ids["lines_member"]
