@@ -38,7 +38,7 @@ class Deliveries:
         self.notify_bot, self.hand_to_queue = notify_bot, hand_to_queue
         self.watch: delivery.DeliveryWatch | None = None   # made (and filled from the store) by the main thread
         self.posted: queue.Queue = queue.Queue()    # parts the poster posted, for the main thread to follow
-        self.read_in_flight: dict = {}              # message id -> (dialog, when the poller read it unsettled)
+        self.read_in_flight: dict = {}              # message id -> when the poller read it unsettled (monotonic)
         self.last = 0.0
         self.counts = {"delivered": 0, **{r: 0 for r in REASONS}}
 
@@ -83,7 +83,7 @@ class Deliveries:
                 del self.watch.pending[msg.id]
                 verdicts.append(verdict)
             else:       # read before its delivery mark came: no read of the poller brings it again
-                self.read_in_flight.setdefault(msg.id, (msg.dialog_id, time.monotonic()))
+                self.read_in_flight.setdefault(msg.id, time.monotonic())
         self._settle_all(verdicts)
 
     def check(self, interval: float) -> None:
@@ -95,9 +95,9 @@ class Deliveries:
         # a part posted just now is read by the poller soon anyway (Poller.posted): judged from that read,
         # unless that read came before the part's delivery mark
         longest = bc.OWN_READ_WATCHED * self.shared.settings.own_read_delay
-        for mid in [m for m in self.read_in_flight if m not in self.watch.pending]:
-            del self.read_in_flight[mid]
-        read = {d for d, at in self.read_in_flight.values() if now - at >= READ_AGAIN_SEC}
+        pending = self.watch.pending                                       # message id -> (dialog, sent at)
+        self.read_in_flight = {m: at for m, at in self.read_in_flight.items() if m in pending}
+        read = {pending[m][0] for m, at in self.read_in_flight.items() if now - at >= READ_AGAIN_SEC}
         self._settle_all(self.watch.check(younger=longest + interval, also=read))
 
     def _settle_all(self, verdicts: list) -> None:

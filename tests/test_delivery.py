@@ -240,7 +240,6 @@ class BridgeFollowsItsAnswers(BridgeWorld):
         self.assertIn("provider outage", self.dead_letters()[-1]["reason"])
         self.assertEqual(again.stop(), 0)
 
-
     def test_a_reply_read_before_its_delivery_mark_is_checked_seconds_later_not_after_the_own_read_delay(self) -> None:
         chat = self.ids["lines_member"]
         # the customer answers before the connector's mark on our reply comes (3 s): the poller's read of
