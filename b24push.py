@@ -302,10 +302,17 @@ class BotEventSource(EventQueueSource):
         return out
 
 
-def event_source_available(client: Client) -> tuple:
-    """``(True, "")`` if the portal answers ``im.v2.Event.subscribe``; else ``(False, why)``."""
+def event_source_available(client: Client, *, subscribe: bool = True) -> tuple:
+    """``(True, "")`` if the portal answers ``im.v2.Event.subscribe``; else ``(False, why)``.
+
+    Without *subscribe* it only asks ``im.v2.Event.get`` (``limit=1``, no ``offset``: nothing is
+    acknowledged; unsubscribed, the answer is an empty list, fact sheet §12.1): once subscribed, the
+    portal keeps every event of the user for 24 hours whether anybody reads them or not."""
     try:
-        client.call("im.v2.Event.subscribe")
+        if subscribe:
+            client.call("im.v2.Event.subscribe")
+        else:
+            client.call("im.v2.Event.get", {"limit": 1})
         return True, ""
     except (AuthError,) + TRANSIENT:
         raise
@@ -435,7 +442,7 @@ def choose_sources(client: Client, *, self_id: int, interval: float, spool_path:
                                    user_events=user_events, interval=interval, skip=skip, observe=observe))
     events = cfg.source == "events" and not push
     if cfg.source == "auto" and not cfg.listen and not push:
-        ok, why = event_source_available(client)
+        ok, why = event_source_available(client, subscribe=False)     # subscribed only if it is used
         queues: list = []
         if ok:
             try:
@@ -449,6 +456,12 @@ def choose_sources(client: Client, *, self_id: int, interval: float, spool_path:
                      "and chats waiting in a queue produce no events (B24_SOURCE=events uses it anyway)",
                      interval, "lines" if len(queues) > 1 else "line", ", ".join(queues))
         events = ok and not queues
+        if events:
+            ok, why = event_source_available(client)
+            if not ok:
+                log.info("source: polling every %g s (the event queue did not take the subscription: %s)",
+                         interval, why)
+                events = False
     elif events:
         ok, why = event_source_available(client)
         if not ok:

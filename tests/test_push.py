@@ -150,13 +150,14 @@ class EventQueueOnTheEmulator(PortalCase):
         self.assertIsInstance(revoked.error, bc.AuthError, "the host decides: exit 2")
 
     def test_a_portal_without_the_event_queue_is_polled(self) -> None:
-        del type(self.portal).METHODS["im.v2.event.subscribe"]
-        self.addCleanup(type(self.portal).METHODS.__setitem__, "im.v2.event.subscribe",
-                        ("m_im_v2_event_subscribe", "im", False))
+        for method in ("subscribe", "get"):
+            name = "im.v2.event." + method
+            self.addCleanup(type(self.portal).METHODS.__setitem__, name, type(self.portal).METHODS.pop(name))
         client = self.client(B24_SOURCE="auto")
-        ok, why = push.event_source_available(client)
-        self.assertFalse(ok)
-        self.assertIn("ERROR_METHOD_NOT_FOUND", why)
+        for subscribe in (True, False):
+            ok, why = push.event_source_available(client, subscribe=subscribe)
+            self.assertFalse(ok)
+            self.assertIn("ERROR_METHOD_NOT_FOUND", why)
         sources = push.choose_sources(client, self_id=7, interval=0.5)
         self.assertEqual([s.name for s in sources], ["poll"])
         with self.assertRaises(bc.ConfigError) as cm:
@@ -166,10 +167,14 @@ class EventQueueOnTheEmulator(PortalCase):
     def test_auto_skips_the_event_queue_for_a_queue_operator(self) -> None:
         # user 7 is in the queues of lines 1 and 3: a waiting chat there produces no event
         self.assertEqual([s.name for s in push.choose_sources(self.client(), self_id=7, interval=0.5)], ["poll"])
+        # and the probe left no subscription behind: the portal would keep every event of the user a day
+        self.assertNotIn(7, self.portal.event_queues)
+        self.assertEqual(self.portal.counts["im.v2.event.subscribe"], 0)
         for line in self.portal.lines.values():
             line["queue"] = [u for u in line["queue"] if u != 7]
         sources = push.choose_sources(self.client(), self_id=7, interval=0.5)
         self.assertEqual([s.name for s in sources], ["events", "poll"])
+        self.assertIn(7, self.portal.event_queues, "subscribed once it is used")
         self.assertEqual(sources[-1].every, bc.DEFAULT_RECONCILE_SEC)
 
     def test_imbot_needs_a_client_id_from_a_webhook(self) -> None:
