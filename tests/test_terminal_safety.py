@@ -163,9 +163,13 @@ class Sender(PortalCase):
         self.portal.behave(message_add_delay=1.5)
         for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
             with self.subTest(signal=sig):
+                asked = len(self.portal.uuids)
                 p = subprocess.Popen([PY, script(SEND), "chat%d" % chat, "mid-flight %d" % sig], env=self.env(),
                                      cwd=self.tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                time.sleep(0.8)
+                deadline = time.monotonic() + 20      # the send is on the portal (a loaded machine starts slowly)
+                while len(self.portal.uuids) == asked and time.monotonic() < deadline:     # recorded first
+                    time.sleep(0.05)
+                time.sleep(0.3)
                 p.send_signal(sig)
                 out, err = p.communicate(timeout=30)
                 self.assertEqual(p.returncode, code, err)
