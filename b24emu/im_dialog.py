@@ -1,6 +1,7 @@
 """``im.dialog.*`` and ``im.chat.get``: reading a dialog (fact sheet §8, §10)."""
 from __future__ import annotations
 
+import bisect
 import re
 from typing import Any
 
@@ -31,10 +32,11 @@ class ImDialog:
         limit = min(limit, 50)
         member = chat["members"].get(uid)
         start_id = member["start_id"] if member else 0
-        ids = [i for i in chat["message_ids"] if i > start_id]
+        every = chat["message_ids"]        # ascending: slices, not a pass over a long chat's every message
+        ids = every[bisect.bisect_right(every, start_id):] if first is None else []
         if first is not None:
-            rows = [i for i in ids if i > int(first)]
-            rows = rows if unlimited else rows[:limit]        # ascending
+            begin = bisect.bisect_right(every, max(int(first), start_id))
+            rows = every[begin:] if unlimited else every[begin:begin + limit]        # ascending
         elif last is not None and int(last) > 0:
             rows = [i for i in ids if i < int(last)][::-1]
             rows = rows if unlimited else rows[:limit]        # descending
