@@ -72,7 +72,8 @@ class BotServer(ThreadingHTTPServer):
         self.secret = ""         # verify X-B24-Signature / X-B24-Timestamp (401 otherwise)
         self.log_json = False    # print one JSON line per payload on stdout
         self.rng = random.Random(1)
-        self.received: list = []
+        self.received: list = []     # a benchmark may put a bounded deque here; .count counts them all
+        self.count = 0
         self.rejected: list = []
         self.lock = threading.Lock()
 
@@ -126,6 +127,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._answer(401, {"error": why})
                 return
         with bot.lock:
+            bot.count += 1
             bot.received.append({"payload": payload, "authorization": self.headers.get("Authorization"),
                                  "path": self.path, "t": time.time(), "headers": dict(self.headers.items())})
             failing = bot.fail_next > 0 or (bot.fail_rate and bot.rng.random() < bot.fail_rate)
