@@ -45,7 +45,7 @@ class ImDialog:
         else:
             counter = 0
             if member:
-                counter = sum(1 for i in ids if i > member["last_read"] and self.messages[i]["author_id"] != uid)
+                counter = self._unread(ids, member["last_read"], uid)
             if unlimited:
                 rows = ids[::-1]
             elif counter and counter <= limit:
@@ -123,7 +123,7 @@ class ImDialog:
             str([u for u in chat["private_pair"] if u != uid][0]),
         })
         if member:
-            out["counter"] = sum(1 for i in ids if i > member["last_read"] and self.messages[i]["author_id"] != uid)
+            out["counter"] = self._unread(ids, member["last_read"], uid)
         return out
 
     def m_im_dialog_get(self, ctx: dict, p: dict) -> Any:

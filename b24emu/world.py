@@ -1,6 +1,7 @@
 """The emulated portal's world: who exists, what was said, and how it looks from outside."""
 from __future__ import annotations
 
+import bisect
 import datetime as _dt
 import random
 import re
@@ -713,6 +714,10 @@ class World:
             return max(chat["activity"], chat["offered_at"])
         return max(chat["activity"], member.get("bumped", 0.0))
 
+    def _unread(self, ids: list, last_read: int, viewer: int) -> int:
+        """Messages after *last_read* in *ids* (ascending) by others than *viewer*: the tail only."""
+        return sum(1 for i in ids[bisect.bisect_right(ids, last_read):] if self.messages[i]["author_id"] != viewer)
+
     def _recent_item(self, chat: dict, viewer: int, original_text: bool = False) -> dict:
         ids = chat["message_ids"]
         last = self.messages.get(chat["row_mid"])
@@ -738,7 +743,7 @@ class World:
             item["counter"] = 1
             item["date_update"] = _iso(self._row_date(chat, viewer))
         else:
-            counter = sum(1 for i in ids if i > member["last_read"] and self.messages[i]["author_id"] != viewer)
+            counter = self._unread(ids, member["last_read"], viewer)
             item.update({"counter": counter, "last_id": member["last_read"], "pinned": member["pinned"],
                          "unread": False, "has_reminder": False,
                          "date_update": _iso(self._row_date(chat, viewer)),
