@@ -303,7 +303,8 @@ class BotEventSource(EventQueueSource):
 
 
 def event_source_available(client: Client, *, subscribe: bool = True) -> tuple:
-    """``(True, "")`` if the portal answers ``im.v2.Event.subscribe``; else ``(False, why)``.
+    """``(True, "")`` if the portal has the event queue (it answers ``im.v2.Event.subscribe``); else
+    ``(False, why)``.
 
     Without *subscribe* it only asks ``im.v2.Event.get`` (``limit=1``, no ``offset``: nothing is
     acknowledged; unsubscribed, the answer is an empty list, fact sheet §12.1): once subscribed, the
