@@ -68,6 +68,14 @@ class PortalCase(unittest.TestCase):
         self.procs: list = []
         self.addCleanup(self._kill_procs)
 
+    def wait_for(self, cond, timeout: float = 15, what: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cond():
+                return
+            time.sleep(0.05)
+        self.fail("timed out waiting for %s" % what)
+
     def use_portal(self, portal: mp.Portal) -> None:
         """Run this test against *portal* (a variant of the emulator) instead of the default one."""
         self.server.stop()

@@ -37,14 +37,6 @@ class BridgeHarness(PortalCase):
     def texts(self, chat: int) -> list:
         return [m["text"] for m in self.portal.chat_messages(chat)]
 
-    def wait_for(self, cond, timeout: float = 15, what: str = "") -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if cond():
-                return
-            time.sleep(0.05)
-        self.fail("timed out waiting for %s" % what)
-
 
 class Bridge(BridgeHarness):
 

@@ -166,9 +166,8 @@ class Sender(PortalCase):
                 asked = len(self.portal.uuids)
                 p = subprocess.Popen([PY, script(SEND), "chat%d" % chat, "mid-flight %d" % sig], env=self.env(),
                                      cwd=self.tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                deadline = time.monotonic() + 20      # the send is on the portal (a loaded machine starts slowly)
-                while len(self.portal.uuids) == asked and time.monotonic() < deadline:     # recorded first
-                    time.sleep(0.05)
+                # the send is on the portal (its uuid is recorded first); a loaded machine starts slowly
+                self.wait_for(lambda asked=asked: len(self.portal.uuids) > asked, timeout=20, what="the send on the portal")
                 time.sleep(0.3)
                 p.send_signal(sig)
                 out, err = p.communicate(timeout=30)
