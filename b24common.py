@@ -1869,6 +1869,7 @@ class Poller:
         self.fetched: dict = {}       # dialog_id -> last fetched message id (in memory)
         self.last_seen: dict = {}     # dialog_id -> last message id the recent list showed
         self._said_behind = False     # warned that the portal is behind the saved cursors
+        self._suspects: dict = {}     # dialog -> its recent item, whose message is before our cursor (this scan)
         self.dialogs: dict = {}       # dialog_id -> DialogInfo
         self.watermark: float | None = None   # the portal's clock when the last completed scan began
         self.floor_id = 0             # new dialogs start after this id
@@ -2132,7 +2133,7 @@ class Poller:
         mid = as_int(as_map(item.get("message")).get("id"))
         cursor = self.cursors.get(did)
         if mid and cursor is not None and mid < cursor:
-            self._behind(did, mid, cursor)
+            self._suspects[did] = item      # a late row, or a portal behind our state: a read tells which
         info = self._learn_dialog(did, item)
         relevant = info.is_lines or not self.lines_only
         if full:        # start(): where each dialog stands is all it needs -- not every item of every page
@@ -2153,6 +2154,31 @@ class Poller:
         else:
             self.last_seen[did] = mid
         return False, date, queued
+
+    def _settle_suspects(self, changed: dict, full: bool) -> None:
+        """The dialogs of this scan whose recent row ends before our cursor.  The portal writes a row after
+        its message (fact sheet §7.2), so while a dialog keeps getting messages a read can bring some whose
+        rows are not there yet, and a row then ends before what was read -- messages after it say so.  A
+        portal behind our state (another one, one restored from a backup) has none: that dialog is taken
+        as first seen (:meth:`_behind`).  One read each, 50 to a ``batch``, and none when there are none."""
+        suspects, self._suspects = list(self._suspects.items()), {}
+        for start in range(0, len(suspects), BATCH_MAX):
+            chunk = suspects[start:start + BATCH_MAX]
+            br = self.client.batch({"s%d" % i: ("im.dialog.messages.get", {
+                "DIALOG_ID": did, "FIRST_ID": as_int(as_map(item.get("message")).get("id")), "LIMIT": 1})
+                for i, (did, item) in enumerate(chunk)})
+            for i, (did, item) in enumerate(chunk):
+                err = br.errors.get("s%d" % i)
+                if isinstance(err, (RateLimitError, ServerError, AuthError)):
+                    raise err
+                cursor = self.cursors.get(did)
+                if "s%d" % i not in br.results or cursor is None:
+                    continue                # not read now: its row comes again, and so does the question
+                if messages_of(br.results["s%d" % i])[0]:
+                    log.debug("%s: its recent row is behind what was read (written late)", display_dialog_id(did))
+                    continue
+                self._behind(did, as_int(as_map(item.get("message")).get("id")), cursor)
+                self._consider(item, changed, set(), full=full)
 
     def _behind(self, did: str, mid: int, cursor: int) -> None:
         """The portal's dialog ends before our cursor: the saved state was written against another portal
@@ -2190,13 +2216,16 @@ class Poller:
         self._newest = None
         self._read_time = None
         self._queued = set()
+        self._suspects = {}
         changed: dict = {}
         if not full and self.uses_sync and self.watermark is not None \
                 and time.time() - self.watermark < SYNC_MAX_AGE_SEC:
             if self._scan_sync(changed, early or {}, {} if got is None else got):
                 self._no_longer_waiting()
+                self._settle_suspects(changed, full)
                 return changed, self._scan_time()
             changed.clear()
+            self._suspects = {}
             self._read_time = None
         seen: set = set()
         offset = 0
@@ -2214,6 +2243,7 @@ class Poller:
             offset += limit
             limit = RECENT_PAGE_MAX
         self._no_longer_waiting()
+        self._settle_suspects(changed, full)
         return changed, self._scan_time()
 
     def _no_longer_waiting(self) -> None:

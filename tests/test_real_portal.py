@@ -183,6 +183,30 @@ class RealPortalPoller(PortalCase):
         self.assertTrue(p.uses_sync)
         self.assertEqual(sorted(got), sent)
 
+    def test_a_row_behind_what_was_read_is_a_late_row_not_another_portal(self) -> None:
+        # a dialog that keeps getting messages while its rows come late: a read brings messages whose
+        # rows are not written yet, so a later row ends before what was read -- as it does when the state
+        # belongs to another portal; taken for that, the dialog was read again from the last scan on
+        chat, other = self.portal.add_dialogs(2)
+        self.portal.take_chat(self.ids["queued"], 9)
+        p = self.poller()
+        p.sweep_every = 1.0                              # rows come back with sweeps often (a minute here)
+        p.poll()
+        self.portal.behave(row_lag=1.2)
+        sent, got = [], []
+        for n in range(8):
+            sent.append(self.portal.customer_message(chat, "m%d" % n)["message_id"])
+            if n % 3 == 0:
+                self.portal.customer_message(other, "o%d" % n)      # tops the list: a read of chat or not
+            time.sleep(0.3)
+            got.extend(m.id for m in p.poll() if m.dialog_id == "chat%d" % chat)
+        self.portal.behave(row_lag=0)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            got.extend(m.id for m in p.poll() if m.dialog_id == "chat%d" % chat)
+            time.sleep(0.3)
+        self.assertEqual(got, sent, "each message once, in order")
+
     def test_a_row_written_very_late_comes_with_the_sweep(self) -> None:
         chat = self.portal.add_dialogs(1)[0]
         self.portal.take_chat(self.ids["queued"], 9)     # nothing waits: the one-batch path throughout
