@@ -1768,13 +1768,16 @@ class _Want:
     must not replay.  Messages dated before *cut* (as far back as the scan
     reached: the previous scan less :data:`SYNC_MARGIN_SEC`, or the sweep's
     start) are passed over: they were written while the dialog was out of
-    our sight, not since we last looked.
+    our sight, not since we last looked -- except those up to *seen*, an id
+    the recent list showed us (or ours) before this read: the dialog was in
+    sight then, however long their read took.
     """
 
-    def __init__(self, first: int, target: int, *, cut: float | None = None, tail: bool = False):
+    def __init__(self, first: int, target: int, *, cut: float | None = None, tail: bool = False, seen: int = 0):
         self.first = first            # only ids above this are ours
         self.target = target          # the newest id the recent list showed
         self.cut = cut
+        self.seen = seen
         self.tail = tail
         self.after = first            # forward: the next FIRST_ID
         self.before = 0               # tail: the next LAST_ID (0 = the newest)
@@ -1788,8 +1791,10 @@ class _Want:
         return {"FIRST_ID": self.after, "LIMIT": MESSAGES_PAGE}
 
     def _recent(self, raw: Mapping) -> bool:
+        if self.cut is None or as_int(raw.get("id")) <= self.seen:
+            return True
         date = parse_date(raw.get("date"))
-        return self.cut is None or date is None or date >= self.cut
+        return date is None or date >= self.cut
 
     def take(self, msgs: list) -> bool:
         """Take one page; True if another page is needed."""
@@ -2006,9 +2011,12 @@ class Poller:
         now = self.monotonic()
         for did, want in list(wants.items()):
             own = self._own.get(did)
-            target = max(want.target, self.last_seen.get(did, 0))
+            seen = self.last_seen.get(did, 0)
+            target = max(want.target, seen)
             if want.tail or not own or target not in own or hinted.get(did, target) not in own:
                 continue
+            if seen > want.first and seen not in own:
+                continue                            # somebody else's message is known to wait below ours
             if now < self._owed.setdefault(did, now + self._own_delay(did)):
                 del wants[did]
                 self.last_seen[did] = target        # read when due, even if the list stays quiet
@@ -2412,7 +2420,8 @@ class Poller:
         target = as_int(as_map(item.get("message")).get("id"))
         cut = self._cut_for(did)
         if did in self.cursors:
-            return _Want(max(self.cursors[did], self.fetched.get(did, 0)), target, cut=cut)
+            return _Want(max(self.cursors[did], self.fetched.get(did, 0)), target, cut=cut,
+                         seen=self.last_seen.get(did, 0))
         lines = as_map(item.get("lines"))
         began = parse_date(lines.get("date_create"))
         if cut is not None and waits_in_queue(item) and began is not None \
@@ -2540,11 +2549,11 @@ class Poller:
             if h.message_id and h.message_id <= done:
                 continue
             # read forward from the cursor for what is there: never count the hinted id as read
-            wants[did] = _Want(done, done, cut=self._cut_for(did))
+            wants[did] = _Want(done, done, cut=self._cut_for(did), seen=self.last_seen.get(did, 0))
         # dialogs rewound, or not caught up last time, are read even if the list is quiet
         for did, done, target in self._lagging():
             if did not in wants:
-                wants[did] = _Want(done, target, cut=self._cut_for(did))
+                wants[did] = _Want(done, target, cut=self._cut_for(did), seen=target)
         hinted: dict = {}
         for h in hints or ():
             if h.dialog_id:

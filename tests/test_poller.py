@@ -384,6 +384,29 @@ class OwnPosts(PollerCase):
         time.sleep(1.6)
         self.assertEqual([m.id for m in self.p.poll() if m.author_kind == "customer"], [hidden], "late, not lost")
 
+    def test_a_message_known_to_wait_is_not_put_off_behind_our_post(self) -> None:
+        self.p.own_read_delay = 30.0
+        waiting = self.portal.customer_message(self.chat, "seen, not read")["message_id"]
+        self.portal.fault("http400", count=1, method="im.dialog.messages.get")     # its read is refused
+        self.assertEqual(self.p.poll(), [])
+        mine = self.post("answer to the question before")
+        self.assertEqual([m.id for m in self.p.poll()], [waiting, mine], "read at once, not 30 s later")
+
+    def test_a_message_seen_in_the_list_is_never_history_however_late_its_read(self) -> None:
+        # the list showed it while the dialog was in sight: a read that comes after the scans' reach
+        # (a refused read, then our post put off) still delivers it
+        self.p.sweep_margin = 1.0                        # a minute on a real portal
+        waiting = self.portal.customer_message(self.chat, "seen, not read")["message_id"]
+        self.portal.fault("http400", count=1, method="im.dialog.messages.get")
+        self.assertEqual(self.p.poll(), [])
+        time.sleep(2.5)                                  # older than the reach of every scan now
+        self.p.poll()
+        mine = self.post("answer")
+        got = [m.id for m in self.p.poll()]
+        time.sleep(1.6)
+        got += [m.id for m in self.p.poll()]
+        self.assertEqual(got, [waiting, mine])
+
     def test_the_next_message_reads_ours_with_it_at_once(self) -> None:
         hidden = self.portal.customer_message(self.chat, "written as we answered")["message_id"]
         self.post("answer")
