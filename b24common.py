@@ -94,7 +94,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-VERSION = "0.5.8"
+VERSION = "0.5.9"
 
 # Exit codes shared by every script.
 EXIT_OK = 0
