@@ -270,7 +270,7 @@ class Promises(BridgeCase):
 
 
 class KillNineLoop(BridgeCase):
-    def test_twenty_kills_while_300_messages_arrive_on_a_forgetful_portal(self) -> None:
+    def test_twenty_kills_while_300_messages_arrive_on_a_forgetful_portal_with_late_rows(self) -> None:
         self.portal.set_limits(rate=1000, burst=100000)
         chats = self.portal.add_dialogs(20)
         env = dict(B24_RATE_PER_SEC="100", B24_RATE_BURST="5000")
@@ -286,6 +286,7 @@ class KillNineLoop(BridgeCase):
                     return
                 self.portal.customer_message(int(t[1:].split("-")[0]), t)
                 time.sleep(0.06)
+        self.portal.behave(row_lag=1.5)                 # rows later than a poll interval (fact sheet 7.2)
         feeder = threading.Thread(target=feed, daemon=True)
         feeder.start()
         self.addCleanup(stop.set)
