@@ -2169,13 +2169,13 @@ class Poller:
         rows are not there yet, and a row then ends before what was read -- messages after it say so.  A
         portal behind our state (another one, one restored from a backup) has none: that dialog is taken
         as first seen (:meth:`_behind`).  One read each, 50 to a ``batch``, and none when there are none."""
-        suspects, self._suspects = list(self._suspects.items()), {}
+        suspects = [(did, item, as_int(as_map(item.get("message")).get("id"))) for did, item in self._suspects.items()]
+        self._suspects = {}
         for start in range(0, len(suspects), BATCH_MAX):
             chunk = suspects[start:start + BATCH_MAX]
-            br = self.client.batch({"s%d" % i: ("im.dialog.messages.get", {
-                "DIALOG_ID": did, "FIRST_ID": as_int(as_map(item.get("message")).get("id")), "LIMIT": 1})
-                for i, (did, item) in enumerate(chunk)})
-            for i, (did, item) in enumerate(chunk):
+            br = self.client.batch({"s%d" % i: ("im.dialog.messages.get", {"DIALOG_ID": did, "FIRST_ID": mid, "LIMIT": 1})
+                                    for i, (did, _item, mid) in enumerate(chunk)})
+            for i, (did, item, mid) in enumerate(chunk):
                 err = br.errors.get("s%d" % i)
                 if isinstance(err, (RateLimitError, ServerError, AuthError)):
                     raise err
@@ -2185,7 +2185,7 @@ class Poller:
                 if messages_of(br.results["s%d" % i])[0]:
                     log.debug("%s: its recent row is behind what was read (written late)", display_dialog_id(did))
                     continue
-                self._behind(did, as_int(as_map(item.get("message")).get("id")), cursor)
+                self._behind(did, mid, cursor)
                 self._consider(item, changed, set(), full=full)
 
     def _behind(self, did: str, mid: int, cursor: int) -> None:
