@@ -190,7 +190,7 @@ class RealPortalPoller(PortalCase):
         chat, other = self.portal.add_dialogs(2)
         self.portal.take_chat(self.ids["queued"], 9)
         p = self.poller()
-        p.sweep_every = 1.0                              # rows come back with sweeps often (a minute here)
+        p.sweep_every = 1.0                              # rows come back with sweeps often (a minute on a real portal)
         p.poll()
         self.portal.behave(row_lag=1.2)
         sent, got = [], []
